@@ -1,0 +1,3 @@
+from lowbit.cli.main import run_cli
+
+run_cli()

@@ -1,0 +1,255 @@
+"""The ``lowbit`` command: thin subcommands over the public API.
+
+Options come from a YAML file (``--config``) overridden by command-line flags; the resolved configuration is
+saved in the run directory. Any user error prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints the usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+
+
+
+
+
+def add_common(p: argparse.ArgumentParser, out: str | None = None, data: bool = True) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--config", metavar="YAML", help="read options from a YAML file; flags override it")
+    if out is not None:
+        g.add_argument("--out", default=out, help="run directory to write")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute")
+    g.add_argument("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default) or worker processes where a command "
+                        "runs several jobs")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    if data:
+        g.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "synthetic"],
+                       help="data set (synthetic = a tiny generated set for smoke tests)")
+        g.add_argument("--data-dir", default=None,
+                       help="folder with the four Fashion-MNIST IDX .gz files (default: $LOWBIT_DATA_DIR, "
+                            "then /usr/share/datasets/fashion-mnist)")
+
+
+def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", batch=128) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=epochs, help="epochs (fractions allowed)")
+    g.add_argument("--batch-size", type=int, default=batch)
+    g.add_argument("--lr", type=float, default=lr, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=wd, help="on weights only (not BN, biases, steps)")
+    g.add_argument("--schedule", default=schedule, choices=["cosine", "onecycle", "exp", "constant"])
+    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--lr-decay", type=float, default=0.936, help="per-epoch factor of the exp schedule")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW memory format (channels-last is faster for convs on CPU)")
+    r = p.add_argument_group("run directory")
+    r.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+
+def fit_config(a: argparse.Namespace, **over):
+    from lowbit.train import FitConfig
+
+    kw = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+              weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
+              lr_decay=a.lr_decay, label_smoothing=a.label_smoothing, seed=a.seed, device=a.device,
+              channels_last=a.channels_last, compile=a.compile, quiet=a.quiet)
+    kw.update(over)
+    return FitConfig(**kw)
+
+
+def _set_threads(a: argparse.Namespace) -> None:
+    if getattr(a, "workers", 0):
+        import torch
+
+        torch.set_num_threads(max(1, a.workers))
+
+
+# --------------------------------------------------------------------------------------------- commands
+def _train():
+    def add(p):
+        p.add_argument("--model", default="resnet8", help="registry name (see `lowbit models`), tv:<name>")
+        p.add_argument("--width", type=float, default=None, help="width multiplier of the ResNets")
+        add_fit(p, epochs=10, lr=0.1, wd=5e-4)
+        add_common(p, out="runs/train")
+
+    def run(a):
+        from lowbit.train import TrainConfig, train
+
+        _set_threads(a)
+        cfg = TrainConfig(model=a.model, width=a.width, data=a.data, data_dir=a.data_dir, out=a.out,
+                          fit=fit_config(a), workers=a.workers)
+        s = train(cfg, resume=a.resume, overwrite=a.overwrite)
+        print(f"{a.model}: val {100 * s['val_acc']:.2f}%  test {100 * s['test_acc']:.2f}%  "
+              f"({s['epochs']} epochs, {s['train_seconds']:.0f} s)  -> {a.out}")
+        return 0
+
+    return add, run
+
+
+def _eval():
+    def add(p):
+        p.add_argument("--from", dest="source", required=True, help="run directory (or checkpoint file)")
+        p.add_argument("--batch-size", type=int, default=512)
+        add_common(p)
+
+    def run(a):
+        from lowbit.data import get_data
+        from lowbit.train import evaluate, load_run_model
+
+        _set_threads(a)
+        model, ckpt = load_run_model(a.source)
+        data = get_data(a.data, a.data_dir)
+        _check_shape(ckpt, data)
+        model.to(a.device)
+        out = {}
+        for split in ("val", "test"):
+            loss, acc = evaluate(model, getattr(data, split), a.batch_size, a.device, quiet=a.quiet,
+                                 desc=split)
+            out[split] = acc
+            print(f"{split:5s} accuracy {100 * acc:.2f}%  loss {loss:.4f}  ({len(getattr(data, split))} images)")
+        return 0
+
+    return add, run
+
+
+def _check_shape(ckpt, data) -> None:
+    shape = ckpt.get("spec", {}).get("input_shape")
+    if shape and list(shape) != list(data.input_shape):
+        raise LowbitError(f"the model expects inputs {tuple(shape)} but data set {data.name} gives "
+                          f"{tuple(data.input_shape)}")
+
+
+def _models():
+    def add(p):
+        pass
+
+    def run(a):
+        from lowbit.models import list_models, model_help
+
+        for name in list_models():
+            doc = model_help(name) if ":" not in name else "any model of that library, random init"
+            print(f"{name:40s} {doc}")
+        return 0
+
+    return add, run
+
+
+def _demo():
+    def add(p):
+        p.add_argument("--fast", action="store_true", help="a few-minute smoke version (fewer epochs)")
+        p.add_argument("--overwrite", action="store_true", help="redo stages that already finished")
+        add_common(p, out="runs/demo")
+
+    def run(a):
+        from lowbit.demo import demo
+
+        _set_threads(a)
+        demo(a.out, data=a.data, data_dir=a.data_dir, device=a.device, seed=a.seed, fast=a.fast,
+             quiet=a.quiet, overwrite=a.overwrite)
+        return 0
+
+    return add, run
+
+
+SUBCOMMANDS = {
+    "train": (_train, "train an fp32 model into runs/<name>/",
+              "Train a model from scratch with SGD (Nesterov) and a cosine/one-cycle schedule; writes "
+              "config.yaml, metrics.jsonl, summary.json, checkpoint.pt, curves.png and report.md."),
+    "eval": (_eval, "evaluate a run's model on the validation and test splits", None),
+    "models": (_models, "list the model registry", None),
+    "demo": (_demo, "run the main job on the embedded default (Fashion-MNIST)",
+             "fp32 baseline, then the later stages; finished stages are kept and skipped on a rerun."),
+}
+
+
+def register(name: str, factory, help: str, description: str | None = None) -> None:
+    SUBCOMMANDS[name] = (factory, help, description)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lowbit", description=__doc__, formatter_class=_Formatter)
+    from lowbit import __version__
+
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (factory, help, desc) in SUBCOMMANDS.items():
+        add, run = factory()
+        p = sub.add_parser(name, help=help, description=desc or help, formatter_class=_Formatter)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def _apply_yaml_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """``--config file.yaml`` sets the defaults of the chosen subcommand; flags on the line still win."""
+    if "--config" not in argv and not any(s.startswith("--config=") for s in argv):
+        return
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config or not known.command:
+        return
+    from lowbit.io import load_yaml
+
+    cfg = load_yaml(known.config)
+    if cfg is None:
+        return
+    if not isinstance(cfg, dict):
+        raise LowbitError(f"{known.config}: expected a mapping of option: value")
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sp = subparsers.choices.get(known.command)
+    if sp is None:
+        return
+    dests = {a.dest for a in sp._actions}
+    cfg = {str(k).replace("-", "_"): v for k, v in cfg.items() if k not in ("command",)}
+    unknown = sorted(set(cfg) - dests)
+    if unknown:
+        raise LowbitError(f"{known.config}: unknown option(s) for `lowbit {known.command}`: {', '.join(unknown)}")
+    sp.set_defaults(**cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        _apply_yaml_config(parser, argv)
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        return int(args._run(args) or 0)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+def run_cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run_cli()

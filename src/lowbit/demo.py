@@ -1,0 +1,57 @@
+"""``lowbit demo``: the main job on the embedded default, stage by stage.
+
+Each stage writes its own run directory under ``<out>/``; a stage whose ``summary.json`` says it is complete
+is kept and skipped on a rerun, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lowbit.data import get_data
+from lowbit.io import load_json, save_json
+from lowbit.train import FitConfig, TrainConfig, train
+
+
+def _done(run: Path) -> dict[str, Any] | None:
+    p = run / "summary.json"
+    if p.exists():
+        s = load_json(p)
+        if s.get("complete"):
+            return s
+    return None
+
+
+def _stage(run: Path, fn, overwrite: bool) -> dict[str, Any]:
+    if not overwrite and (s := _done(run)):
+        print(f"[demo] {run.name}: done already (val {100 * s['val_acc']:.2f}%), kept")
+        return s
+    resume = (run / "checkpoint.pt").exists() and not overwrite
+    return fn(resume=resume, overwrite=overwrite or not resume)
+
+
+def demo(out: str | Path = "runs/demo", *, data: str = "fashion-mnist", data_dir=None, device: str = "cpu",
+         seed: int = 0, fast: bool = False, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    out = Path(out)
+    splits = get_data(data, data_dir)
+    rows: list[dict[str, Any]] = []
+
+    fp_dir = out / "fp32"
+    fp_cfg = TrainConfig(model="resnet8", data=data, data_dir=data_dir, out=str(fp_dir),
+                         fit=FitConfig(epochs=2 if fast else 10, seed=seed, device=device, quiet=quiet))
+    s = _stage(fp_dir, lambda **kw: train(fp_cfg, data=splits, **kw), overwrite)
+    rows.append({"stage": "fp32", "bits": "fp32", "epochs": s["epochs"], "val_acc": s["val_acc"],
+                 "test_acc": s["test_acc"], "seconds": s["train_seconds"]})
+
+    summary = {"stages": rows}
+    save_json(out / "summary.json", summary)
+    print(render_table(rows))
+    return summary
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| stage | bits | epochs | val acc | test acc | train s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['bits']} | {r['epochs']} | {100 * r['val_acc']:.2f}% | "
+              f"{100 * r['test_acc']:.2f}% | {r['seconds']:.0f} |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""The run directory every command writes: ``runs/<name>/``.
+
+Layout: ``config.yaml`` (the resolved configuration), ``metrics.jsonl`` (one JSON line per epoch or step of
+work), ``summary.json`` (the final numbers), ``checkpoint.pt`` (atomic, every epoch), PNG plots and one
+``report.md``. Every file is written atomically, so a killed command leaves a consistent directory that
+``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.io import atomic_write_text, save_json, save_yaml
+
+
+class RunDir:
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 marker: str = "config.yaml"):
+        self.path = Path(path)
+        exists = (self.path / marker).exists()
+        if resume and not exists:
+            raise LowbitError(f"{self.path}: nothing to resume (no {marker}); run without --resume first")
+        if exists and not resume and not overwrite:
+            raise LowbitError(f"{self.path} already holds a run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LowbitError(f"cannot create run directory {self.path}: {e.strerror}") from None
+        if exists and overwrite and not resume:
+            for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+                (self.path / name).unlink(missing_ok=True)
+        self.resume = resume and exists
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        save_yaml(self.file("config.yaml"), config)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        p = self.file("metrics.jsonl")
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite the whole file atomically (it is small), so it always matches the last checkpoint."""
+        atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        save_json(self.file("summary.json"), summary)
+
+    def write_report(self, markdown: str, name: str = "report.md") -> None:
+        atomic_write_text(self.file(name), markdown)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Loss and accuracy per epoch as one PNG (written atomically)."""
+    if not rows:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lowbit.io import atomic_write_bytes
+
+    ep = [r["epoch"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(ep, [r["train_loss"] for r in rows], label="train")
+    a1.plot(ep, [r["val_loss"] for r in rows], label="val")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss")
+    a1.legend()
+    a2.plot(ep, [100 * r["train_acc"] for r in rows], label="train")
+    a2.plot(ep, [100 * r["val_acc"] for r in rows], label="val")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

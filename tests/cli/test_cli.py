@@ -1,0 +1,78 @@
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+
+
+def _run(args, capsys):
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--model", "nope", "--data", "synthetic"], "unknown model"),
+    (["train", "--epochs", "abc"], "invalid float"),
+    (["train", "--device", "tpu"], "invalid choice"),
+    (["eval", "--from", "/nonexistent/run"], "no such run"),
+    (["train", "--data", "fashion-mnist", "--data-dir", "/nonexistent", "--epochs", "0"], "not found"),
+    (["train", "--config", "/nonexistent.yaml"], "file not found"),
+])
+def test_user_errors_are_one_line_exit_2(args, needle, capsys, tmp_path):
+    if args[0] == "train":
+        args = [*args, "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(args))
+    _, err = capsys.readouterr()
+    assert e.value.code == 2
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unwritable_output(capsys):
+    rc, _, err = _run(["train", "--data", "synthetic", "--epochs", "1", "--quiet", "--out", "/proc/lowbit"],
+                      capsys)
+    assert rc == 2 and err.count("\n") == 1
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    rc, _, err = _run(["eval", "--from", str(run), "--data", "synthetic"], capsys)
+    assert rc == 2 and "not a readable lowbit checkpoint" in err and err.count("\n") == 1
+
+
+def test_foreign_pickle_is_not_executed(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("EXECUTED",))
+
+    (tmp_path / "x.pt").write_bytes(pickle.dumps(Evil()))
+    rc, out, err = _run(["eval", "--from", str(tmp_path / "x.pt"), "--data", "synthetic"], capsys)
+    assert rc == 2 and "EXECUTED" not in out
+
+
+def test_yaml_config_with_flag_override(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: mlp\nepochs: 1\nbatch_size: 64\ndata: synthetic\nquiet: true\n")
+    rc, out, _ = _run(["train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--lr", "0.01"], capsys)
+    assert rc == 0 and "mlp" in out
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    assert "lr: 0.01" in saved and "model: mlp" in saved
+    rc, _, err = _run(["eval", "--from", str(tmp_path / "r"), "--data", "synthetic", "--quiet"], capsys)
+    assert rc == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    rc, _, err = _run(["train", "--config", str(bad)], capsys)
+    assert rc == 2 and "epochz" in err
+
+
+def test_models_and_help():
+    r = subprocess.run([sys.executable, "-m", "lowbit", "models"], capture_output=True, text=True)
+    assert r.returncode == 0 and "resnet8" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "lowbit", "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--resume" in r.stdout

@@ -1,0 +1,85 @@
+import json
+import math
+
+import pytest
+import torch
+
+from lowbit.data import synthetic
+from lowbit.errors import LowbitError
+from lowbit.io import load_checkpoint
+from lowbit.models import create_model
+from lowbit.train import FitConfig, TrainConfig, evaluate, fit, load_run_model, lr_at, train
+
+
+def _cfg(out, **kw):
+    fit_kw = dict(epochs=3, batch_size=64, lr=0.05, quiet=True, seed=1)
+    fit_kw.update(kw)
+    return TrainConfig(model="resnet8", width=0.5, data="synthetic", out=str(out), fit=FitConfig(**fit_kw))
+
+
+def test_a_few_steps_lower_the_loss():
+    data = synthetic(n_train=256)
+    model = create_model("mlp")
+    before, _ = evaluate(model, data.train)
+    fit(model, data, FitConfig(epochs=2, batch_size=32, lr=0.05, quiet=True))
+    after, _ = evaluate(model, data.train)
+    assert after < 0.7 * before
+
+
+def test_run_directory_contents(tmp_path):
+    s = train(_cfg(tmp_path / "r", epochs=2), data=synthetic())
+    names = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "report.md"} <= names
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "val_acc", "lr", "seconds"} <= set(rows[0])
+    assert s["complete"] and 0 <= s["test_acc"] <= 1 and s["parameters"] > 0
+    model, ckpt = load_run_model(tmp_path / "r")
+    assert ckpt["kind"] == "fp32" and ckpt["epoch"] == 2
+
+
+def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tmp_path):
+    data = synthetic()
+    full = train(_cfg(tmp_path / "full"), data=data)
+    part = train(_cfg(tmp_path / "part"), data=data, stop_after=1)
+    assert not part["complete"]
+    resumed = train(_cfg(tmp_path / "part"), data=data, resume=True)
+    assert resumed["complete"] and resumed["epochs"] == 3
+    assert abs(resumed["test_acc"] - full["test_acc"]) <= 0.001
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    train(_cfg(tmp_path / "r", epochs=1), data=synthetic())
+    with pytest.raises(LowbitError, match="--resume"):
+        train(_cfg(tmp_path / "r", epochs=1), data=synthetic())
+    with pytest.raises(LowbitError, match="nothing to resume"):
+        train(_cfg(tmp_path / "other", epochs=1), data=synthetic(), resume=True)
+
+
+def test_nan_loss_is_a_clear_error(tmp_path):
+    with pytest.raises(LowbitError, match="loss became"):
+        train(_cfg(tmp_path / "r", epochs=1, lr=1e30), data=synthetic())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "exp", "constant"])
+def test_schedules_are_finite_and_start_right(schedule):
+    cfg = FitConfig(epochs=4, lr=0.1, schedule=schedule, lr_decay=0.5)
+    lrs = [lr_at(cfg, s, 10) for s in range(40)]
+    assert all(math.isfinite(x) and 0 <= x <= 0.1 + 1e-12 for x in lrs)
+    if schedule == "exp":
+        assert lrs[0] == 0.1 and lrs[10] == 0.05 and lrs[39] == 0.1 * 0.5**3
+    if schedule == "cosine":
+        assert lrs[0] == 0.1 and lrs[-1] < 0.001
+
+
+def test_bad_config_values():
+    with pytest.raises(LowbitError):
+        FitConfig(schedule="linear")
+    with pytest.raises(LowbitError):
+        FitConfig(lr=-1)
+    with pytest.raises(LowbitError):
+        FitConfig(device="tpu")
