@@ -22,12 +22,17 @@ __all__ = [
 
 
 def get_data(name: str = "fashion-mnist", data_dir=None, **kw) -> DataSplits:
-    """Data set by name: ``fashion-mnist`` (default) or ``synthetic`` (tests, smoke runs)."""
+    """Data set by name: ``fashion-mnist`` (default), ``synthetic`` (tests, smoke runs) or ``imagefolder``."""
     from lowbit.errors import LowbitError
 
     if name in ("fashion-mnist", "fmnist"):
         return fashion_mnist(data_dir, **kw)
     if name == "synthetic":
         return synthetic(**kw)
-    raise LowbitError(f"unknown data set {name!r}; choose fashion-mnist or synthetic "
-                      f"(ImageFolder data: pass --data imagefolder with --data-dir)")
+    if name == "imagefolder":
+        from lowbit.data.imagefolder import image_folder
+
+        if not data_dir:
+            raise LowbitError("--data imagefolder needs --data-dir pointing at a folder with train/ and val/")
+        return image_folder(data_dir, **kw)
+    raise LowbitError(f"unknown data set {name!r}; choose fashion-mnist, synthetic or imagefolder")

@@ -163,16 +163,21 @@ def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: in
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised (x, y) batches. Training order and augmentation depend only on (seed, epoch).
 
-    ``limit`` caps the number of examples (a fraction of an epoch, e.g. for ALPS or calibration).
+    ``limit`` caps the number of examples (a fraction of an epoch, e.g. for ALPS or calibration). Data sets
+    that are not in memory (ImageFolder) provide their own ``batches`` with the same contract.
     """
+    if hasattr(ds, "batches"):
+        yield from ds.batches(batch_size, train=train, seed=seed, epoch=epoch, device=device, limit=limit)
+        return
     n = len(ds) if limit is None else min(limit, len(ds))
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(ds), generator=g)[:n] if train else torch.arange(n)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        x = normalize(ds.images[idx], ds.mean, ds.std)
-        if train:
+        x = ds.images[idx].float() / 255.0
+        if train:  # augment in pixel space, so crop padding is black like the images' background
             x = augment(x, g)
+        x = (x - ds.mean) / ds.std
         yield x.to(device, non_blocking=True), ds.labels[idx].to(device, non_blocking=True)
 
 

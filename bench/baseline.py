@@ -1,0 +1,57 @@
+"""Baseline benchmark: what each registry model reaches on Fashion-MNIST within a training-time budget.
+
+Trains every model with the default recipe (SGD Nesterov, cosine, wd 5e-4, batch 128, flip+crop augmentation)
+for the epochs given below, which are chosen so that each run fits in ~10 minutes on the 2-core CPU, and
+writes docs/results/baseline.{json,md}. Usage: python bench/baseline.py [--models resnet8,mlp] [--reuse DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, machine_line, write_results  # noqa: E402
+
+from lowbit.io import load_json  # noqa: E402
+from lowbit.train import FitConfig, TrainConfig, train  # noqa: E402
+
+EPOCHS = {"resnet8": 10, "resnet14": 5, "resnet20": 3, "mlp": 20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default=",".join(EPOCHS))
+    ap.add_argument("--runs", default="runs/bench-baseline")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        out = Path(args.runs) / name
+        summary_file = out / "summary.json"
+        if summary_file.exists() and load_json(summary_file).get("complete"):
+            s = load_json(summary_file)  # finished earlier: reuse (resumable benchmark)
+        else:
+            resume = (out / "checkpoint.pt").exists()
+            cfg = TrainConfig(model=name, out=str(out), fit=FitConfig(epochs=EPOCHS[name], seed=args.seed))
+            s = train(cfg, resume=resume, overwrite=not resume)
+        rows.append({"model": name, "epochs": s["epochs"], "parameters": s["parameters"],
+                     "val_acc": s["val_acc"], "test_acc": s["test_acc"], "train_seconds": s["train_seconds"]})
+        print(rows[-1])
+    m = machine()
+    md = ["# Fashion-MNIST fp32 baselines", "",
+          "Default recipe (`lowbit train`): SGD with Nesterov momentum 0.9, lr 0.1, cosine decay, weight decay "
+          "5e-4 on weights, batch 128, random crop (pad 2) + horizontal flip, channels-last. Validation = the "
+          "fixed 5,000-image split of the training set; test = the 10,000 test images (reporting only). "
+          "Epochs are chosen so each run trains in about 10 minutes or less on this machine.", "",
+          f"Machine: {machine_line(m)}.", "",
+          "| model | parameters | epochs | val acc | test acc | training time (s) |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['model']} | {r['parameters']:,} | {r['epochs']} | {100 * r['val_acc']:.2f}% | "
+           f"{100 * r['test_acc']:.2f}% | {r['train_seconds']:.0f} |" for r in rows]
+    md += ["", "Reproduce: `python bench/baseline.py` (resumable: finished models are reused).", ""]
+    write_results("baseline", {"machine": m, "rows": rows, "epochs": EPOCHS}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""QuantConfig: how layers are quantized (the *which bits* lives in :class:`lowbit.quant.Plan`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.quant.quantizers import SUPPORTED_BITS
+
+METHODS = ("lsq", "faq", "minmax")
+SIGNED_INPUTS = ("auto", "signed", "unsigned")
+
+
+def _bits_table(name: str, table: Any, lo: float, hi: float) -> dict[int, float] | None:
+    """Validate a ``{bits: value}`` mapping; keys may be strings (JSON turns int keys into strings)."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise LowbitError(f"QuantConfig.{name} must be a mapping {{bits: value}}, got {type(table).__name__}")
+    out = {}
+    for k, v in table.items():
+        try:
+            bits = int(k)
+        except (TypeError, ValueError):
+            bits = None
+        if bits not in SUPPORTED_BITS:
+            raise LowbitError(f"QuantConfig.{name}: key {k!r} is not a supported bit width {SUPPORTED_BITS}")
+        number = isinstance(v, numbers.Real) and not isinstance(v, bool)
+        if not number or not (lo < v <= hi) or not math.isfinite(v):
+            raise LowbitError(f"QuantConfig.{name}[{bits}] = {v!r}: must be a number in ({lo}, {hi}]")
+        out[bits] = float(v)
+    return out
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How quantized layers get their steps. Serialises with :meth:`to_dict` / :meth:`from_dict`.
+
+    Args:
+        method: ``"lsq"`` (learned step), ``"faq"`` (fixed, calibrated step) or ``"minmax"`` (baseline).
+        per_channel: one weight step per output channel (axis 0) instead of one per tensor.
+        faq_weight_std_multiple: ``{bits: k}`` overriding FAQ's weight clip ``k·std(w)`` per precision.
+        faq_percentiles: ``{bits: p}`` overriding FAQ's activation percentile of ``|x|`` per precision.
+        faq_power_of_two: round FAQ steps up to powers of two (fixed-point reading of the paper).
+        minmax_mse: MinMax picks the step minimising the quantisation MSE instead of ``max|x|/Q_P``.
+        signed_inputs: input quantizers' signedness: ``"auto"`` (signed if a calibration input has any
+            negative value, e.g. a normalised image or a transformer residual stream), ``"signed"`` or
+            ``"unsigned"``. Weights are always signed.
+    """
+
+    method: str = "lsq"
+    per_channel: bool = False
+    faq_weight_std_multiple: dict[int, float] | None = None
+    faq_percentiles: dict[int, float] | None = None
+    faq_power_of_two: bool = False
+    minmax_mse: bool = False
+    signed_inputs: str = "auto"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise LowbitError(f"unknown quantization method {self.method!r}: choose one of "
+                              f"{', '.join(METHODS)}")
+        if self.signed_inputs not in SIGNED_INPUTS:
+            raise LowbitError(f"QuantConfig.signed_inputs={self.signed_inputs!r}: choose one of "
+                              f"{', '.join(SIGNED_INPUTS)}")
+        for name in ("per_channel", "faq_power_of_two", "minmax_mse"):
+            if not isinstance(getattr(self, name), bool):
+                raise LowbitError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "faq_weight_std_multiple",
+                           _bits_table("faq_weight_std_multiple", self.faq_weight_std_multiple, 0, math.inf))
+        object.__setattr__(self, "faq_percentiles",
+                           _bits_table("faq_percentiles", self.faq_percentiles, 0, 100))
+
+    @property
+    def input_signed(self) -> bool | None:
+        """``signed_inputs`` as the quantizer's ``signed`` argument (None = decide at calibration)."""
+        return {"auto": None, "signed": True, "unsigned": False}[self.signed_inputs]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        if not isinstance(d, dict):
+            raise LowbitError(f"quantization config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LowbitError(f"unknown quantization config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+__all__ = ["METHODS", "SIGNED_INPUTS", "QuantConfig"]

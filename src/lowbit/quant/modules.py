@@ -1,0 +1,143 @@
+"""QuantConv2d and QuantLinear: drop-in subclasses that fake-quantize their input and weight.
+
+They subclass ``nn.Conv2d`` / ``nn.Linear`` so ``isinstance`` checks in user code (weight init, BN
+folding, parameter grouping) keep working, and they reuse the float layer's own ``weight`` and ``bias``
+Parameters. Precision applies to the weight and to the layer's *input* activation (LSQ convention);
+a tensor with ``bits=None`` stays float and simply has no quantizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.quant.config import QuantConfig
+from lowbit.quant.quantizers import (
+    FAQ_PERCENTILE,
+    FAQ_STD_MULTIPLE,
+    FaqQuantizer,
+    LsqQuantizer,
+    MinMaxQuantizer,
+    _Quantizer,
+)
+
+
+def make_quantizer(cfg: QuantConfig, bits: int, role: str, signed: bool | None) -> _Quantizer:
+    """Build an uninitialised quantizer of ``cfg.method`` for a weight or an input activation."""
+    per_channel = cfg.per_channel and role == "weight"
+    if cfg.method == "lsq":
+        return LsqQuantizer(bits, signed, per_channel, 0, role=role)
+    if cfg.method == "faq":
+        pct = {**FAQ_PERCENTILE, **(cfg.faq_percentiles or {})}.get(bits)
+        k = {**FAQ_STD_MULTIPLE, **(cfg.faq_weight_std_multiple or {})}.get(bits)
+        return FaqQuantizer(bits, signed, per_channel, 0, role=role, percentile=pct, std_multiple=k,
+                            power_of_two=cfg.faq_power_of_two)
+    return MinMaxQuantizer(bits, signed, per_channel, 0, role=role, mse=cfg.minmax_mse)
+
+
+class _QuantLayer:
+    """What QuantConv2d and QuantLinear share: the two quantizers and their construction."""
+
+    weight: nn.Parameter
+    weight_quantizer: _Quantizer | None
+    input_quantizer: _Quantizer | None
+    quant_config: QuantConfig
+
+    @property
+    def w_bits(self) -> int | None:
+        return None if self.weight_quantizer is None else self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int | None:
+        return None if self.input_quantizer is None else self.input_quantizer.bits
+
+    @property
+    def method(self) -> str:
+        return self.quant_config.method
+
+    def set_quantizers_(self, w_bits: int | None, a_bits: int | None,
+                        input_signed: bool | None = None) -> None:
+        """Replace both quantizers by fresh, uninitialised ones (new Parameters: rebuild the optimizer).
+
+        ``input_signed`` fixes the input quantizer's signedness; None falls back to the config.
+        """
+        cfg = self.quant_config
+        if input_signed is None:
+            input_signed = cfg.input_signed
+        wq = None if w_bits is None else make_quantizer(cfg, w_bits, "weight", signed=True)
+        aq = None if a_bits is None else make_quantizer(cfg, a_bits, "activation", signed=input_signed)
+        for name, q in (("weight_quantizer", wq), ("input_quantizer", aq)):
+            if q is not None:
+                q.to(device=self.weight.device, dtype=self.weight.dtype)
+            self.register_module(name, q)
+
+    def _setup(self, module: nn.Module, w_bits: int | None, a_bits: int | None, method: str | None,
+               cfg: QuantConfig | None) -> None:
+        cfg = cfg or QuantConfig()
+        if method is not None and method != cfg.method:
+            cfg = dataclasses.replace(cfg, method=method)
+        self.quant_config = cfg
+        self.weight = module.weight
+        self.bias = module.bias
+        self.set_quantizers_(w_bits, a_bits)
+        self.train(module.training)
+
+    def _quantized_operands(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_hat = x if self.input_quantizer is None else self.input_quantizer(x)
+        w_hat = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        return x_hat, w_hat
+
+    def _bits_repr(self) -> str:
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, method={self.method}"
+
+
+class QuantConv2d(_QuantLayer, nn.Conv2d):
+    """``nn.Conv2d`` computing ``conv(Q_a(x), Q_w(W)) + b`` with the original stride/padding/groups."""
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, w_bits: int | None, a_bits: int | None, method: str | None = None,
+                   cfg: QuantConfig | None = None) -> QuantConv2d:
+        """Wrap ``module``'s own weight and bias Parameters; ``method`` overrides ``cfg.method``."""
+        if not isinstance(module, nn.Conv2d):
+            raise LowbitError(f"QuantConv2d.from_float needs an nn.Conv2d, got {type(module).__name__}")
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                  padding=module.padding, dilation=module.dilation, groups=module.groups,
+                  bias=module.bias is not None, padding_mode=module.padding_mode, device="meta")
+        new._setup(module, w_bits, a_bits, method, cfg)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_hat, w_hat = self._quantized_operands(x)
+        return self._conv_forward(x_hat, w_hat, self.bias)  # handles padding_mode like nn.Conv2d
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._bits_repr()}"
+
+
+class QuantLinear(_QuantLayer, nn.Linear):
+    """``nn.Linear`` computing ``Q_a(x) @ Q_w(W).T + b``; inputs of any leading shape ``[..., in]``."""
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, w_bits: int | None, a_bits: int | None, method: str | None = None,
+                   cfg: QuantConfig | None = None) -> QuantLinear:
+        """Wrap ``module``'s own weight and bias Parameters; ``method`` overrides ``cfg.method``."""
+        if not isinstance(module, nn.Linear):
+            raise LowbitError(f"QuantLinear.from_float needs an nn.Linear, got {type(module).__name__}")
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        new._setup(module, w_bits, a_bits, method, cfg)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_hat, w_hat = self._quantized_operands(x)
+        return F.linear(x_hat, w_hat, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._bits_repr()}"
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+__all__ = ["QUANT_LAYERS", "QuantConv2d", "QuantLinear", "make_quantizer"]

@@ -1,0 +1,34 @@
+"""Straight-through estimators: the value of one function, the gradient of another.
+
+Written with the ``detach`` idiom of the LSQ paper rather than ``autograd.Function`` so they are
+traceable, compile cleanly and need no hand-written backward.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` in the forward pass, identity in the backward pass (gradient 1)."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: Tensor, g: float) -> Tensor:
+    """``x`` in the forward pass; multiplies the gradient flowing into ``x`` by ``g``.
+
+    LSQ uses it on the step size only, so the step learns at a rate comparable to the weights.
+    """
+    return (x - x * g).detach() + x * g
+
+
+def clamp_min_ste(x: Tensor, min_value: float) -> Tensor:
+    """``max(x, min_value)`` in the forward pass, identity in the backward pass.
+
+    Keeps a learned step strictly positive without cutting its gradient: a plain ``clamp_min`` gives
+    zero gradient below the bound, so a step pushed there by one large update could never come back.
+    """
+    return x + (x.clamp_min(min_value) - x).detach()
+
+
+__all__ = ["clamp_min_ste", "grad_scale", "round_ste"]
