@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, write_results  # noqa: E402
-
 from lowbit.io import load_json  # noqa: E402
 from lowbit.train import FitConfig, TrainConfig, train  # noqa: E402
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from lowbit.errors import LowbitError
 
@@ -40,8 +39,9 @@ def add_common(p: argparse.ArgumentParser, out: str | None = None, data: bool = 
                         "runs several jobs")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     if data:
-        g.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "synthetic"],
-                       help="data set (synthetic = a tiny generated set for smoke tests)")
+        g.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "synthetic", "imagefolder"],
+                       help="data set (synthetic = a tiny generated set for smoke tests; imagefolder = "
+                            "ImageNet layout under --data-dir, needs torchvision)")
         g.add_argument("--data-dir", default=None,
                        help="folder with the four Fashion-MNIST IDX .gz files (default: $LOWBIT_DATA_DIR, "
                             "then /usr/share/datasets/fashion-mnist)")
