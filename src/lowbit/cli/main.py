@@ -54,9 +54,11 @@ def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", ba
     g.add_argument("--lr", type=float, default=lr, help="initial learning rate")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=wd, help="on weights only (not BN, biases, steps)")
-    g.add_argument("--schedule", default=schedule, choices=["cosine", "onecycle", "exp", "constant"])
+    g.add_argument("--schedule", default=schedule, choices=["cosine", "onecycle", "exp", "constant"],
+                   help="learning-rate schedule (per step; exp decays per epoch)")
     g.add_argument("--warmup-epochs", type=float, default=0.0)
-    g.add_argument("--lr-decay", type=float, default=0.936, help="per-epoch factor of the exp schedule")
+    g.add_argument("--lr-decay", type=float, default=0.936 if schedule else None,
+                   help="per-epoch factor of the exp schedule")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
@@ -171,11 +173,65 @@ def _demo():
     return add, run
 
 
+def _quantize():
+    def add(p):
+        p.add_argument("--from", dest="source", required=True, help="fp32 run directory (from `lowbit train`)")
+        p.add_argument("--bits", default="w4a4",
+                       help="preset: w8a8, w4a4, w3a3, w2a2, w4a8 … (first/last layers at --first-last-bits)")
+        p.add_argument("--plan", dest="plan_file", default=None,
+                       help="per-layer plan file (YAML/JSON: layers: {name: [w_bits, a_bits]}) instead of --bits")
+        p.add_argument("--recipe", default="lsq", choices=["lsq", "faq"],
+                       help="fine-tuning recipe (lr, weight decay, schedule by precision; see README)")
+        p.add_argument("--method", default=None, choices=["lsq", "faq", "minmax"],
+                       help="quantizer (default: the recipe's; minmax = plain post-training calibrator)")
+        p.add_argument("--distill", action="store_true", help="distil from the frozen fp32 teacher (LSQ+KD)")
+        p.add_argument("--per-channel", action="store_true", help="one weight step per output channel")
+        p.add_argument("--first-last-bits", type=_bits_or_float, default=8,
+                       help="bits of the first and last layers in presets ('float' keeps them fp32)")
+        add_fit(p, epochs=None, lr=None, wd=None, schedule=None)
+        add_common(p, out="runs/quantize")
+
+    def run(a):
+        from lowbit.train import QuantizeConfig, quantize_run
+
+        _set_threads(a)
+        over = dict(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, schedule=a.schedule,
+                    batch_size=a.batch_size, momentum=a.momentum, warmup_epochs=a.warmup_epochs,
+                    label_smoothing=a.label_smoothing, seed=a.seed, device=a.device,
+                    channels_last=a.channels_last, compile=a.compile, quiet=a.quiet)
+        if a.lr_decay is not None:
+            over["lr_decay"] = a.lr_decay
+        cfg = QuantizeConfig(source=a.source, out=a.out, bits=None if a.plan_file else a.bits,
+                             plan_file=a.plan_file, recipe=a.recipe, method=a.method, per_channel=a.per_channel,
+                             first_last_bits=a.first_last_bits, distill=a.distill, data=a.data,
+                             data_dir=a.data_dir)
+        s = quantize_run(cfg, resume=a.resume, overwrite=a.overwrite, fit_overrides=over)
+        print(f"{s['model']} {s['bits']} ({s['recipe']}): val {100 * s['val_acc']:.2f}%  "
+              f"test {100 * s['test_acc']:.2f}%  ({s['epochs']} epochs, {s['train_seconds']:.0f} s)  -> {a.out}")
+        return 0
+
+    return add, run
+
+
+def _bits_or_float(v: str):
+    if v.lower() in ("float", "none", "fp32"):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 2, 3, 4, 8 or float, got {v!r}") from None
+
+
 SUBCOMMANDS = {
     "train": (_train, "train an fp32 model into runs/<name>/",
               "Train a model from scratch with SGD (Nesterov) and a cosine/one-cycle schedule; writes "
               "config.yaml, metrics.jsonl, summary.json, checkpoint.pt, curves.png and report.md."),
     "eval": (_eval, "evaluate a run's model on the validation and test splits", None),
+    "quantize": (_quantize, "quantize an fp32 run by a plan and fine-tune it (LSQ / FAQ recipes)",
+                 "Quantize weights and input activations of every conv/linear layer by a preset (--bits) or a "
+                 "per-layer plan (--plan), calibrate, and fine-tune from the fp32 weights with the LSQ or FAQ "
+                 "recipe (optionally distilling from the fp32 teacher). Unset optimisation flags come from the "
+                 "recipe. --epochs 0 gives the post-training accuracy."),
     "models": (_models, "list the model registry", None),
     "demo": (_demo, "run the main job on the embedded default (Fashion-MNIST)",
              "fp32 baseline, then the later stages; finished stages are kept and skipped on a rerun."),

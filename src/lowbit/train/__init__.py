@@ -6,3 +6,15 @@ from lowbit.train.train import TrainConfig, finish_run, train
 
 __all__ = ["FitConfig", "FitState", "TrainConfig", "build_model", "checkpoint_path", "evaluate", "finish_run",
            "fit", "load_run_model", "lr_at", "make_optimizer", "predict", "train"]
+
+from lowbit.train.quantize import (  # noqa: E402
+    QuantizeConfig,
+    calibration_batches,
+    load_quantized_run,
+    prepare_quantized,
+    quantize_run,
+    recipe_fit_config,
+)
+
+__all__ += ["QuantizeConfig", "calibration_batches", "load_quantized_run", "prepare_quantized", "quantize_run",
+            "recipe_fit_config"]

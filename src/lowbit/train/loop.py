@@ -71,7 +71,7 @@ class FitConfig:
 
 
 def lr_at(cfg: FitConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at optimizer step ``step`` (per-step cosine/one-cycle, per-epoch exponential)."""
+    """Learning rate at optimizer step ``step``; every schedule is evaluated per step."""
     total = max(1, round(cfg.epochs * steps_per_epoch))
     warm = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "onecycle":  # linear up for 30% (or the warm-up), cosine down to ~0
@@ -81,7 +81,7 @@ def lr_at(cfg: FitConfig, step: int, steps_per_epoch: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "exp":
-        return cfg.lr * cfg.lr_decay ** ((step - warm) // steps_per_epoch)
+        return cfg.lr * cfg.lr_decay ** ((step - warm) / steps_per_epoch)  # ×lr_decay per epoch, smoothly
     t = (step - warm) / max(1, total - warm)
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, t)))
 
