@@ -1,0 +1,146 @@
+"""Dyadic requantization against exact rational arithmetic (fractions.Fraction)."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowbit.runtime.dyadic import requantize, round_shift, to_dyadic, to_dyadic_common, to_fixed
+
+# Scales whose normalised 31-bit multiplier needs a shift in [0, 62]: 2^-32 <= |s| < 2^31 (with margin).
+scales = st.floats(2.0**-32, 2.0**31 * (1 - 2.0**-30)).flatmap(lambda s: st.sampled_from([s, -s]))
+
+
+def round_half_up(q: Fraction) -> int:
+    return math.floor(q + Fraction(1, 2))
+
+
+def exact_requant(acc, m, k, b, lo, hi):
+    return min(max(round_half_up(Fraction(acc * m + b, 2**k)), lo), hi)
+
+
+@given(scales)
+def test_to_dyadic_scalar_is_normalised_with_bounded_error(s):
+    m, k = to_dyadic(s)
+    assert isinstance(m, int) and isinstance(k, int)
+    assert 2**30 <= abs(m) < 2**31 and 0 <= k <= 62
+    assert (m > 0) == (s > 0)  # the sign lives in the multiplier
+    err = abs(Fraction(m, 2**k) - Fraction(s))
+    assert err <= Fraction(abs(s)) * Fraction(1, 2**31)  # tighter than the 2^-30 required
+
+
+@given(st.lists(scales | st.just(0.0), min_size=1, max_size=20))
+def test_to_dyadic_per_channel_matches_scalar(values):
+    m, k = to_dyadic(torch.tensor(values, dtype=torch.float64))
+    assert m.dtype == k.dtype == torch.int64
+    assert [(int(a), int(b)) for a, b in zip(m, k)] == [to_dyadic(v) for v in values]
+
+
+def test_to_dyadic_special_values():
+    assert to_dyadic(0.0) == (0, 30)  # zero: multiplier 0 at the shift of scale 1.0
+    assert to_dyadic(1.0) == (2**30, 30)
+    assert to_dyadic(-0.75) == (-3 * 2**29, 31)
+    assert to_dyadic(2.0**-32) == (2**30, 62)
+    assert to_dyadic(1 - 2.0**-40) == (2**30, 30)  # rounds up to the next power of two: renormalised
+    assert to_dyadic(0.5, bits=15) == (2**14, 15)
+    m, k = to_dyadic(np.float32(0.1))  # float32 converts exactly, then one rounding
+    s32 = Fraction(float(np.float32(0.1)))
+    assert abs(Fraction(m, 2**k) - s32) <= s32 / 2**31
+
+
+@pytest.mark.parametrize("bad", [1e-12, -1e-12, 2.0**31, 1e20, float("nan"), float("inf")])
+def test_to_dyadic_rejects_unrepresentable(bad):
+    with pytest.raises(ValueError):
+        to_dyadic(bad)
+    with pytest.raises(ValueError, match="element 1" if math.isfinite(bad) else "finite"):
+        to_dyadic([0.5, bad])
+
+
+def test_to_dyadic_common_one_shift():
+    m, k = to_dyadic_common([0.37, -0.0021, 0.0])
+    assert m.tolist()[0] == to_dyadic(0.37)[0] and k == to_dyadic(0.37)[1] and m.tolist()[2] == 0
+    for s, mi in zip([0.37, -0.0021], m.tolist()):
+        assert abs(Fraction(mi, 2**k) - Fraction(s)) <= Fraction(1, 2 ** (k + 1))
+
+
+@given(acc=st.integers(-(2**31) + 1, 2**31 - 1), m=st.integers(-(2**31) + 1, 2**31 - 1),
+       k=st.integers(0, 62), b=st.integers(-(2**61), 2**61), lo=st.integers(-(2**31), 0),
+       width=st.integers(0, 2**32))
+def test_requantize_equals_exact_rational_rounding(acc, m, k, b, lo, width):
+    hi = min(lo + width, 2**31 - 1)
+    out = requantize(torch.tensor([acc]), m, k, b, lo=lo, hi=hi)
+    assert out.dtype == torch.int32
+    assert out.item() == exact_requant(acc, m, k, b, lo, hi)
+
+
+@given(st.data())
+def test_requantize_per_channel_nchw_and_linear(data):
+    c = data.draw(st.integers(1, 5))
+    m = [data.draw(st.integers(-(2**31) + 1, 2**31 - 1)) for _ in range(c)]
+    k = [data.draw(st.integers(20, 62)) for _ in range(c)]
+    b = [data.draw(st.integers(-(2**40), 2**40)) for _ in range(c)]
+    acc = torch.randint(-(2**20), 2**20, (2, c, 3, 2), generator=torch.Generator().manual_seed(c))
+    out = requantize(acc, torch.tensor(m), torch.tensor(k), torch.tensor(b), lo=-100, hi=100, axis=1)
+    for (n, ch, i, j), a in np.ndenumerate(acc.numpy()):
+        assert out[n, ch, i, j] == exact_requant(int(a), m[ch], k[ch], b[ch], -100, 100)
+    lin = acc.permute(0, 2, 3, 1)  # (..., C): channel last
+    out_last = requantize(lin, torch.tensor(m), torch.tensor(k), torch.tensor(b), lo=-100, hi=100, axis=-1)
+    assert torch.equal(out_last, out.permute(0, 2, 3, 1))
+
+
+def test_ties_round_toward_plus_infinity():
+    x = torch.tensor([5, -5, 1, -1, 3, -3, 7, -7])  # /2 -> 2.5 -2.5 0.5 -0.5 1.5 -1.5 3.5 -3.5
+    assert round_shift(x, 1).tolist() == [3, -2, 1, 0, 2, -1, 4, -3]
+    assert round_shift(x, 0).tolist() == x.tolist()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(acc=torch.tensor([2**31]), multiplier=1, shift=0),  # beyond int32 accumulators
+    dict(acc=torch.tensor([1]), multiplier=2**31, shift=0),  # beyond int32 multipliers
+    dict(acc=torch.tensor([1]), multiplier=1, shift=63),
+    dict(acc=torch.tensor([1]), multiplier=1, shift=-1),
+    dict(acc=torch.tensor([1]), multiplier=1, shift=0, bias=2**61 + 1),
+    dict(acc=torch.tensor([1.0]), multiplier=1, shift=0),  # float acc
+    dict(acc=torch.ones(2, 3), multiplier=torch.ones(2, dtype=torch.int64), shift=0),  # wrong channel count
+])
+def test_requantize_rejects_overflow_risks(kwargs):
+    with pytest.raises(ValueError):
+        requantize(**kwargs, lo=-10, hi=10)
+
+
+def test_to_fixed_and_overflow_guard():
+    assert to_fixed(1.5, 3) == 12
+    assert to_fixed(torch.tensor([0.25, -1.0]), torch.tensor([2, 40])).tolist() == [1, -(2**40)]
+    with pytest.raises(ValueError, match="2\\^61"):
+        to_fixed(8.0, 59)
+
+
+def test_float_chain_equals_integer_chain_except_near_ties():
+    """conv+BN+ReLU+next quantizer: dyadic integer codes == float64 codes, except right at ties."""
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-3000, 3000, (4, 16, 5, 5), generator=g)
+    s_w = torch.rand(16, generator=g, dtype=torch.float64) * 0.05 + 0.01
+    gamma = torch.randn(16, generator=g, dtype=torch.float64)  # negative gammas included
+    beta = torch.randn(16, generator=g, dtype=torch.float64)
+    mu = torch.randn(16, generator=g, dtype=torch.float64)
+    sigma, s_x, s_next = torch.rand(16, generator=g, dtype=torch.float64) + 0.5, 0.07, 0.11
+    scale = s_w * s_x * gamma / (sigma * s_next)  # M_c
+    offset = (beta - gamma * mu / sigma) / s_next  # B_c
+    exact = acc.double() * scale[:, None, None] + offset[:, None, None]
+    want = torch.floor(exact + 0.5).clamp(0, 15)
+    m, k = to_dyadic(scale)
+    got = requantize(acc, m, k, to_fixed(offset, k), lo=0, hi=15)
+    near_tie = (exact - exact.floor() - 0.5).abs() < 1e-6
+    assert ((got.double() == want) | near_tie).all()
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_requantize_at_the_overflow_bound(sign):
+    acc, m, b = sign * (2**31 - 1), 2**31 - 1, sign * 2**61
+    for k in (0, 1, 61, 62):
+        out = requantize(torch.tensor([acc]), m, k, b, lo=-(2**31), hi=2**31 - 1).item()
+        assert out == exact_requant(acc, m, k, b, -(2**31), 2**31 - 1)
