@@ -11,7 +11,7 @@ from typing import Any
 
 from lowbit.data import get_data
 from lowbit.io import load_json, save_json
-from lowbit.train import FitConfig, TrainConfig, train
+from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, train
 
 
 def _done(run: Path) -> dict[str, Any] | None:
@@ -43,6 +43,16 @@ def demo(out: str | Path = "runs/demo", *, data: str = "fashion-mnist", data_dir
     s = _stage(fp_dir, lambda **kw: train(fp_cfg, data=splits, **kw), overwrite)
     rows.append({"stage": "fp32", "bits": "fp32", "epochs": s["epochs"], "val_acc": s["val_acc"],
                  "test_acc": s["test_acc"], "seconds": s["train_seconds"]})
+
+    for name, bits, epochs in (("w8a8", "w8a8", 1), ("w4a4", "w4a4", 1 if fast else 3)):
+        q_dir = out / name
+        q_cfg = QuantizeConfig(source=str(fp_dir), out=str(q_dir), bits=bits, recipe="lsq", data=data,
+                               data_dir=data_dir)
+        over = {"epochs": epochs, "seed": seed, "device": device, "quiet": quiet}
+        s = _stage(q_dir, lambda q_cfg=q_cfg, over=over, **kw: quantize_run(q_cfg, data=splits,
+                                                                            fit_overrides=over, **kw), overwrite)
+        rows.append({"stage": name, "bits": bits, "epochs": s["epochs"], "val_acc": s["val_acc"],
+                     "test_acc": s["test_acc"], "seconds": s["train_seconds"]})
 
     summary = {"stages": rows}
     save_json(out / "summary.json", summary)

@@ -60,6 +60,8 @@ def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", ba
     g.add_argument("--lr-decay", type=float, default=0.936 if schedule else None,
                    help="per-epoch factor of the exp schedule")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--augmentation", default="crop+flip", choices=["crop+flip", "flip", "none"],
+                   help="training augmentation (random crop with 2-pixel padding, horizontal flip)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW memory format (channels-last is faster for convs on CPU)")
@@ -74,6 +76,7 @@ def fit_config(a: argparse.Namespace, **over):
     kw = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
               weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
               lr_decay=a.lr_decay, label_smoothing=a.label_smoothing, seed=a.seed, device=a.device,
+              augmentation=a.augmentation,
               channels_last=a.channels_last, compile=a.compile, quiet=a.quiet)
     kw.update(over)
     return FitConfig(**kw)
@@ -198,7 +201,7 @@ def _quantize():
         over = dict(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, schedule=a.schedule,
                     batch_size=a.batch_size, momentum=a.momentum, warmup_epochs=a.warmup_epochs,
                     label_smoothing=a.label_smoothing, seed=a.seed, device=a.device,
-                    channels_last=a.channels_last, compile=a.compile, quiet=a.quiet)
+                    augmentation=a.augmentation, channels_last=a.channels_last, compile=a.compile, quiet=a.quiet)
         if a.lr_decay is not None:
             over["lr_decay"] = a.lr_decay
         cfg = QuantizeConfig(source=a.source, out=a.out, bits=None if a.plan_file else a.bits,

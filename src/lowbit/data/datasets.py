@@ -158,8 +158,11 @@ def augment(x: torch.Tensor, g: torch.Generator, pad: int = 2, flip: bool = True
     return out
 
 
+AUGMENTATIONS = ("crop+flip", "flip", "none")
+
+
 def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: int = 0, epoch: int = 0,
-            device: str | torch.device = "cpu", limit: int | None = None,
+            device: str | torch.device = "cpu", limit: int | None = None, augmentation: str = "crop+flip",
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised (x, y) batches. Training order and augmentation depend only on (seed, epoch).
 
@@ -175,8 +178,8 @@ def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: in
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
         x = ds.images[idx].float() / 255.0
-        if train:  # augment in pixel space, so crop padding is black like the images' background
-            x = augment(x, g)
+        if train and augmentation != "none":  # in pixel space, so crop padding is black like the background
+            x = augment(x, g, pad=2 if augmentation == "crop+flip" else 0)
         x = (x - ds.mean) / ds.std
         yield x.to(device, non_blocking=True), ds.labels[idx].to(device, non_blocking=True)
 

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.data import DataSplits, TensorDataset, iterate, num_batches
+from lowbit.data.datasets import AUGMENTATIONS
 from lowbit.errors import LowbitError
 
 SCHEDULES = ("cosine", "onecycle", "exp", "constant")
@@ -47,6 +48,7 @@ class FitConfig:
     channels_last: bool = True
     compile: bool = False
     quiet: bool = False
+    augmentation: str = "crop+flip"  # crop+flip | flip | none (in-memory data sets)
     examples_per_epoch: int | None = None  # a fraction of an epoch (ALPS, smoke runs)
     eval_batch_size: int = 512
 
@@ -61,6 +63,8 @@ class FitConfig:
             raise LowbitError(f"learning rate must be a finite number >= 0, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise LowbitError("weight decay must be >= 0 and momentum in [0, 1)")
+        if self.augmentation not in AUGMENTATIONS:
+            raise LowbitError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
         if not 0 <= self.label_smoothing < 1:
             raise LowbitError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -179,7 +183,7 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         batches = iterate(data.train, cfg.batch_size, train=True, seed=cfg.seed, epoch=epoch, device=device,
-                          limit=limit)
+                          limit=limit, augmentation=cfg.augmentation)
         bar = tqdm(batches, total=num_batches(data.train, cfg.batch_size, limit), leave=False,
                    desc=f"epoch {epoch + 1}", disable=cfg.quiet or None)
         for i, (x, y) in enumerate(bar):
