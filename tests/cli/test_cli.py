@@ -19,9 +19,11 @@ def _run(args, capsys):
     (["eval", "--from", "/nonexistent/run"], "no such run"),
     (["train", "--data", "fashion-mnist", "--data-dir", "/nonexistent", "--epochs", "0"], "not found"),
     (["train", "--config", "/nonexistent.yaml"], "file not found"),
+    (["quantize", "--from", "/nonexistent/run", "--bits", "w4a4"], "no such run"),
+    (["quantize", "--from", "x", "--first-last-bits", "5x"], "expected 2, 3, 4, 8 or float"),
 ])
 def test_user_errors_are_one_line_exit_2(args, needle, capsys, tmp_path):
-    if args[0] == "train":
+    if args[0] in ("train", "quantize"):
         args = [*args, "--out", str(tmp_path / "r")]
     with pytest.raises(SystemExit) as e:
         raise SystemExit(main(args))
@@ -76,3 +78,18 @@ def test_models_and_help():
     assert r.returncode == 0 and "resnet8" in r.stdout
     r = subprocess.run([sys.executable, "-m", "lowbit", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resume" in r.stdout
+
+
+def test_quantize_bad_bits_and_wrong_run_kind(tmp_path, capsys):
+    rc, _, _ = _run(["train", "--model", "mlp", "--data", "synthetic", "--epochs", "1", "--quiet",
+                     "--out", str(tmp_path / "fp")], capsys)
+    assert rc == 0
+    rc, _, err = _run(["quantize", "--from", str(tmp_path / "fp"), "--bits", "w5a4", "--data", "synthetic",
+                       "--out", str(tmp_path / "q")], capsys)
+    assert rc == 2 and "5-bit" in err and err.count("\n") == 1
+    rc, out, _ = _run(["quantize", "--from", str(tmp_path / "fp"), "--bits", "w4a4", "--data", "synthetic",
+                       "--epochs", "1", "--quiet", "--out", str(tmp_path / "q")], capsys)
+    assert rc == 0 and "w4a4" in out
+    rc, _, err = _run(["quantize", "--from", str(tmp_path / "q"), "--data", "synthetic",
+                       "--out", str(tmp_path / "q2")], capsys)
+    assert rc == 2 and "fp32 run" in err
