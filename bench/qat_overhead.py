@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, write_results  # noqa: E402
-
 from lowbit.models import create_model  # noqa: E402
 from lowbit.quant import Plan, QuantConfig, calibrate_, quantize_  # noqa: E402
 
