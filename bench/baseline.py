@@ -1,6 +1,6 @@
 """Baseline benchmark: what each registry model reaches on Fashion-MNIST within a training-time budget.
 
-Trains every model with the default recipe (SGD Nesterov, cosine, wd 5e-4, batch 128, flip+crop augmentation)
+Trains every model with the default recipe (SGD Nesterov, cosine, wd 5e-4, batch 128, flip augmentation)
 for the epochs given below, which are chosen so that each run fits in ~10 minutes on the 2-core CPU, and
 writes docs/results/baseline.{json,md}. Usage: python bench/baseline.py [--models resnet8,mlp] [--reuse DIR]
 """
@@ -41,7 +41,7 @@ def main() -> None:
     m = machine()
     md = ["# Fashion-MNIST fp32 baselines", "",
           "Default recipe (`lowbit train`): SGD with Nesterov momentum 0.9, lr 0.1, cosine decay, weight decay "
-          "5e-4 on weights, batch 128, random crop (pad 2) + horizontal flip, channels-last. Validation = the "
+          "5e-4 on weights, batch 128, horizontal-flip augmentation, channels-last. Validation = the "
           "fixed 5,000-image split of the training set; test = the 10,000 test images (reporting only). "
           "Epochs are chosen so each run trains in about 10 minutes or less on this machine.", "",
           f"Machine: {machine_line(m)}.", "",

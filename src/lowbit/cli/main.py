@@ -60,7 +60,7 @@ def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", ba
     g.add_argument("--lr-decay", type=float, default=0.936 if schedule else None,
                    help="per-epoch factor of the exp schedule")
     g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--augmentation", default="crop+flip", choices=["crop+flip", "flip", "none"],
+    g.add_argument("--augmentation", default="flip", choices=["flip", "crop+flip", "none"],
                    help="training augmentation (random crop with 2-pixel padding, horizontal flip)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",

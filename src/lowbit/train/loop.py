@@ -48,7 +48,7 @@ class FitConfig:
     channels_last: bool = True
     compile: bool = False
     quiet: bool = False
-    augmentation: str = "crop+flip"  # crop+flip | flip | none (in-memory data sets)
+    augmentation: str = "flip"  # flip | crop+flip | none (in-memory data sets); see README
     examples_per_epoch: int | None = None  # a fraction of an epoch (ALPS, smoke runs)
     eval_batch_size: int = 512
 
