@@ -1,3 +1,4 @@
 from lowbit.cli.main import run_cli
 
-run_cli()
+if __name__ == "__main__":  # guard: spawned worker processes re-import the main module
+    run_cli()

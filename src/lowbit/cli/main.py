@@ -245,13 +245,29 @@ def register(name: str, factory, help: str, description: str | None = None) -> N
     SUBCOMMANDS[name] = (factory, help, description)
 
 
+def _stage_commands() -> dict:
+    """Commands of the later stages live beside their stage; imported here, lazily (they import this module)."""
+    from lowbit.cli import mixed
+
+    commands = dict(SUBCOMMANDS)
+    commands.update(mixed.COMMANDS)
+    try:
+        from lowbit.cli import deploy
+    except ImportError as e:  # the deploy stage is optional only while it is being written
+        if e.name != "lowbit.cli.deploy":
+            raise
+    else:
+        commands.update(deploy.COMMANDS)
+    return commands
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description=__doc__, formatter_class=_Formatter)
     from lowbit import __version__
 
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (factory, help, desc) in SUBCOMMANDS.items():
+    for name, (factory, help, desc) in _stage_commands().items():
         add, run = factory()
         p = sub.add_parser(name, help=help, description=desc or help, formatter_class=_Formatter)
         add(p)

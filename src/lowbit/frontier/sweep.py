@@ -1,0 +1,320 @@
+"""``lowbit frontier``: the accuracy-throughput frontier of several layer-selection methods, commensurately.
+
+For each method (EAGL, ALPS, Hessian, random) the W4A4 run's candidate layers are scored once; for each budget
+the exact knapsack picks the layers to drop to 2 bits (:mod:`lowbit.frontier.select`); then every plan is
+fine-tuned from the W4A4 checkpoint with the *same* recipe, epochs and seed, and evaluated on validation and
+test. Only the choice of layers differs between methods (EAGL/ALPS' "commensurate comparison"). The uniform
+W4A4 (no layer dropped) and W2A2 (every candidate dropped) end points are fine-tuned the same way.
+
+A point's fine-tune: rebuild the W4A4 model from its checkpoint, set the chosen layers to 2/2 bits with
+``reset_layer_`` (weight steps from the weights, input steps from 5 calibration batches run through the model,
+in module order), build the optimizer, ``fit``. Identical plans (every method's plan at mac-fraction 1.0 is
+W2A2) are fine-tuned once and shared, which is exact: same plan, recipe and seed give the same model.
+
+Time to solution per method = its sensitivity wall time + the solver's time, reported apart from fine-tuning.
+Resumable: each sensitivity table and each finished point is written at once under ``<out>/sensitivity/`` and
+``<out>/points/<method>-<budget>.json``; ``resume`` reuses them and refuses files made with other settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowbit.cost import plan_cost, profile_layers
+from lowbit.data import DataSplits
+from lowbit.errors import LowbitError
+from lowbit.frontier.select import BUDGET_KINDS, parse_budgets, resolve_profile, select_layers
+from lowbit.io import load_json, save_json
+from lowbit.quant import Plan, plan_of
+from lowbit.runs import RunDir
+from lowbit.sensitivity.api import METHODS, load_data, load_w4a4_run, method_options, score_layers
+from lowbit.sensitivity.candidates import candidate_layers, example_input
+from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, run_jobs
+from lowbit.sensitivity.table import SensitivityTable
+from lowbit.train import FitConfig, evaluate, load_run_model, recipe_fit_config
+
+FRONTIER_VERSION = 1
+LOW_BITS = 2
+ENDPOINTS = ("uniform-w4a4", "uniform-w2a2")
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    """Settings of one frontier run.
+
+    Args:
+        methods: sensitivity methods to compare (``eagl``, ``alps``, ``hessian``, ``random``).
+        budgets: mac-fractions in [0, 1] or relative throughputs > 0, by ``budget_kind``.
+        cost: throughput model (``bits-proportional``, ``bops``, ``size``, ``measured`` + ``latency_table``).
+        fit: the fine-tune of every point; None = the LSQ recipe at 2 bits for ``epochs`` with ``seed``.
+        epochs: fine-tune epochs of the default recipe (fractions allowed).
+        seed: seeds the random / Hessian / ALPS sensitivity and the default recipe's fine-tunes (a given
+            ``fit`` keeps its own ``fit.seed``).
+        workers: parallel processes for ALPS candidates and for frontier points.
+        options: per-method sensitivity options, e.g. ``{"eagl": {"variant": "h4-h2"}, "alps": {"epochs": 0.5}}``.
+        candidates, include_first_last: which layers may drop (default: all but first, last and 8-bit).
+        clip_negative: floor scores at 0 for selection (see :mod:`lowbit.frontier.select`).
+        endpoints: also fine-tune the uniform W4A4 and W2A2 plans.
+    """
+
+    methods: tuple[str, ...] = METHODS
+    budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    budget_kind: str = "mac-fraction"
+    cost: str = "bits-proportional"
+    latency_table: str | None = None
+    fit: FitConfig | None = None
+    epochs: float = 1.0
+    seed: int = 0
+    workers: int = 1
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    candidates: tuple[str, ...] | None = None
+    include_first_last: bool = False
+    clip_negative: bool = True
+    endpoints: bool = True
+    device: str = "cpu"
+    quiet: bool = True
+
+    def __post_init__(self):
+        methods = self.methods.split(",") if isinstance(self.methods, str) else self.methods
+        methods = tuple(dict.fromkeys(m.strip() for m in methods if m.strip()))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise LowbitError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                              f"{', '.join(METHODS)}")
+        if self.budget_kind not in BUDGET_KINDS:
+            raise LowbitError(f"unknown budget kind {self.budget_kind!r}; choose one of {', '.join(BUDGET_KINDS)}")
+        object.__setattr__(self, "methods", methods)
+        object.__setattr__(self, "budgets", parse_budgets(self.budgets, self.budget_kind))
+        for m, opts in self.options.items():
+            if m not in methods:
+                raise LowbitError(f"options given for {m!r}, which is not among the methods {', '.join(methods)}")
+            method_options(m, opts)
+        if self.candidates is not None:
+            object.__setattr__(self, "candidates", tuple(self.candidates))
+
+    def resolved_fit(self) -> FitConfig:
+        return self.fit or recipe_fit_config("lsq", LOW_BITS, epochs=self.epochs, seed=self.seed, device=self.device,
+                                             quiet=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(fit=self.resolved_fit().to_dict(), methods=list(self.methods), budgets=list(self.budgets),
+                 candidates=None if self.candidates is None else list(self.candidates))
+        return d
+
+
+def _label(method: str, budget: float | None) -> str:
+    return method if budget is None else f"{method}-{budget:g}"
+
+
+def _reference_accuracy(model: nn.Module, data: DataSplits, fit: FitConfig) -> dict[str, float]:
+    out = {}
+    for split in ("val", "test"):
+        out[f"{split}_loss"], out[f"{split}_acc"] = evaluate(model, getattr(data, split), fit.eval_batch_size,
+                                                             fit.device, fit.channels_last)
+    return out
+
+
+def _fp32_reference(ckpt: dict[str, Any], data: DataSplits, fit: FitConfig) -> dict[str, float] | None:
+    """Accuracy of the fp32 run the W4A4 run came from, if its checkpoint is still there."""
+    source = ckpt.get("source")
+    if not source:
+        return None
+    try:
+        fp32, fp_ckpt = load_run_model(source)
+    except LowbitError:
+        return None
+    if fp_ckpt.get("kind") != "fp32":
+        return None
+    return {"run": str(source), **_reference_accuracy(fp32.to(fit.device), data, fit)}
+
+
+def _table(method: str, cfg: FrontierConfig, model: nn.Module, data: DataSplits, names: list[str],
+           folder: Path, resume: bool, key: str, given: SensitivityTable | None) -> SensitivityTable:
+    """The method's table: given, resumed from ``<folder>/<method>.json``, or computed (and saved at once)."""
+    path = folder / f"{method}.json"
+    resumed = given is None and resume and path.exists()
+    if given is not None:
+        table = given
+    elif resumed:
+        table = SensitivityTable.load(path)
+        if table.config.get("frontier_key") != key:
+            raise LowbitError(f"{path}: computed with other settings or another model; resume with the same "
+                              "options, or start over with --overwrite / another --out")
+    else:
+        table = score_layers(method, model, data, candidates=names, seed=cfg.seed, workers=cfg.workers,
+                             out=folder, resume=resume, quiet=cfg.quiet, device=cfg.device,
+                             options=cfg.options.get(method))
+        table = dataclasses.replace(table, config={**table.config, "frontier_key": key})
+    missing = sorted(set(names) - set(table.layers))
+    extra = sorted(set(table.layers) - set(names))
+    if missing or extra:
+        raise LowbitError(f"the {method} table does not score this run's candidates "
+                          f"(missing {missing[:3]}, unknown {extra[:3]})")
+    if not resumed:
+        table.save(path)
+    return table
+
+
+def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = None, *,
+             data: DataSplits | str | None = None, data_dir: str | None = None,
+             tables: dict[str, SensitivityTable] | None = None, resume: bool = False,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Build the frontier of the W4A4 run ``run`` into ``out`` (module docstring); returns frontier.json's dict.
+
+    ``tables`` supplies precomputed sensitivity tables by method (e.g. from ``lowbit sensitivity``).
+    Writes ``frontier.json``, ``frontier.csv``, ``frontier.png``, ``report.md`` and ``report.html``.
+    """
+    from lowbit.frontier.report import spearman_vs, write_outputs
+
+    cfg = config or FrontierConfig()
+    tables = dict(tables or {})
+    stray = [m for m in tables if m not in cfg.methods]
+    if stray:
+        raise LowbitError(f"sensitivity table(s) for {', '.join(stray)} given, but the methods are "
+                          f"{', '.join(cfg.methods)}")
+    fit = cfg.resolved_fit()
+    model, ckpt = load_w4a4_run(run)
+    splits = load_data(ckpt, data, data_dir)
+    profile = resolve_profile(cfg.cost, cfg.latency_table)
+    model.to(cfg.device)
+    layers = profile_layers(model, example_input(data=splits).to(cfg.device))
+    base = plan_of(model).layers
+    names = candidate_layers(model, cfg.candidates, cfg.include_first_last)
+    for b in cfg.budgets:  # an unreachable budget fails now, before any scoring or fine-tuning
+        select_layers(layers, base, dict.fromkeys(names, 0.0), b, cfg.budget_kind, profile)
+
+    run_dir = RunDir(out, resume=resume, overwrite=overwrite)
+    if overwrite and not run_dir.resume:
+        for sub in ("points", "sensitivity"):
+            shutil.rmtree(run_dir.file(sub), ignore_errors=True)
+    run_dir.write_config({"command": "frontier", "source": str(run), **cfg.to_dict(), "data": splits.name})
+    source_key = fingerprint(model)
+
+    # 1. sensitivity tables (the expensive part of ALPS and the Hessian), each saved as soon as it exists
+    result_tables: dict[str, SensitivityTable] = {}
+    for method in cfg.methods:
+        key = fingerprint({"method": method, "options": method_options(method, cfg.options.get(method)),
+                           "seed": cfg.seed, "candidates": names, "model": source_key})
+        result_tables[method] = _table(method, cfg, model, splits, names, run_dir.file("sensitivity"),
+                                       run_dir.resume, key, tables.get(method))
+
+    # 2. plans: the end points, then every (method, budget) through the solver
+    points: list[dict[str, Any]] = []
+
+    def add_point(method: str, budget: float | None, plan: Plan, chosen: list[str], seconds: dict[str, float],
+                  solver: str | None) -> None:
+        cost = plan_cost(layers, plan.layers, profile, base, candidates=names, low_bits=LOW_BITS)
+        points.append({"method": method, "budget": budget, "budget_kind": cfg.budget_kind,
+                       "label": _label(method, budget), "plan": plan.to_dict()["layers"], "low_layers": chosen,
+                       "n_low": len(chosen), **cost.to_dict(), "solver": solver, **seconds})
+
+    if cfg.endpoints:
+        add_point(ENDPOINTS[0], None, Plan(base), [], {}, None)
+        add_point(ENDPOINTS[1], None, Plan({**base, **{n: (LOW_BITS, LOW_BITS) for n in names}}), list(names), {},
+                  None)
+    for method in cfg.methods:
+        table = result_tables[method]
+        for b in cfg.budgets:
+            t0 = time.perf_counter()
+            plan, _, selection = select_layers(layers, base, table.scores, b, cfg.budget_kind, profile,
+                                               low_bits=LOW_BITS, clip_negative=cfg.clip_negative)
+            solve_s = time.perf_counter() - t0
+            add_point(method, b, plan, list(selection.chosen),
+                      {"sensitivity_seconds": table.wall_seconds, "solve_seconds": solve_s,
+                       "time_to_plan_seconds": table.wall_seconds + solve_s}, selection.solver)
+
+    # 3. fine-tune each distinct plan once; every point is saved as soon as its plan is done
+    fit_key = fingerprint({"fit": fit.to_dict(), "model": source_key, "data": [splits.name, len(splits.train)]})
+    folder = run_dir.file("points")
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for p in points:
+        p["key"] = fingerprint({"fit": fit_key, "plan": p["plan"]})
+        groups.setdefault(tuple(p["low_layers"]), []).append(p)
+    results: dict[tuple[str, ...], dict[str, Any]] = {}
+    for low, members in groups.items():
+        for p in members:
+            f = folder / f"{p['label']}.json"
+            if run_dir.resume and f.exists():  # finished earlier: keep its record (and timings) as it is
+                record = load_json(f)
+                if record.get("key") != p["key"]:
+                    raise LowbitError(f"{f}: finished with other settings or another plan; resume with the same "
+                                      "options, or start over with --overwrite / another --out")
+                p.clear()
+                p.update(record)
+                results.setdefault(low, {**_trained(record), "label": record.get("reused_from") or p["label"]})
+
+    def save_point(p: dict[str, Any], trained: dict[str, Any]) -> None:
+        source = trained["label"]
+        p.update({k: v for k, v in trained.items() if k != "label"})
+        p["reused_from"] = None if source == p["label"] else source
+        save_json(folder / f"{p['label']}.json", p)
+
+    todo = [low for low in groups if low not in results]
+    job = FinetuneJob(model.cpu() if cfg.workers > 1 else model, splits, fit, LOW_BITS, test=True)
+    for low, result in run_jobs(finetune_dropped, job, todo, workers=cfg.workers, desc="frontier", quiet=cfg.quiet):
+        first = groups[low][0]
+        results[low] = {"val_acc": result["val_acc"], "val_loss": result["val_loss"],
+                        "test_acc": result["test_acc"], "test_loss": result["test_loss"],
+                        "finetune_seconds": result["seconds"], "finetune_passes": result["passes"],
+                        "label": first["label"]}
+        for p in groups[low]:
+            save_point(p, results[low])
+    for low, members in groups.items():
+        for p in members:
+            if "val_acc" not in p:
+                save_point(p, results[low])
+
+    # 4. references, rank correlations, time to solution, files
+    model.to(fit.device)
+    references = {"fp32": _fp32_reference(ckpt, splits, fit),
+                  "w4a4_checkpoint": _reference_accuracy(model, splits, fit)}
+    infos = {li.name: li for li in layers}
+    total_macs = sum(infos[n].macs for n in names) or 1
+    payload = {
+        "version": FRONTIER_VERSION, "source": str(run), "data": splits.name, "config": cfg.to_dict(),
+        "profile": profile.name, "candidates": names,
+        "layers": [{"layer": n, "macs": infos[n].macs, "params": infos[n].params,
+                    "mac_share": infos[n].macs / total_macs} for n in names],
+        "references": references,
+        "methods": {m: result_tables[m].to_dict() for m in cfg.methods},
+        "spearman_vs_alps": spearman_vs(result_tables, "alps"),
+        "time_to_solution": _time_to_solution(result_tables, points),
+        "points": points,
+    }
+    write_outputs(run_dir.path, payload)
+    return payload
+
+
+def _trained(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("val_acc", "val_loss", "test_acc", "test_loss", "finetune_seconds", "finetune_passes")
+    return {k: record[k] for k in keys}
+
+
+def _time_to_solution(tables: dict[str, SensitivityTable], points: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for m, t in tables.items():
+        mine = [p for p in points if p["method"] == m]
+        solve = [p["solve_seconds"] for p in mine]
+        fine = [p["finetune_seconds"] for p in mine if not p.get("reused_from")]
+        out[m] = {"sensitivity_seconds": t.wall_seconds,
+                  "compute_seconds": t.config.get("compute_seconds", t.wall_seconds),
+                  "passes": t.passes, "solve_seconds_mean": sum(solve) / len(solve) if solve else 0.0,
+                  "time_to_plan_seconds": t.wall_seconds + (sum(solve) / len(solve) if solve else 0.0),
+                  "finetune_seconds": sum(fine)}
+    return out
+
+
+def load_points(out: str | Path) -> list[dict[str, Any]]:
+    """Every finished point of a (possibly still running) frontier run directory."""
+    return [load_json(p) for p in sorted(Path(out, "points").glob("*.json"))]
+
+
+__all__ = ["ENDPOINTS", "FrontierConfig", "frontier", "load_points"]

@@ -1,0 +1,125 @@
+"""ALPS: Accuracy-aware Layer Precision Selection (Bablani et al., arXiv 2301.13330).
+
+Verified: ALPS "relies on single epoch fine-tuning after layer precision reduction". Reconstructed
+(methods.md §1.2 step 1b [I]): for each candidate l, copy the W4A4 network, drop layer l's weights *and* input
+activations to 2 bits (steps re-initialised by the quantizer's init rule, input step from calibration batches),
+fine-tune the whole network for one epoch (or ``epochs`` / ``examples_per_epoch`` of one) with the LSQ recipe at
+2 bits, and measure validation accuracy a_l (never test). The score is the accuracy drop
+
+    Δ_l = a_ref - a_l      (higher = more sensitive = keep at 4 bits)
+
+with the reference a_ref chosen by ``reference``:
+
+* ``"finetuned"`` (default): the W4A4 network fine-tuned with the *same* recipe, budget and seed, no layer
+  dropped: one extra job. Fine-tuning alone moves accuracy, so this isolates the effect of the drop.
+* ``"checkpoint"``: the W4A4 checkpoint's validation accuracy as it is (no extra job).
+
+Every candidate is an independent job: ``workers > 1`` runs them in spawned processes. With ``out`` each
+finished job is written at once, atomically, to ``<out>/alps/<layer>.json`` (the reference to
+``_reference.json``); ``resume=True`` loads those files and never redoes a finished job. Files made with other
+settings or another model are refused, not mixed in.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowbit.data import DataSplits
+from lowbit.errors import LowbitError
+from lowbit.io import load_json, save_json
+from lowbit.sensitivity.candidates import Candidates, candidate_layers, example_input, make_rows, profile
+from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, run_jobs
+from lowbit.sensitivity.table import SensitivityTable, add_passes, no_passes
+from lowbit.train import FitConfig, evaluate, recipe_fit_config
+
+REFERENCES = ("finetuned", "checkpoint")
+REFERENCE_FILE = "_reference"
+
+
+def alps_fit_config(epochs: float = 1.0, *, low_bits: int = 2, **overrides: Any) -> FitConfig:
+    """The default ALPS fine-tune: the LSQ recipe at ``low_bits`` (lr, decay, cosine) for ``epochs``, quiet.
+
+    ``overrides`` are FitConfig fields, e.g. ``lr=0.005``, ``examples_per_epoch=10000``, ``seed=1``;
+    None values are ignored.
+    """
+    return recipe_fit_config("lsq", low_bits, epochs=epochs, **{"quiet": True, **overrides})
+
+
+def _job(shared: tuple[FinetuneJob, Path | None, str], name: str | None) -> dict[str, Any]:
+    """One ALPS job (module level so spawned workers can run it); writes its result file when it ends."""
+    job, folder, key = shared
+    result = finetune_dropped(job, [] if name is None else [name])
+    record = {"layer": name, **result, "key": key}
+    if folder is not None:
+        save_json(folder / f"{name or REFERENCE_FILE}.json", record)
+    return record
+
+
+def _load_finished(folder: Path, names: list[str | None], key: str) -> dict[str | None, dict[str, Any]]:
+    done = {}
+    for name in names:
+        p = folder / f"{name or REFERENCE_FILE}.json"
+        if p.exists():
+            record = load_json(p)
+            if record.get("key") != key:
+                raise LowbitError(f"{p}: finished with other settings or another model; resume with the same "
+                                  "options, or start over with --overwrite / another --out")
+            done[name] = record
+    return done
+
+
+def alps_scores(model: nn.Module, data: DataSplits, candidates: Candidates = None, *,
+                fit: FitConfig | None = None, reference: str = "finetuned", low_bits: int = 2,
+                include_first_last: bool = False, workers: int = 1, out: str | Path | None = None,
+                resume: bool = False, quiet: bool = True) -> SensitivityTable:
+    """Measured accuracy drops of the candidate layers; higher = keep at 4 bits (module docstring).
+
+    Args:
+        model: the trained W4A4 model (left unchanged; every job works on a copy).
+        data: its data; jobs fine-tune on ``data.train`` and measure on ``data.val``.
+        candidates: layer names; default: all quantized layers but the first, last and 8-bit ones.
+        fit: the fine-tune recipe for every job (default :func:`alps_fit_config`: LSQ at 2 bits, 1 epoch).
+        reference: ``"finetuned"`` (default, one extra job) or ``"checkpoint"``.
+        workers: parallel processes (one torch thread each); <= 1 runs in this process.
+        out: folder for the per-job files ``<out>/alps/<layer>.json``; None keeps results in memory.
+        resume: load finished job files from ``out`` instead of recomputing them.
+    """
+    if reference not in REFERENCES:
+        raise LowbitError(f"unknown ALPS reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    t0 = time.perf_counter()
+    fit = fit or alps_fit_config(low_bits=low_bits)
+    names = candidate_layers(model, candidates, include_first_last)
+    if REFERENCE_FILE in names:
+        raise LowbitError(f"a layer named {REFERENCE_FILE!r} clashes with the ALPS reference file")
+    folder = None if out is None else Path(out) / "alps"
+    settings = {"fit": fit.to_dict(), "low_bits": low_bits, "model": fingerprint(model),
+                "data": [data.name, len(data.train), len(data.val)]}
+    key = fingerprint(settings)
+    jobs: list[str | None] = list(names) + ([None] if reference == "finetuned" else [])
+    done = _load_finished(folder, jobs, key) if resume and folder is not None else {}
+    todo = [j for j in jobs if j not in done]
+    job = FinetuneJob(model, data, fit, low_bits)
+    for name, record in run_jobs(_job, (job, folder, key), todo, workers=workers, desc="ALPS", quiet=quiet):
+        done[name] = record
+
+    passes = add_passes(*(r["passes"] for r in done.values()))
+    if reference == "finetuned":
+        ref_acc = done[None]["val_acc"]
+    else:
+        param = next(model.parameters())
+        _, ref_acc = evaluate(model, data.val, fit.eval_batch_size, str(param.device), fit.channels_last)
+        passes = add_passes(passes, {"forward": -(-len(data.val) // fit.eval_batch_size)})
+    scores = {n: ref_acc - done[n]["val_acc"] for n in names}
+    extra = {n: {"val_acc": done[n]["val_acc"], "seconds": done[n]["seconds"]} for n in names}
+    rows = make_rows(model, names, scores, profile(model, example_input(data=data)), extra)
+    config = {"reference": reference, "reference_val_acc": ref_acc, "low_bits": low_bits, "fit": fit.to_dict(),
+              "workers": workers, "include_first_last": include_first_last, "resumed": len(jobs) - len(todo),
+              "compute_seconds": sum(r["seconds"] for r in done.values()), "key": key}
+    return SensitivityTable("alps", rows, time.perf_counter() - t0, {**no_passes(), **passes}, config)
+
+
+__all__ = ["REFERENCES", "alps_fit_config", "alps_scores"]

@@ -1,0 +1,150 @@
+"""One entry point for every method, and ``lowbit sensitivity``: score a W4A4 run's layers into a run directory.
+
+    table = sensitivity("runs/w4a4", "eagl", "runs/sens-eagl")     # writes sensitivity.json and report.md
+    table = score_layers("hessian", model, data, tol=1e-2)         # in memory, any quantized model
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.data import DataSplits, get_data, iterate
+from lowbit.errors import LowbitError
+from lowbit.io import load_checkpoint
+from lowbit.quant import quant_layers
+from lowbit.runs import RunDir
+from lowbit.sensitivity.alps import REFERENCES, alps_fit_config, alps_scores
+from lowbit.sensitivity.candidates import Candidates, example_input
+from lowbit.sensitivity.control import random_scores
+from lowbit.sensitivity.eagl import eagl_scores
+from lowbit.sensitivity.hessian import hessian_scores
+from lowbit.sensitivity.table import SensitivityTable
+from lowbit.train import build_model, checkpoint_path
+
+METHODS = ("eagl", "alps", "hessian", "random")
+NEEDS_DATA = ("alps", "hessian")
+# Per-method options and their defaults (ALPS fit fields left None take the LSQ 2-bit recipe's values).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "eagl": {"variant": "h4"},
+    "alps": {"epochs": 1.0, "examples_per_epoch": None, "lr": None, "batch_size": 128, "reference": "finetuned"},
+    "hessian": {"tol": 1e-2, "max_iter": 100, "examples": 1024, "batch_size": 128},
+    "random": {},
+}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise LowbitError(f"unknown sensitivity method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def method_options(method: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The method's defaults updated by ``options`` (None values ignored); unknown keys are an error."""
+    known = OPTIONS[check_method(method)]
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise LowbitError(f"{method}: unknown option(s) {', '.join(unknown)}; it takes "
+                          f"{', '.join(known) or 'none'}")
+    return {**known, **options}
+
+
+def score_layers(method: str, model: nn.Module, data: DataSplits | None = None, *,
+                 candidates: Candidates = None, include_first_last: bool = False, seed: int = 0,
+                 workers: int = 1, out: str | Path | None = None, resume: bool = False, quiet: bool = True,
+                 device: str = "cpu", example: torch.Tensor | None = None,
+                 options: dict[str, Any] | None = None) -> SensitivityTable:
+    """Score the candidate layers of a quantized model with ``method`` (see :data:`OPTIONS` for ``options``).
+
+    ``data`` is needed by ALPS (train + val) and the Hessian (val); ``example`` (a batch-1 input) gives the
+    data-free methods their MACs. ``seed`` seeds the random scores, the Rademacher vectors and ALPS' fine-tunes.
+    """
+    opts = method_options(method, options)
+    if method in NEEDS_DATA and data is None:
+        raise LowbitError(f"{method} needs data (train and validation splits)")
+    if example is None and data is not None:
+        example = example_input(data=data)
+    common = dict(candidates=candidates, include_first_last=include_first_last)
+    if method == "eagl":
+        return eagl_scores(model, opts["variant"], example_input=example, **common)
+    if method == "random":
+        return random_scores(model, random_state=seed, example_input=example, **common)
+    if method == "hessian":
+        batches = list(iterate(data.val, opts["batch_size"], device=device, limit=opts["examples"]))
+        return hessian_scores(model, batches, tol=opts["tol"], max_iter=opts["max_iter"], random_state=seed,
+                              quiet=quiet, **common)
+    if opts["reference"] not in REFERENCES:
+        raise LowbitError(f"unknown ALPS reference {opts['reference']!r}; choose one of {', '.join(REFERENCES)}")
+    fit = alps_fit_config(opts["epochs"], examples_per_epoch=opts["examples_per_epoch"], lr=opts["lr"],
+                          batch_size=opts["batch_size"], seed=seed, device=device)
+    return alps_scores(model, data, fit=fit, reference=opts["reference"], workers=workers, out=out,
+                       resume=resume, quiet=quiet, **common)
+
+
+def load_w4a4_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained W4A4 model of a ``lowbit quantize --bits w4a4`` run and its checkpoint dict.
+
+    Every quantized layer must be at 4/4 or 8/8 bits (float layers are allowed and never candidates).
+    """
+    ckpt = load_checkpoint(checkpoint_path(run))
+    if ckpt.get("kind") != "quantized":
+        raise LowbitError(f"{run}: --from needs a W4A4-quantized run (from `lowbit quantize --bits w4a4`), "
+                          f"found a {ckpt.get('kind')!r} checkpoint")
+    model = build_model(ckpt)
+    bits = {n: (m.w_bits, m.a_bits) for n, m in quant_layers(model).items()}
+    odd = [f"{n} at w{w}a{a}" for n, (w, a) in bits.items() if (w, a) not in ((4, 4), (8, 8))]
+    if odd or (4, 4) not in bits.values():
+        raise LowbitError(f"{run}: not a W4A4-quantized run ({', '.join(odd[:3]) or 'no 4-bit layer'}); "
+                          "quantize it with `lowbit quantize --bits w4a4` first")
+    return model, ckpt
+
+
+def load_data(ckpt: dict[str, Any], data: DataSplits | str | None, data_dir: str | None = None) -> DataSplits:
+    """``data`` as given, by name, or (None) the data set the run was trained on; input shapes must match."""
+    if not isinstance(data, DataSplits):
+        data = get_data(data or ckpt.get("spec", {}).get("data", "fashion-mnist"), data_dir)
+    shape = ckpt.get("spec", {}).get("input_shape")
+    if shape and list(shape) != list(data.input_shape):
+        raise LowbitError(f"the model expects inputs {tuple(shape)} but data set {data.name} gives "
+                          f"{tuple(data.input_shape)}")
+    return data
+
+
+def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSplits | str | None = None,
+                data_dir: str | None = None, candidates: Candidates = None, include_first_last: bool = False,
+                seed: int = 0, workers: int = 1, device: str = "cpu", resume: bool = False,
+                overwrite: bool = False, quiet: bool = True, options: dict[str, Any] | None = None,
+                ) -> SensitivityTable:
+    """``lowbit sensitivity``: score the W4A4 run ``run`` with ``method``; write ``<out>/sensitivity.json``.
+
+    Also writes ``config.yaml`` and ``report.md`` (the sorted table). ALPS keeps one file per finished
+    candidate under ``<out>/alps/``; with ``resume`` those are reused. EAGL and random need no data.
+    """
+    check_method(method)
+    opts = method_options(method, options)
+    model, ckpt = load_w4a4_run(run)
+    splits = load_data(ckpt, data, data_dir) if method in NEEDS_DATA else None
+    shape = ckpt.get("spec", {}).get("input_shape")
+    example = example_input(shape) if shape else None
+    run_dir = RunDir(out, resume=resume, overwrite=overwrite)
+    if overwrite and not run_dir.resume:
+        shutil.rmtree(run_dir.file("alps"), ignore_errors=True)
+    run_dir.write_config({"command": "sensitivity", "source": str(run), "method": method, "options": opts,
+                          "candidates": candidates, "include_first_last": include_first_last, "seed": seed,
+                          "workers": workers, "device": device, "data": None if splits is None else splits.name})
+    table = score_layers(method, model.to(device), splits, candidates=candidates,
+                         include_first_last=include_first_last, seed=seed, workers=workers, out=run_dir.path,
+                         resume=run_dir.resume, quiet=quiet, device=device, example=example, options=opts)
+    table = SensitivityTable(table.method, table.rows, table.wall_seconds, table.passes,
+                             {**table.config, "source": str(run)})
+    table.save(run_dir.file("sensitivity.json"))
+    run_dir.write_report(f"# Sensitivity: {method}\n\nSource: `{run}`\n\n```\n{table.render()}\n```\n")
+    return table
+
+
+__all__ = ["METHODS", "OPTIONS", "load_w4a4_run", "score_layers", "sensitivity"]

@@ -1,0 +1,162 @@
+"""Independent fine-tuning jobs (ALPS candidates, frontier points): run them in parallel, count their passes,
+and fingerprint what they depend on so a resumed run never mixes results of different settings.
+
+Parallel jobs run in ``torch.multiprocessing`` *spawn* processes (fork is unsafe once torch has started
+threads) with one torch thread each: ``workers`` processes × N threads would oversubscribe the cores.
+``workers <= 1`` runs the jobs one after the other in this process.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.data import DataSplits
+from lowbit.quant import quant_layers, reset_layer_
+from lowbit.train import FitConfig, calibration_batches, evaluate, fit, make_optimizer
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(fn: Callable, shared: Any) -> None:
+    torch.set_num_threads(1)
+    _WORKER["fn"], _WORKER["shared"] = fn, shared
+
+
+def _run_one(job: Any) -> tuple[Any, Any]:
+    return job, _WORKER["fn"](_WORKER["shared"], job)
+
+
+def run_jobs(fn: Callable[[Any, Any], Any], shared: Any, jobs: Sequence[Any], *, workers: int = 1,
+             desc: str = "jobs", quiet: bool = True) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(job, fn(shared, job))`` as each job finishes (in completion order when parallel).
+
+    ``fn`` must be a module-level function and ``shared`` picklable: both go to every worker once. As with
+    any spawn start, a calling script needs the ``if __name__ == "__main__":`` guard.
+    A worker's exception (e.g. a LowbitError) is raised here; the pool is then shut down.
+    """
+    jobs = list(jobs)
+    bar = tqdm(total=len(jobs), desc=desc, disable=quiet or None, unit="job")
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield job, fn(shared, job)
+                bar.update()
+            return
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(fn, shared)) as pool:
+            for job, result in pool.imap_unordered(_run_one, jobs):
+                yield job, result
+                bar.update()
+    finally:
+        bar.close()
+
+
+class PassCounter:
+    """Counts mini-batch passes through ``model`` while active: every forward, and as backward passes the
+    forwards in training mode (``fit`` follows each with one backward); epochs = training examples / ``n_train``.
+    """
+
+    def __init__(self, model: nn.Module, n_train: int):
+        self.model, self.n_train = model, max(1, n_train)
+        self.forward = self.backward = self.train_examples = 0
+        self._handle = None
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.forward += 1
+        if module.training:
+            self.backward += 1
+            self.train_examples += args[0].shape[0] if args and hasattr(args[0], "shape") else 0
+
+    def __enter__(self) -> PassCounter:
+        self._handle = self.model.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def as_dict(self) -> dict[str, float]:
+        return {"forward": self.forward, "backward": self.backward, "hvp": 0,
+                "epochs": self.train_examples / self.n_train}
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (settings) or of a model's state dict (weights)."""
+    h = hashlib.sha256()
+    if isinstance(obj, nn.Module):
+        for name, t in obj.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                     if t.numel() else b"")
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def drop_layers_(model: nn.Module, names: Sequence[str], bits: int, batches: list) -> nn.Module:
+    """Set ``names`` to ``bits``/``bits`` (weights and inputs) and re-initialise their steps, in module order.
+
+    Input steps come from ``batches`` run through the model as it stands, so the order matters; module order
+    makes the same set always give the same model. Build the optimizer afterwards (new step Parameters).
+    """
+    wanted = set(names)
+    for name, layer in quant_layers(model).items():
+        if name in wanted:
+            reset_layer_(layer, bits, bits, batches=batches, model=model)
+    return model
+
+
+def _calibration(model: nn.Module, data: DataSplits, cfg: FitConfig) -> list:
+    """Batches that initialise the dropped layers' input steps: LSQ reads only the first training batch
+    (LSQ §2.1), FAQ and MinMax the five of ``calibration_batches``."""
+    lsq = all(m.method == "lsq" for m in quant_layers(model).values())
+    return calibration_batches(data, cfg.batch_size, n_batches=1 if lsq else 5, device=cfg.device)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What every fine-tuning job shares: the starting model, the data and the recipe."""
+
+    model: nn.Module
+    data: DataSplits
+    fit: FitConfig
+    low_bits: int = 2
+    test: bool = False  # also evaluate the test split (frontier points; never for ALPS)
+
+
+def finetune_dropped(shared: FinetuneJob, names: Sequence[str]) -> dict[str, Any]:
+    """Copy the model, drop ``names`` to low bits, fine-tune with the shared recipe, evaluate.
+
+    Returns val (and test) loss/accuracy, seconds and passes. Seeds are reset first so the same job gives
+    the same result in any process and order.
+    """
+    t0 = time.perf_counter()
+    cfg = shared.fit
+    torch.manual_seed(cfg.seed)
+    model = copy.deepcopy(shared.model).to(cfg.device)
+    with PassCounter(model, len(shared.data.train)) as counter:
+        if names:
+            drop_layers_(model, names, shared.low_bits, _calibration(model, shared.data, cfg))
+        optimizer = make_optimizer(model, cfg)
+        if cfg.epochs > 0:
+            state = fit(model, shared.data, cfg, optimizer=optimizer, desc="fine-tune")
+            val_loss, val_acc = state.rows[-1]["val_loss"], state.rows[-1]["val_acc"]
+        else:
+            val_loss, val_acc = evaluate(model, shared.data.val, cfg.eval_batch_size, cfg.device, cfg.channels_last)
+        out = {"val_acc": val_acc, "val_loss": val_loss}
+        if shared.test:
+            out["test_loss"], out["test_acc"] = evaluate(model, shared.data.test, cfg.eval_batch_size, cfg.device,
+                                                         cfg.channels_last)
+    return {**out, "seconds": time.perf_counter() - t0, "passes": counter.as_dict()}
+
+
+__all__ = ["FinetuneJob", "PassCounter", "drop_layers_", "fingerprint", "finetune_dropped", "run_jobs"]
