@@ -48,7 +48,10 @@ def main() -> None:
           "| model | parameters | epochs | val acc | test acc | training time (s) |", "|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['parameters']:,} | {r['epochs']} | {100 * r['val_acc']:.2f}% | "
            f"{100 * r['test_acc']:.2f}% | {r['train_seconds']:.0f} |" for r in rows]
-    md += ["", "Reproduce: `python bench/baseline.py` (resumable: finished models are reused).", ""]
+    md += ["", "Training times are wall-clock seconds of the training loop. The machine is a shared 2-core VM: runs "
+           "made while other jobs ran are slower than on an idle machine (on an idle machine resnet8 trains at "
+           "about 53 s per epoch with 2 threads, i.e. 10 epochs in about 9 minutes).", "",
+           "Reproduce: `python bench/baseline.py` (resumable: finished models are reused).", ""]
     write_results("baseline", {"machine": m, "rows": rows, "epochs": EPOCHS}, "\n".join(md))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from pathlib import Path
@@ -34,13 +35,16 @@ def machine() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "quantized_engines": list(torch.backends.quantized.supported_engines),
         "python": platform.python_version(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
 def machine_line(m: dict[str, Any]) -> str:
     on = [f for f, v in m["isa_flags"].items() if v]
+    load = m.get("load_average_1m")
     return (f"{m['cpu']}, {m['cores']} threads, torch {m['torch']} (capability {m['cpu_capability']}), "
-            f"flags: {', '.join(on) or 'none of interest'}")
+            f"flags: {', '.join(on) or 'none of interest'}"
+            + (f"; 1-minute load average when written: {load:.1f}" if load is not None else ""))
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
