@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.data import get_data
+from lowbit.frontier import FrontierConfig, frontier
 from lowbit.io import load_json, save_json
 from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, train
 
@@ -55,9 +56,33 @@ def demo(out: str | Path = "runs/demo", *, data: str = "fashion-mnist", data_dir
                      "test_acc": s["test_acc"], "seconds": s["train_seconds"]})
 
     summary = {"stages": rows}
+    fr_dir = out / "frontier"
+    fr_cfg = FrontierConfig(methods=("eagl", "alps", "random"), budgets=(0.25, 0.5, 1.0),
+                            epochs=0.1 if fast else 0.5, seed=seed, device=device, quiet=quiet,
+                            options={"alps": {"epochs": 0.05 if fast else 0.25}})
+    fr_file = fr_dir / "frontier.json"
+    if fr_file.exists() and not overwrite and load_json(fr_file).get("complete", True):
+        fr = load_json(fr_file)
+        print(f"[demo] frontier: done already, kept ({fr_dir}/report.md)")
+    else:
+        resume = fr_dir.exists() and not overwrite
+        fr = frontier(out / "w4a4", fr_dir, fr_cfg, data=splits, resume=resume, overwrite=not resume)
+    summary["frontier"] = str(fr_dir / "report.md")
     save_json(out / "summary.json", summary)
     print(render_table(rows))
+    print(render_frontier(fr))
+    print(f"[demo] frontier report: {fr_dir / 'report.html'}")
     return summary
+
+
+def render_frontier(fr: dict[str, Any]) -> str:
+    """The fine-tuned frontier points, best first within each method."""
+    lines = ["| method | budget (MAC share at 2 bits) | rel. throughput | val acc | test acc |", "|---|---|---|---|---|"]
+    for p in sorted(fr.get("points", []), key=lambda p: (p["method"], p.get("budget") or 0)):
+        budget = "-" if p.get("budget") is None else f"{p['budget']:g}"
+        lines.append(f"| {p['method']} | {budget} | {p['relative_throughput']:.2f} | {100 * p['val_acc']:.2f}% | "
+                     f"{100 * p['test_acc']:.2f}% |")
+    return "\n".join(lines)
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
