@@ -77,7 +77,8 @@ def demo(out: str | Path = "runs/demo", *, data: str = "fashion-mnist", data_dir
 
 def render_frontier(fr: dict[str, Any]) -> str:
     """The fine-tuned frontier points, best first within each method."""
-    lines = ["| method | budget (MAC share at 2 bits) | rel. throughput | val acc | test acc |", "|---|---|---|---|---|"]
+    lines = ["| method | budget (MAC share at 2 bits) | rel. throughput | val acc | test acc |",
+             "|---|---|---|---|---|"]
     for p in sorted(fr.get("points", []), key=lambda p: (p["method"], p.get("budget") or 0)):
         budget = "-" if p.get("budget") is None else f"{p['budget']:g}"
         lines.append(f"| {p['method']} | {budget} | {p['relative_throughput']:.2f} | {100 * p['val_acc']:.2f}% | "
