@@ -5,7 +5,7 @@ int8 kernels, with per-channel requantization scales. This script asks, for ever
 engine (x86, fbgemm, onednn, qnnpack):
 
 (a) exactness: do its output codes equal ``lowbit.runtime.dyadic.requantize`` of the exact int64
-    accumulator (round half up, 31-bit dyadic multipliers)? Also compared with float64 round-half-even
+    accumulator (round half to even, 31-bit dyadic multipliers)? Also compared with float64 round-half-even
     and with a float32 model (``round_half_even(float32(acc) * float32(M) + float32(B))``) to identify
     the engine's arithmetic; a second case with full 8-bit codes shows accumulator saturation (AVX2 int8
     kernels without VNNI add u8*s8 pairs in int16 via ``vpmaddubsw``).
@@ -144,7 +144,7 @@ def speed(batch: int, runs: int, engines: list[str]) -> list[dict]:
     b = to_fixed(case["bias"] / case["s_out"], k)
     with torch.inference_mode():
         times = timeit(variants, runs)
-        times["lowbit reference (f64)"] = timeit(
+        times["lowbit reference (exact)"] = timeit(
             {"ref": lambda: requantize(conv2d_int(case["x"], case["w"], 1, 1), m, k, b, lo=0, hi=15)},
             min(runs, 5), warmup=1)["ref"]
     rows = []
@@ -184,7 +184,7 @@ def main() -> None:
              "x 8-bit, w 4-bit (x 0..255, w -8..7)": make_case(2, 64, 28, 255, 4, seed=4),
              "x 7-bit, w 8-bit (x 0..127, w -128..127)": make_case(2, 64, 28, 127, 8, seed=5)}
     exact = [exactness(case, e, label) for label, case in cases.items() for e in engines]
-    print("\n(a) exactness of output codes (uint8) vs lowbit requantize (dyadic, round half up)")
+    print("\n(a) exactness of output codes (uint8) vs lowbit requantize (dyadic, round half to even)")
     print(f"{'case':<41} {'engine':<8} {'diff':>7} {'max':>4} {'diff@4b':>8} {'vs f64 RNE':>10} "
           f"{'vs f32':>7} {'ties':>7}")
     for r in exact:

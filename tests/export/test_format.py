@@ -39,9 +39,10 @@ def tiny_model():
         "producer": {"tool": "lowbit", "note": "extra keys survive"},
         "graph": [
             {"op": "quantize_input", "name": "q", "inputs": ["x"], "outputs": ["x_q"],
-             "attrs": {"bits": 8, "signed": True, "scale": 0.02}},
+             "attrs": {"bits": 8, "signed": True, "scale": 0.02, "lo": -128, "hi": 127}},
             {"op": "conv2d", "name": "conv", "inputs": ["x_q"], "outputs": ["c"],
-             "attrs": {"stride": [1, 1], "padding": [1, 1], "groups": 1, "w_bits": 3, "out_bits": 4},
+             "attrs": {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1, "w_bits": 3,
+                       "lo": 0, "hi": 15},
              "params": {"weight": "conv.weight", "multiplier": "conv.multiplier", "shift": "conv.shift",
                         "bias": "conv.bias"}},
             {"op": "relu", "name": "relu", "inputs": ["c"], "outputs": ["r"]},

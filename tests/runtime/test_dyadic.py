@@ -15,12 +15,12 @@ from lowbit.runtime.dyadic import requantize, round_shift, to_dyadic, to_dyadic_
 scales = st.floats(2.0**-32, 2.0**31 * (1 - 2.0**-30)).flatmap(lambda s: st.sampled_from([s, -s]))
 
 
-def round_half_up(q: Fraction) -> int:
-    return math.floor(q + Fraction(1, 2))
+def round_half_even(q: Fraction) -> int:
+    return round(q)  # Fraction.__round__ without ndigits: nearest, ties to even, exact
 
 
 def exact_requant(acc, m, k, b, lo, hi):
-    return min(max(round_half_up(Fraction(acc * m + b, 2**k)), lo), hi)
+    return min(max(round_half_even(Fraction(acc * m + b, 2**k)), lo), hi)
 
 
 @given(scales)
@@ -69,9 +69,11 @@ def test_to_dyadic_common_one_shift():
 
 @given(acc=st.integers(-(2**31) + 1, 2**31 - 1), m=st.integers(-(2**31) + 1, 2**31 - 1),
        k=st.integers(0, 62), b=st.integers(-(2**61), 2**61), lo=st.integers(-(2**31), 0),
-       width=st.integers(0, 2**32))
-def test_requantize_equals_exact_rational_rounding(acc, m, k, b, lo, width):
+       width=st.integers(0, 2**32), tie=st.booleans())
+def test_requantize_equals_exact_rational_rounding(acc, m, k, b, lo, width, tie):
     hi = min(lo + width, 2**31 - 1)
+    if tie and k > 0:  # move b so that acc*m + b is an exact tie (an odd multiple of 2^(k-1))
+        b = max(-(2**61), min(2**61, b - (acc * m + b) % 2**k + 2 ** (k - 1)))
     out = requantize(torch.tensor([acc]), m, k, b, lo=lo, hi=hi)
     assert out.dtype == torch.int32
     assert out.item() == exact_requant(acc, m, k, b, lo, hi)
@@ -92,14 +94,20 @@ def test_requantize_per_channel_nchw_and_linear(data):
     assert torch.equal(out_last, out.permute(0, 2, 3, 1))
 
 
-def test_ties_round_toward_plus_infinity():
+def test_ties_round_to_even_like_torch_round():
     x = torch.tensor([5, -5, 1, -1, 3, -3, 7, -7])  # /2 -> 2.5 -2.5 0.5 -0.5 1.5 -1.5 3.5 -3.5
-    assert round_shift(x, 1).tolist() == [3, -2, 1, 0, 2, -1, 4, -3]
+    assert round_shift(x, 1).tolist() == [2, -2, 0, 0, 2, -2, 4, -4]
     assert round_shift(x, 0).tolist() == x.tolist()
+    y = torch.arange(-4096, 4096)
+    for k in (1, 2, 3, 7):  # every remainder, ties included, equals torch.round (half to even) of y / 2^k
+        assert torch.equal(round_shift(y, k), torch.round(y.double() / 2**k).to(torch.int64))
+    per_channel = round_shift(torch.tensor([[6], [6]]), torch.tensor([[2], [0]]))
+    assert per_channel.tolist() == [[2], [6]]  # 1.5 -> 2 and shift 0 untouched
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(acc=torch.tensor([2**31]), multiplier=1, shift=0),  # beyond int32 accumulators
+    dict(acc=torch.tensor([2**32]), multiplier=2**30, shift=0),  # |acc * m| reaches 2^62
+    dict(acc=torch.tensor([2**40]), multiplier=2**22, shift=0),  # a wide sum with a too wide multiplier
     dict(acc=torch.tensor([1]), multiplier=2**31, shift=0),  # beyond int32 multipliers
     dict(acc=torch.tensor([1]), multiplier=1, shift=63),
     dict(acc=torch.tensor([1]), multiplier=1, shift=-1),
@@ -131,11 +139,18 @@ def test_float_chain_equals_integer_chain_except_near_ties():
     scale = s_w * s_x * gamma / (sigma * s_next)  # M_c
     offset = (beta - gamma * mu / sigma) / s_next  # B_c
     exact = acc.double() * scale[:, None, None] + offset[:, None, None]
-    want = torch.floor(exact + 0.5).clamp(0, 15)
+    want = torch.round(exact).clamp(0, 15)
     m, k = to_dyadic(scale)
     got = requantize(acc, m, k, to_fixed(offset, k), lo=0, hi=15)
     near_tie = (exact - exact.floor() - 0.5).abs() < 1e-6
     assert ((got.double() == want) | near_tie).all()
+
+
+def test_requantize_accepts_wide_sums_with_narrow_multipliers():
+    acc = torch.tensor([2**40 - 1, -(2**40) + 3])  # a window sum beyond int32
+    m, k = 2**21 + 5, 30
+    assert requantize(acc, m, k, lo=-(2**31), hi=2**31 - 1).tolist() == [
+        exact_requant(int(a), m, k, 0, -(2**31), 2**31 - 1) for a in acc]
 
 
 @pytest.mark.parametrize("sign", [1, -1])

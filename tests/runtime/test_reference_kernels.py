@@ -1,6 +1,5 @@
 """Reference integer kernels: exact against int64 / Fraction references on small random inputs."""
 
-import math
 from fractions import Fraction
 
 import numpy as np
@@ -23,8 +22,8 @@ from lowbit.runtime.reference import (
 )
 
 
-def round_half_up(q: Fraction) -> int:
-    return math.floor(q + Fraction(1, 2))
+def round_half_even(q: Fraction) -> int:
+    return round(q)  # exact: nearest, ties to even
 
 
 def conv2d_int64(x, w, stride, padding, groups, dilation):
@@ -107,17 +106,17 @@ def test_avgpool_int_follows_its_definition(data):
     m, sh = to_dyadic(1 / (k * k))
     got = avgpool_int(x, k, stride, padding)
     for idx, s in np.ndenumerate(sums.numpy()):
-        assert got[idx] == round_half_up(Fraction(int(s) * m, 2**sh))
-        # windows 1, 4, 9, 16 are odd (no ties) or powers of two (exact): the exact mean, rounded half up
-        assert got[idx] == round_half_up(Fraction(int(s), k * k))
+        assert got[idx] == round_half_even(Fraction(int(s) * m, 2**sh))
+        # windows 1, 4, 9, 16 are odd (no ties) or powers of two (exact): the exact mean, rounded half to even
+        assert got[idx] == round_half_even(Fraction(int(s), k * k))
 
 
 def test_avgpool_int_requantizes_to_a_new_scale_and_clamps():
     x = torch.arange(16).reshape(1, 1, 4, 4)
     m, sh = to_dyadic(0.5 / 4)  # s_in / (s_out * window) with s_out = 2 * s_in
     got = avgpool_int(x, 2, multiplier=m, shift=sh, lo=0, hi=3)
-    want = torch.tensor([[2.5, 4.5], [10.5, 12.5]]) / 2  # window means, halved
-    assert got[0, 0].tolist() == torch.floor(want + 0.5).clamp(0, 3).int().tolist()
+    want = torch.tensor([[2.5, 4.5], [10.5, 12.5]]) / 2  # window means, halved: 1.25 2.25 5.25 6.25
+    assert got[0, 0].tolist() == torch.round(want).clamp(0, 3).int().tolist()
     with pytest.raises(ValueError):
         avgpool_int(x, 2, multiplier=m)
 
@@ -141,11 +140,11 @@ def test_add_requant_exact(s_a, s_b, s_out, relu, seed):
     lo, hi = (0, 15) if relu else (-8, 7)
     got = add_requant(a, b, m_a, m_b, shift, lo=lo, hi=hi)
     for idx, (av, bv) in enumerate(zip(a.reshape(-1).tolist(), b.reshape(-1).tolist())):
-        want = min(max(round_half_up(Fraction(av * m_a + bv * m_b, 2**shift)), lo), hi)
+        want = min(max(round_half_even(Fraction(av * m_a + bv * m_b, 2**shift)), lo), hi)
         assert got.reshape(-1)[idx] == want
 
 
 def test_add_requant_rejects_overflow():
     big = torch.tensor([2**31])
     with pytest.raises(ValueError, match="overflow"):
-        add_requant(big, big, 2**31 - 1, 2**31 - 1, 62, lo=0, hi=1)
+        add_requant(big, big, 2**31 - 1, 2**31 - 1, 62, bias=2**32, lo=0, hi=1)

@@ -247,18 +247,9 @@ def register(name: str, factory, help: str, description: str | None = None) -> N
 
 def _stage_commands() -> dict:
     """Commands of the later stages live beside their stage; imported here, lazily (they import this module)."""
-    from lowbit.cli import mixed
+    from lowbit.cli import deploy, mixed
 
-    commands = dict(SUBCOMMANDS)
-    commands.update(mixed.COMMANDS)
-    try:
-        from lowbit.cli import deploy
-    except ImportError as e:  # the deploy stage is optional only while it is being written
-        if e.name != "lowbit.cli.deploy":
-            raise
-    else:
-        commands.update(deploy.COMMANDS)
-    return commands
+    return {**SUBCOMMANDS, **mixed.COMMANDS, **deploy.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The ``.lowbit`` integer-model file: one safetensors blob plus a versioned JSON manifest.
 
-The tensors (bit-packed weight codes, int64 multipliers, shifts and biases, ...) are stored as
+The tensors (bit-packed weight codes, int32 multipliers, int8 shifts, int64 fixed-point biases) are stored as
 safetensors, which is a plain header + raw bytes format, so reading a file never executes code. The
 manifest is a JSON string in the safetensors metadata under ``"lowbit_manifest"``::
 
@@ -18,14 +18,15 @@ manifest is a JSON string in the safetensors metadata under ``"lowbit_manifest"`
       ],
       "tensors": {                           # every tensor in the file, declared
         "layer1.0.conv1.weight": {"dtype": "uint8", "shape": [64, 64, 3, 3], "bits": 4, "signed": true},
-        "layer1.0.conv1.multiplier": {"dtype": "int64", "shape": [64]}
+        "layer1.0.conv1.multiplier": {"dtype": "int32", "shape": [64]}
       }
     }
 
 A tensor entry with ``bits`` is bit-packed (:mod:`lowbit.export.packing`): it is stored as a 1-D uint8
 tensor of ``ceil(prod(shape) * bits / 8)`` bytes and ``shape`` is the shape of its codes. Other top-level
 keys (provenance, scales for reports) are kept as they are. Ops and their required attributes and tensor
-roles live in :data:`OPS`; a new op is registered with :func:`register_op`.
+roles live in :data:`OPS`; a new op is registered with :func:`register_op`. What each op computes is defined
+by the reference runtime, :mod:`lowbit.runtime.engine`.
 """
 
 from __future__ import annotations
@@ -59,15 +60,19 @@ class OpSpec:
     params: tuple[str, ...] = ()
 
 
+_REQUANT = ("multiplier", "shift", "bias", "lo", "hi")
+_CONV = ("weight", "multiplier", "shift", "bias")  # per-channel requantization tensors
+
 OPS: dict[str, OpSpec] = {
-    "quantize_input": OpSpec(1, attrs=("bits", "signed", "scale")),
-    "conv2d": OpSpec(1, attrs=("stride", "padding", "groups"), params=("weight",)),
-    "linear": OpSpec(1, params=("weight",)),
-    "add": OpSpec(2),
+    "quantize_input": OpSpec(1, attrs=("bits", "signed", "scale", "lo", "hi")),
+    "conv2d": OpSpec(1, attrs=("stride", "padding", "dilation", "groups", "w_bits", "lo", "hi"), params=_CONV),
+    "linear": OpSpec(1, attrs=("w_bits", "lo", "hi"), params=_CONV),
+    "requantize": OpSpec(1, attrs=_REQUANT),
+    "add": OpSpec(2, attrs=("multiplier_a", "multiplier_b", "shift", "bias", "lo", "hi")),
     "relu": OpSpec(1),
-    "maxpool2d": OpSpec(1, attrs=("kernel_size", "stride", "padding")),
-    "avgpool2d": OpSpec(1, attrs=("kernel_size", "stride", "padding")),
-    "adaptive_avgpool": OpSpec(1, attrs=("output_size",)),
+    "maxpool2d": OpSpec(1, attrs=("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    "avgpool2d": OpSpec(1, attrs=("kernel_size", "stride", "padding", *_REQUANT)),
+    "adaptive_avgpool": OpSpec(1, attrs=("output_size", *_REQUANT)),
     "flatten": OpSpec(1, attrs=("start_dim",)),
     "dequantize_output": OpSpec(1, attrs=("scale",)),
 }
@@ -95,7 +100,7 @@ def write_model(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict
     try:
         validate_manifest(manifest)
         _check_tensors(manifest, tensors)
-        text = json.dumps(manifest, allow_nan=False)
+        text = json.dumps(manifest, allow_nan=False, separators=(",", ":"))
     except (LowbitError, TypeError, ValueError) as e:
         raise LowbitError(f"cannot write {path}: {_one_line(e)}") from None
     flat = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}

@@ -8,16 +8,19 @@ output channel ``c``, an affine map followed by round and clamp::
 In integers ``M_c`` becomes a dyadic number ``m_c * 2^-k_c`` (an int32 multiplier and a right shift) and
 ``B_c`` a bias ``b_c = round(B_c * 2^k_c)`` in the same fixed-point units, so the whole step is::
 
-    codes = clamp((acc*m_c + b_c + 2^(k_c-1)) >> k_c, lo, hi)          (all int64)
+    codes = clamp(round_half_even((acc*m_c + b_c) / 2^k_c), lo, hi)          (exact, in int64)
 
-Rounding rule: the final division by ``2^k`` rounds to nearest with ties toward +infinity
-("round half up": 2.5 -> 3, -2.5 -> -2, -0.5 -> 0). It is exactly ``floor(x / 2^k + 1/2)``, one add and
-one arithmetic shift, so every integer backend can reproduce it bit for bit. (Quantizers that use
-``torch.round`` round ties to even; ties are the only place where the two can differ.)
+Rounding rule: the final division by ``2^k`` rounds to nearest with ties to even ("banker's rounding":
+2.5 -> 2, 3.5 -> 4, -2.5 -> -2, -0.5 -> 0), computed exactly from the floor quotient and the remainder.
+Ties to even is what ``torch.round`` does in the fake quantizers, what every PyTorch quantized CPU engine
+(x86, fbgemm, onednn, qnnpack) does in its requantization (measured by ``bench/fastpath_probe.py``) and what
+ONNX ``QuantizeLinear`` specifies; with one rule everywhere, the reference runtime, the simulation, training
+and the fast kernels can agree bit for bit. It is the only rounding used anywhere in ``lowbit.runtime``.
 
-Overflow bound: with ``|acc| < 2^31``, ``|m| < 2^31``, ``|b| <= 2^61`` and ``0 <= k <= 62``,
-``|acc*m| < 2^62`` and ``|acc*m + b + 2^(k-1)| < 2^62 + 2^61 + 2^61 = 2^63``, so int64 never overflows.
-:func:`requantize` checks each of the four conditions.
+Overflow bound: with ``|acc| * |m| < 2^62`` (e.g. int32 accumulators and int32 multipliers, or wider sums
+with proportionally narrower multipliers), ``|b| <= 2^61`` and ``0 <= k <= 62``, ``|acc*m + b| < 2^62 + 2^61``
+and the rounding adds less than ``2^61``, so int64 never overflows. :func:`requantize` checks these
+conditions.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 MAX_SHIFT = 62
-ACC_LIMIT = 2**31  # |acc| < ACC_LIMIT (int32 accumulators)
+PRODUCT_LIMIT = 2**62  # |acc| * |m| < PRODUCT_LIMIT
 MULTIPLIER_LIMIT = 2**31  # |m| < MULTIPLIER_LIMIT (int32 multipliers)
 BIAS_LIMIT = 2**61  # |b| <= BIAS_LIMIT
 
@@ -114,21 +117,27 @@ def to_fixed(value: ScaleLike, shift: IntLike) -> IntLike:
 
 
 def round_shift(x: torch.Tensor, shift: IntLike) -> torch.Tensor:
-    """``floor(x / 2^shift + 1/2)`` exactly in int64: round half up (ties toward +infinity).
+    """``x / 2^shift`` rounded to nearest, ties to even, exactly in int64 (``shift`` >= 0, scalar or broadcast).
 
-    The caller guarantees ``x + 2^(shift-1)`` fits in int64 (see the module docstring).
+    With ``q = x >> shift`` (the floor quotient) and ``c = 2^(shift-1) - 1``, the result is
+    ``(x + c + (q & 1)) >> shift``: a remainder above one half carries into ``q + 1``, one below does not, and
+    an exact half carries only when ``q`` is odd, which makes the result even. ``shift = 0`` returns ``x``.
+    The caller guarantees ``|x| < 2^63 - 2^61`` (see the module docstring).
     """
     shift = torch.as_tensor(shift, dtype=torch.int64)
-    half = torch.where(shift > 0, torch.ones_like(shift) << (shift - 1).clamp_min(0), torch.zeros_like(shift))
-    return (x + half) >> shift  # >> on int64 is an arithmetic shift: floor division by 2^shift
+    x = x.to(torch.int64)
+    pos = (shift > 0).to(torch.int64)
+    c = ((pos << (shift - 1).clamp_min(0)) - pos)  # 2^(shift-1) - 1, or 0 for shift 0
+    odd = (x >> shift).bitwise_and_(pos)
+    return (x + c).add_(odd).bitwise_right_shift_(shift)
 
 
 def requantize(acc: torch.Tensor, multiplier: IntLike, shift: IntLike, bias: IntLike = 0, *,
                lo: int, hi: int, axis: int = 1) -> torch.Tensor:
-    """``clamp(round_half_up((acc*m + b) * 2^-shift), lo, hi)`` computed exactly in int64; returns int32.
+    """``clamp(round_half_even((acc*m + b) * 2^-shift), lo, hi)`` computed exactly in int64; returns int32.
 
     Args:
-        acc: integer accumulators, ``|acc| < 2^31``.
+        acc: integer accumulators (int32 conv sums, or wider window sums) with ``|acc| * |m| < 2^62``.
         multiplier, shift, bias: per tensor (ints or 0-d) or per channel (1-D of length ``acc.shape[axis]``).
             ``bias`` is in the fixed-point units of its channel (:func:`to_fixed` with the same shift).
         lo, hi: the output code range (``lo = 0`` also applies a ReLU).
@@ -144,15 +153,16 @@ def requantize(acc: torch.Tensor, multiplier: IntLike, shift: IntLike, bias: Int
     acc = acc.to(torch.int64)
     m, k, b = (_per_channel(p, acc, axis, name) for p, name in
                ((multiplier, "multiplier"), (shift, "shift"), (bias, "bias")))
-    if acc.numel() and (int(acc.min()) <= -ACC_LIMIT or int(acc.max()) >= ACC_LIMIT):
-        raise ValueError("|acc| must be < 2^31 (int32 accumulator range)")
     if int(m.min()) <= -MULTIPLIER_LIMIT or int(m.max()) >= MULTIPLIER_LIMIT:
         raise ValueError("|multiplier| must be < 2^31 (int32)")
+    max_acc = max(-int(acc.min()), int(acc.max())) if acc.numel() else 0
+    if max_acc * int(m.abs().max()) >= PRODUCT_LIMIT:
+        raise ValueError(f"|acc| * |multiplier| must be < 2^62 (max |acc| {max_acc}): int64 could overflow")
     if int(k.min()) < 0 or int(k.max()) > MAX_SHIFT:
         raise ValueError(f"shift must be in [0, {MAX_SHIFT}]")
     if int(b.min()) < -BIAS_LIMIT or int(b.max()) > BIAS_LIMIT:
         raise ValueError("|bias| must be <= 2^61 in fixed-point units")
-    return round_shift(acc * m + b, k).clamp_(lo, hi).to(torch.int32)
+    return round_shift((acc * m).add_(b), k).clamp_(lo, hi).to(torch.int32)
 
 
 def _per_channel(p: IntLike, acc: torch.Tensor, axis: int, name: str) -> torch.Tensor:

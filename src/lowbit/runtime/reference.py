@@ -4,11 +4,13 @@ These define what an integer ``.lowbit`` model computes; fast backends are check
 codes have zero point 0 (LSQ quantizers are symmetric, or unsigned starting at 0), so zero padding in code
 space is zero padding in real space.
 
-Convolutions and matrix products run in float64 on integer-valued tensors. Every partial sum of integer
-products is then an integer of magnitude at most ``K * max|x| * max|w|`` (``K`` = products per output),
-and while that bound is below ``2^53`` every float64 addition and multiplication is exact, in any
-summation order, so the result equals int64 arithmetic while running on BLAS. The bound is checked on
-every call (4-bit codes allow ``K`` up to 2^46; 8-bit codes up to 2^38).
+Convolutions and matrix products run in floating point on integer-valued tensors. Every partial sum of
+integer products is then an integer of magnitude at most ``K * max|x| * max|w|`` (``K`` = products per
+output), and while that bound is below ``2^24`` (float32) or ``2^53`` (float64) every addition and
+multiplication is exact, in any summation order, so the result equals int64 arithmetic while running on
+BLAS (direct or GEMM convolutions: sums of products, never Winograd/FFT transforms). The bound is checked on
+every call and picks float32 where it allows (4-bit codes up to ``K = 139810``, all of a ResNet-50), else
+float64 (4-bit codes allow ``K`` up to 2^46; 8-bit codes up to 2^38).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from lowbit.runtime.dyadic import IntLike, requantize, round_shift, to_dyadic
 
 EXACT_LIMIT = 2**53  # float64 represents every integer of smaller magnitude exactly
+FLOAT32_EXACT_LIMIT = 2**24  # float32 likewise
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 Size2 = int | tuple[int, int]
@@ -31,15 +34,14 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, stride: Size2 = 1, padding: Siz
     No bias: a layer's bias is folded into its requantization bias.
     """
     k = w.shape[1] * w.shape[2] * w.shape[3]  # products summed per output
-    _check_exact(x, w, k, "conv2d_int")
-    acc = F.conv2d(x.to(torch.float64), w.to(torch.float64), None, stride, padding, dilation, groups)
-    return acc.to(torch.int64)
+    dt = _exact_dtype(x, w, k, "conv2d_int")
+    return F.conv2d(x.to(dt), w.to(dt), None, stride, padding, dilation, groups).to(torch.int64)
 
 
 def linear_int(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Integer matrix product: ``x`` (..., K) codes, ``w`` (O, K) codes -> (..., O) int64 acc."""
-    _check_exact(x, w, w.shape[-1], "linear_int")
-    return (x.to(torch.float64) @ w.to(torch.float64).T).to(torch.int64)
+    dt = _exact_dtype(x, w, w.shape[-1], "linear_int")
+    return (x.to(dt) @ w.to(dt).T).to(torch.int64)
 
 
 def relu_int(x: torch.Tensor) -> torch.Tensor:
@@ -74,15 +76,15 @@ def avgpool_int(x: torch.Tensor, kernel_size: Size2, stride: Size2 | None = None
                 lo: int = INT32_MIN, hi: int = INT32_MAX) -> torch.Tensor:
     """Average pooling as a window sum followed by one dyadic requantization -> int32.
 
-    Rounding: ``clamp(round_half_up(sum * m * 2^-shift + ...), lo, hi)`` exactly as :func:`requantize`.
+    Rounding: ``clamp(round_half_even(sum * m * 2^-shift + ...), lo, hi)`` exactly as :func:`requantize`.
     By default ``(m, shift) = to_dyadic(1 / (kh*kw))``, i.e. the output keeps the input scale; an exporter
     folds a change of scale in by passing ``to_dyadic(s_in / (s_out * kh * kw))``. The divisor is always
     the full window (``count_include_pad=True``).
 
-    With the default multiplier and ``|sum| < 2^30`` the result equals the exact round-half-up of
+    With the default multiplier and ``|sum| < 2^30`` the result equals the exact round-half-even of
     ``sum / (kh*kw)`` whenever that quotient is not a tie (always for an odd window, and a power-of-two
-    window is exact): the multiplier's relative error ``2^-31`` moves the product by less than
-    ``1 / (2*kh*kw)``, the distance from any non-tie quotient to the nearest half-integer.
+    window is exact, ties included): the multiplier's relative error ``2^-31`` moves the product by less
+    than ``1 / (2*kh*kw)``, the distance from any non-tie quotient to the nearest half-integer.
     """
     kh, kw = _pair(kernel_size)
     if (multiplier is None) != (shift is None):
@@ -113,11 +115,11 @@ def add_requant(a: torch.Tensor, b: torch.Tensor, m_a: int, m_b: int, shift: int
     With ``s_a / s_out ~= m_a * 2^-shift`` and ``s_b / s_out ~= m_b * 2^-shift`` on one common shift
     (:func:`lowbit.runtime.dyadic.to_dyadic_common`)::
 
-        out = clamp(round_half_up((a*m_a + b*m_b + bias) * 2^-shift), lo, hi)
+        out = clamp(round_half_even((a*m_a + b*m_b + bias) * 2^-shift), lo, hi)
 
     Both terms are added in full precision and rounded once (no intermediate rounding per branch), so the
     only error is that of the two multipliers. ``lo = 0`` fuses a following ReLU. Exact in int64; the
-    overflow bound ``max|a|*|m_a| + max|b|*|m_b| + |bias| + 2^(shift-1) < 2^63`` is checked.
+    overflow bound ``max|a|*|m_a| + max|b|*|m_b| + |bias| < 2^63`` is checked.
     """
     _require_int(a, "add_requant")
     _require_int(b, "add_requant")
@@ -127,23 +129,32 @@ def add_requant(a: torch.Tensor, b: torch.Tensor, m_a: int, m_b: int, shift: int
     if not INT32_MIN <= lo <= hi <= INT32_MAX:
         raise ValueError(f"need -2^31 <= lo <= hi < 2^31, got lo={lo}, hi={hi}")
     a, b = a.to(torch.int64), b.to(torch.int64)
-    bound = _max_abs(a) * abs(m_a) + _max_abs(b) * abs(m_b) + abs(bias) + (1 << shift >> 1)
+    bound = _max_abs(a) * abs(m_a) + _max_abs(b) * abs(m_b) + abs(bias)
     if bound >= 2**63:
         raise ValueError(f"add_requant would overflow int64 (bound {bound} >= 2^63)")
     return round_shift(a * m_a + b * m_b + bias, shift).clamp_(lo, hi).to(torch.int32)
 
 
-def _check_exact(x: torch.Tensor, w: torch.Tensor, k: int, what: str) -> None:
-    """Raise unless ``k * max|x| * max|w| < 2^53`` (all partial sums exact in float64)."""
+def _check_exact(x: torch.Tensor, w: torch.Tensor, k: int, what: str) -> int:
+    """Raise unless ``k * max|x| * max|w| < 2^53`` (all partial sums exact in float64); returns the bound."""
     _require_int(x, what)
     _require_int(w, what)
     bound = k * _max_abs(x) * _max_abs(w)
     if bound >= EXACT_LIMIT:
         raise ValueError(f"{what}: |partial sums| may reach {bound} >= 2^53, beyond exact float64 integers")
+    return bound
+
+
+def _exact_dtype(x: torch.Tensor, w: torch.Tensor, k: int, what: str) -> torch.dtype:
+    """float32 when every partial sum stays below 2^24, else float64 (checked to stay below 2^53)."""
+    return torch.float32 if _check_exact(x, w, k, what) < FLOAT32_EXACT_LIMIT else torch.float64
 
 
 def _max_abs(t: torch.Tensor) -> int:
-    return int(t.to(torch.int64).abs().max()) if t.numel() else 0
+    if not t.numel():
+        return 0
+    lo, hi = torch.aminmax(t)
+    return max(-int(lo), int(hi))
 
 
 def _require_int(t: torch.Tensor, what: str) -> None:

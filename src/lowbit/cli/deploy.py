@@ -1,0 +1,274 @@
+"""``lowbit export``, ``lowbit infer`` and ``lowbit bench``: the integer-deployment commands.
+
+Merged into the main parser by ``SUBCOMMANDS.update(deploy.COMMANDS)``; each entry is
+``name: (factory, help, description)`` with ``factory() -> (add(parser), run(args))`` as in
+:mod:`lowbit.cli.main`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lowbit.cli.main import _set_threads, add_common
+from lowbit.errors import LowbitError
+
+
+def _export():
+    def add(p):
+        p.add_argument("--from", dest="source", required=True,
+                       help="quantized run directory (from `lowbit quantize`), or a .lowbit file with --format onnx")
+        p.add_argument("--out", default=None, help="file to write (default model.lowbit / model.onnx)")
+        p.add_argument("--format", default="lowbit", choices=["lowbit", "onnx"],
+                       help="lowbit: integer model (safetensors + manifest); onnx: QDQ ONNX for onnxruntime")
+        p.add_argument("--no-int4", dest="int4", action="store_false",
+                       help="ONNX: store <=4-bit weights as INT8 instead of the ONNX INT4 type")
+        p.add_argument("--verify", action="store_true",
+                       help="check the export on the run's test set: runtime vs simulation (bit-exact), vs the "
+                            "fake-quant model, fast path (and ONNX with --format onnx)")
+        p.add_argument("--limit", type=int, default=None, help="verify on the first N test images only")
+        p.add_argument("--report", default=None, help="save the verification numbers as JSON here")
+        p.add_argument("--batch-size", type=int, default=256)
+        add_common(p)
+
+    def run(a):
+        from lowbit.export.exporter import export_run
+        from lowbit.export.format import read_model
+        from lowbit.runtime.engine import IntegerModel
+
+        _set_threads(a)
+        src = Path(a.source)
+        if src.is_file() and src.suffix == ".lowbit":
+            if a.format != "onnx" or a.verify:
+                raise LowbitError(f"{src} is already a .lowbit file: use it with --format onnx (without --verify)")
+            out = _onnx(IntegerModel.load(src), a.out or src.with_suffix(".onnx"), a.int4)
+            print(f"{out}: {_size(out.stat().st_size)} (QDQ ONNX of {src})")
+            return 0
+        if a.format == "lowbit":
+            result = export_run(src, a.out or "model.lowbit")
+            print(result.summary() + _ckpt_note(result.info))
+            path, runtime = result.path, IntegerModel.load(result.path)
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                result = export_run(src, Path(tmp) / "model.lowbit")
+                runtime = IntegerModel(*read_model(result.path), source=str(src))
+            path = _onnx(runtime, a.out or "model.onnx", a.int4)
+            size = path.stat().st_size
+            print(f"{path}: {_size(size)} vs fp32 weights {_size(result.fp32_bytes)} "
+                  f"({result.fp32_bytes / size:.1f}x smaller)")
+        if a.verify:
+            from lowbit.export.onnx_export import OnnxModel
+            from lowbit.export.simulate import Simulation
+
+            lowered = result.lowered
+            images, labels = _test_set(a, runtime.manifest.get("data") or "fashion-mnist", a.limit)
+            onnx = OnnxModel(path) if a.format == "onnx" else None
+            _verify(a, runtime, images, labels, simulation=Simulation(lowered), fake_quant=lowered.model, onnx=onnx)
+        return 0
+
+    return add, run
+
+
+def _infer():
+    def add(p):
+        p.add_argument("model", help=".lowbit file (from `lowbit export`)")
+        p.add_argument("--backend", default="reference", choices=["reference", "fast", "onnx"],
+                       help="reference: the integer runtime (the definition); fast: oneDNN int8 kernels; "
+                            "onnx: the QDQ ONNX export in onnxruntime")
+        p.add_argument("--images", default=None,
+                       help="predict these images instead of the test set: .npy or IDX (.gz) of uint8 images, "
+                            "N x 28 x 28 (or N x C x H x W)")
+        p.add_argument("--labels", default=None, help="labels of --images (.npy or IDX) to report accuracy")
+        p.add_argument("--limit", type=int, default=None, help="first N images only")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--out", default=None, help="save predictions (and accuracy) as JSON here")
+        add_common(p)
+
+    def run(a):
+        import torch
+
+        from lowbit.io import save_json
+        from lowbit.runtime.engine import IntegerModel
+
+        _set_threads(a)
+        model = IntegerModel.load(a.model)
+        backend = _backend(model, a.backend)
+        if a.images:
+            images = _read_images(a.images, model)
+            labels = _read_labels(a.labels, len(images)) if a.labels else None
+        else:
+            images, labels = _test_set(a, model.manifest.get("data") or a.data, None)
+        if a.limit is not None:
+            images, labels = images[:a.limit], None if labels is None else labels[:a.limit]
+        preds = torch.cat([backend(images[i:i + a.batch_size]).argmax(1) for i in range(0, len(images), a.batch_size)])
+        result = {"model": a.model, "backend": a.backend, "images": len(images)}
+        if a.images and not a.quiet:
+            for i, c in enumerate(preds.tolist()):
+                print(f"{i}\t{c}")
+        if labels is not None:
+            acc = float((preds == labels).double().mean())
+            result["accuracy"] = acc
+            print(f"{a.backend}: accuracy {100 * acc:.2f}% on {len(images)} images")
+        if a.out:
+            save_json(a.out, {**result, "predictions": preds.tolist()})
+        return 0
+
+    return add, run
+
+
+def _bench():
+    def add(p):
+        p.add_argument("model", help=".lowbit file (from `lowbit export`)")
+        p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
+        p.add_argument("--runs", type=int, default=30, help="timed runs per variant (median reported)")
+        p.add_argument("--warmup", type=int, default=3)
+        p.add_argument("--budget", type=float, default=120.0,
+                       help="seconds one variant may take per batch size; slower ones get fewer runs (recorded)")
+        p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime variant")
+        p.add_argument("--out", default=None, help="save the results as JSON here")
+        p.add_argument("--latency-table", default=None,
+                       help="also measure each layer at every bit width and save the table (JSON for "
+                            "--cost measured) here")
+        p.add_argument("--table-batch", type=int, default=8, help="batch size of the per-layer measurements")
+        add_common(p, data=False)
+
+    def run(a):
+        from lowbit.io import save_json
+        from lowbit.runtime.bench import benchmark, check_runs, format_table, latency_table
+
+        _set_threads(a)
+        try:
+            batches = [int(b) for b in str(a.batch).split(",") if b.strip()]
+        except ValueError:
+            raise LowbitError(f"--batch takes comma-separated integers, got {a.batch!r}") from None
+        if not batches or min(batches) < 1:
+            raise LowbitError(f"--batch needs positive batch sizes, got {a.batch!r}")
+        res = benchmark(a.model, batches, runs=check_runs(a.runs), warmup=a.warmup, budget_s=a.budget, onnx=a.onnx,
+                        seed=a.seed, progress=None if a.quiet else lambda s: print(s, file=sys.stderr))
+        print(format_table(res))
+        if a.out:
+            save_json(a.out, res)
+            print(f"saved {a.out}")
+        if a.latency_table:
+            table = latency_table(a.model, batch=a.table_batch, runs=max(5, min(a.runs, 20)))
+            save_json(a.latency_table, table)
+            print(f"per-layer latency table ({len(table['layers'])} layers) saved to {a.latency_table}")
+        return 0
+
+    return add, run
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _onnx(model, out, int4: bool) -> Path:
+    from lowbit.export.onnx_export import export_onnx
+
+    return export_onnx(model, out, int4=int4)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.3f} MiB" if n >= 2**16 else f"{n / 1024:.1f} KiB"
+
+
+def _ckpt_note(info: dict) -> str:
+    n = info.get("fp32_checkpoint_bytes")
+    return f"; fp32 checkpoint file {_size(n)}" if n else ""
+
+
+def _backend(model, name: str):
+    if name == "reference":
+        return model
+    if name == "fast":
+        from lowbit.runtime.fastpath import FastModel
+
+        return FastModel(model)
+    import tempfile
+
+    from lowbit.export.onnx_export import OnnxModel
+
+    with tempfile.TemporaryDirectory(prefix="lowbit-onnx-") as tmp:  # the session keeps the loaded graph
+        return OnnxModel(_onnx(model, Path(tmp) / "model.onnx", True))
+
+
+def _test_set(a, data: str, limit: int | None):
+    """uint8 test images (N, C, H, W) and labels of the data set ``data``."""
+    from lowbit.data import get_data
+
+    if data == "imagefolder":
+        raise LowbitError("lowbit infer/export --verify read uint8 image sets (fashion-mnist, synthetic); "
+                          "give --images for other data")
+    ds = get_data(data, a.data_dir).test
+    n = len(ds) if limit is None else min(limit, len(ds))
+    return ds.images[:n], ds.labels[:n]
+
+
+def _read_array(path: str):
+    import numpy as np
+
+    from lowbit.data.idx import read_idx
+
+    p = Path(path)
+    if not p.is_file():
+        raise LowbitError(f"{p}: file not found")
+    if p.suffix == ".npy":
+        try:
+            return np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise LowbitError(f"{p}: not a readable .npy array ({str(e).splitlines()[0]})") from None
+    return read_idx(p)
+
+
+def _read_images(path: str, model):
+    import torch
+
+    arr = _read_array(path)
+    if arr.dtype.name != "uint8":
+        raise LowbitError(f"{path}: images must be uint8 pixels, got {arr.dtype}")
+    shape = list(model.input_spec.get("shape", []))
+    x = torch.from_numpy(arr.copy())
+    if x.dim() == 3 and shape[:1] == [1]:
+        x = x.unsqueeze(1)
+    if list(x.shape[1:]) != shape:
+        raise LowbitError(f"{path}: images of shape {tuple(arr.shape[1:])} do not fit the model's input {tuple(shape)}")
+    if not model.pixel_input:
+        raise LowbitError(f"{model.source} takes float input, not uint8 images")
+    return x
+
+
+def _read_labels(path: str, n: int):
+    import torch
+
+    arr = _read_array(path)
+    if arr.ndim != 1 or len(arr) != n or arr.dtype.kind not in "iu":
+        raise LowbitError(f"{path}: labels must be {n} integers (one per image), got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr.astype("int64"))
+
+
+def _verify(a, runtime, images, labels, **impls) -> None:
+    from lowbit.export.verify import format_report, verify
+    from lowbit.io import save_json
+    from lowbit.runtime.fastpath import FastModel, available
+
+    fast = FastModel(runtime) if available() else None
+    report = verify(runtime, images, labels, fast=fast, batch_size=a.batch_size, **impls)
+    print(format_report(report))
+    if a.report:
+        save_json(a.report, report)
+        print(f"saved {a.report}")
+
+
+COMMANDS = {
+    "export": (_export, "export a quantized run as an integer .lowbit model (or QDQ ONNX)",
+               "Capture the quantized model with torch.fx, fold batch norm into per-channel dyadic "
+               "requantization, pack weight codes at their bit width and write a .lowbit file (safetensors + "
+               "JSON manifest) or, with --format onnx, a QDQ ONNX model. Prints the size against the fp32 "
+               "weights; --verify checks runtime, simulation, fake-quant model and fast path on the test set."),
+    "infer": (_infer, "run a .lowbit model: test-set accuracy, or predictions for given images",
+              "Run an exported model with the integer reference runtime (default), the oneDNN int8 fast path or "
+              "onnxruntime, on the run's test set or on uint8 images from a .npy/IDX file."),
+    "bench": (_bench, "time a .lowbit model against fp32, channels-last and bf16 (and onnxruntime)",
+              "Median latency of fp32 eager, fp32 channels-last, bf16 autocast, the lowbit fast path and "
+              "onnxruntime, in one process, at each --batch, with speed-ups, peak memory, file sizes and CPU "
+              "flags; --latency-table also writes the per-layer table for --cost measured."),
+}

@@ -1,0 +1,156 @@
+"""Export a quantized model (or a ``lowbit quantize`` run) to a ``.lowbit`` integer model.
+
+    result = export_model(model, "model.lowbit", input_shape=(1, 28, 28), pixels=FMNIST_PIXELS)
+    result = export_run("runs/w4a4", "model.lowbit")      # model, plan and normalisation from the run
+
+The model is captured with torch.fx (:mod:`lowbit.export.capture`), lowered to integer nodes with dyadic
+requantization (:mod:`lowbit.export.lower`) and written with the validating writer of
+:mod:`lowbit.export.format`. What the written file computes is defined by :mod:`lowbit.runtime.engine`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.export.capture import FNode, capture
+from lowbit.export.format import FORMAT_NAME, FORMAT_VERSION, write_model
+from lowbit.export.lower import WIDE_FRAC_BITS, Program, lower
+
+ROUNDING = "half_to_even"
+
+
+@dataclass
+class Lowered:
+    """A model captured and lowered, before writing: what the simulation and the writer need."""
+
+    model: nn.Module
+    fnodes: list[FNode]
+    program: Program
+    input: dict[str, Any]
+
+    def manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON manifest: graph, declared tensors, input description, rounding rule and ``extra``."""
+        return {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "inputs": ["input"], "outputs": ["logits"],
+            "graph": self.program.graph, "tensors": self.program.entries, "input": self.input,
+            "rounding": ROUNDING, "wide_frac_bits": WIDE_FRAC_BITS, "layers": self.program.layers,
+            **(extra or {}),
+        }
+
+
+@dataclass
+class ExportResult:
+    """Where the model went and how big it is next to its fp32 weights."""
+
+    path: Path
+    file_bytes: int
+    fp32_bytes: int
+    lowered: Lowered | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """fp32 bytes / file bytes (how many times smaller the export is)."""
+        return self.fp32_bytes / max(1, self.file_bytes)
+
+    def summary(self) -> str:
+        return (f"{self.path}: {_mib(self.file_bytes)} vs fp32 weights {_mib(self.fp32_bytes)} "
+                f"({self.ratio:.1f}x smaller)")
+
+
+def lower_model(model: nn.Module, input_shape: tuple[int, ...], pixels: dict[str, Any] | None = None
+                ) -> Lowered:
+    """Capture and lower an eval-mode copy of ``model`` for inputs of ``input_shape`` (no batch dim).
+
+    ``pixels``: ``{"mean": m, "std": s}`` (scalars or per channel) when the model reads uint8 images
+    normalised as ``(p / 255 - mean) / std``; the exported model then takes the uint8 pixels. None: the
+    exported model takes the float input the PyTorch model takes.
+    """
+    model = copy.deepcopy(model).cpu().float().eval()
+    input_shape = tuple(int(d) for d in input_shape)
+    example = torch.zeros((1, *input_shape))
+    fnodes = capture(model, example)
+    program = lower(fnodes, pixels)
+    spec = {"shape": list(input_shape), "dtype": "uint8" if pixels else "float32"}
+    if pixels:
+        spec.update(mean=_as_list(pixels["mean"]), std=_as_list(pixels["std"]))
+    return Lowered(model, fnodes, program, spec)
+
+
+def export_model(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...],
+                 pixels: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> ExportResult:
+    """Export ``model`` (quantized with :func:`lowbit.quant.quantize_`, calibrated) to ``path``.
+
+    Raises:
+        LowbitError: a layer the integer format cannot express (named), or an unwritable path.
+    """
+    lowered = lower_model(model, input_shape, pixels)
+    fp32 = fp32_weight_bytes(model)
+    extra = {"fp32_weight_bytes": fp32, **(metadata or {})}
+    path = write_model(path, lowered.manifest(extra), lowered.program.tensors)
+    return ExportResult(Path(path), Path(path).stat().st_size, fp32, lowered)
+
+
+def fp32_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's float state (weights, biases, BN statistics) without the quantizers' steps:
+    what the fp32 model's weights occupy."""
+    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+               if "_quantizer." not in name)
+
+
+def run_input_spec(ckpt: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, Any] | None]:
+    """Input shape and pixel normalisation of a run's data set (images are uint8 pixels for all of ours)."""
+    spec = ckpt.get("spec", {})
+    shape = tuple(spec.get("input_shape") or ())
+    if not shape:
+        raise LowbitError("the run's checkpoint does not record its input shape")
+    data = spec.get("data", "fashion-mnist")
+    if data in ("fashion-mnist", "fmnist"):
+        from lowbit.data.datasets import FMNIST_MEAN, FMNIST_STD
+
+        return shape, {"mean": FMNIST_MEAN, "std": FMNIST_STD}
+    if data == "synthetic":
+        from lowbit.data import synthetic
+
+        ds = synthetic(n_train=1, n_val=1, n_test=1, shape=shape).train
+        return shape, {"mean": ds.mean, "std": ds.std}
+    if data == "imagefolder":
+        from lowbit.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+
+        return shape, {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    raise LowbitError(f"unknown data set {data!r} in the run's checkpoint: cannot tell its input normalisation")
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
+    """Export the model of a ``lowbit quantize`` run directory; reports the size against the fp32 run."""
+    from lowbit.train.checkpoint import CHECKPOINT_NAME
+    from lowbit.train.quantize import load_quantized_run
+
+    model, ckpt = load_quantized_run(run)
+    shape, pixels = run_input_spec(ckpt)
+    spec = ckpt["spec"]
+    meta = {"model": {"name": spec["model"], "kwargs": spec.get("model_kwargs", {}),
+                      "num_classes": spec["num_classes"]},
+            "data": spec.get("data"), "plan": ckpt.get("plan"), "quant_config": ckpt.get("quant_config"),
+            "source": {"quantized_run": str(run), "fp32_run": ckpt.get("source")}}
+    result = export_model(model, out, input_shape=shape, pixels=pixels, metadata=meta)
+    fp32_ckpt = Path(ckpt["source"]) / CHECKPOINT_NAME if ckpt.get("source") else None
+    if fp32_ckpt is not None and fp32_ckpt.is_file():
+        result.info["fp32_checkpoint_bytes"] = fp32_ckpt.stat().st_size
+    return result
+
+
+def _as_list(v: Any) -> list[float]:
+    return [float(v)] if isinstance(v, (int, float)) else [float(x) for x in v]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3f} MiB" if n >= 2**16 else f"{n / 1024:.1f} KiB"

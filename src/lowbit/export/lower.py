@@ -1,0 +1,407 @@
+"""Lowering: the captured float graph -> integer nodes with dyadic requantization constants.
+
+Every integer value carries a *representation* (:class:`Rep`): real value = integer * ``scale``, clamped to
+``[lo, hi]``. Two kinds exist:
+
+* **narrow codes** (``bits`` set): exactly the codes a quantized layer's input quantizer produces (scale
+  ``s_x``, range ``[-Q_N, Q_P]``, raised to 0 by a folded ReLU). A producer whose every reader is a
+  quantized layer with the same input quantizer requantizes its output straight into these codes, with one
+  rounding, as the fake-quant model does.
+* **wide values** (``bits`` None): int32 at a fine scale, used where a value has several readers (a residual
+  stream feeding a conv, a shortcut and a downsample conv), feeds a residual add or a pool, or is the
+  output. The scale is ``s_ref * 2^-16``, where ``s_ref`` is the input step of the first quantized layer
+  that reads it (directly, or after the add/pool it feeds), so the requantization to that layer's codes is a
+  pure rounding shift by 16 bits, and the residual stream keeps 16 fractional bits below the step of the
+  codes made from it (the fake-quant model keeps shortcuts in float). A residual add whose shortcut is such a
+  stream keeps the stream's scale, and so does the conv branch it adds: the add is an exact integer sum, and a
+  stage of residual blocks carries one scale. Logits use ``bound / 2^30``, where ``bound`` is the largest
+  |logit| the final layer can produce, so they never saturate.
+
+Each producer is one requantization ``clamp(round_half_even((acc*m_c + b_c) * 2^-k_c), lo, hi)``:
+
+* conv/linear (+ folded BN ``g_c*y + h_c``, + ReLU): ``M_c = g_c*s_x*s_w,c / s_out``,
+  ``B_c = (g_c*bias_c + h_c) / s_out``; ``m_c, k_c`` from :func:`dyadic_affine`, ``b_c = round(B_c*2^k_c)``.
+  The float model computes ``round(relu?(g_c*(s_x*s_w,c*acc + bias_c) + h_c) / s_out)``; the integer one
+  differs only through the 31-bit multiplier (relative error <= 2^-31) and the 2^-k_c bias grid, i.e. only
+  for values within ~2^-20 of a rounding tie. A negative ``gamma`` simply gives a negative ``m_c``.
+* residual add: ``a*m_a + b*m_b`` on one common shift (``s_a/s_out``, ``s_b/s_out``), rounded once.
+* average pool: exact window sum times ``s_in / (K * s_out)``.
+* requantize (wide -> a layer's codes): ``s_in / s_x``.
+
+Batch norm is folded into the requantization, not into the weights: our models are fine-tuned with BN after
+the quantized conv (the weight quantizer sees the unfolded weights), so the trained integer weight codes are
+those of the unfolded conv, and BN becomes part of the per-channel affine map the requantization computes
+anyway. Folding it into the weights before quantization would change the codes the model was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.export.capture import PRODUCERS, TRANSPARENT, FNode, users
+from lowbit.export.format import pack_tensor
+from lowbit.quant.modules import QuantConv2d
+from lowbit.runtime.dyadic import MAX_SHIFT, to_dyadic, to_dyadic_common, to_fixed
+
+WIDE_FRAC_BITS = 16  # fractional bits of a wide value below the step of the codes made from it
+LOGIT_BITS = 30  # logits use |value| <= 2^30 for the largest logit the last layer can produce
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Rep:
+    """How an integer value encodes a real one: ``real = int * scale``, ``lo <= int <= hi``."""
+
+    scale: float
+    lo: int
+    hi: int
+    bits: int | None = None  # narrow: the codes of a ``bits``-wide quantizer; None: a wide int32 value
+
+    @property
+    def wide(self) -> bool:
+        return self.bits is None
+
+    def with_relu(self) -> Rep:
+        return Rep(self.scale, max(self.lo, 0), self.hi, self.bits)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "lo": self.lo, "hi": self.hi, "bits": self.bits}
+
+
+@dataclass
+class Requant:
+    """One requantization ``clamp(round_half_even((x*m + b) * 2^-k), lo, hi)`` (m, k, b per channel or not)."""
+
+    m: torch.Tensor | int
+    k: torch.Tensor | int
+    b: torch.Tensor | int
+    lo: int
+    hi: int
+
+
+@dataclass
+class Program:
+    """The lowered model: manifest graph + tensors, and what the simulation needs to replay it.
+
+    ``value_of`` maps each FNode to the integer value holding its output; ``reps`` gives every integer
+    value's representation; ``consts`` holds each producer's requantization (adds: ``(m_a, m_b, k)``
+    attributes in ``attrs``) and ``edges[(source, reader)]`` the requantization inserted between them.
+    """
+
+    graph: list[dict[str, Any]] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reps: dict[str, Rep] = field(default_factory=dict)
+    value_of: dict[str, str] = field(default_factory=dict)
+    consts: dict[str, Requant] = field(default_factory=dict)
+    edges: dict[tuple[str, str], Requant] = field(default_factory=dict)
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def quantizer_rep(module: torch.nn.Module) -> Rep:
+    """The codes a quantized layer's input quantizer produces."""
+    q = module.input_quantizer
+    return Rep(float(q.scale), -q.q_n, q.q_p, q.bits)
+
+
+def dyadic_affine(gain: np.ndarray | torch.Tensor, offset: np.ndarray | torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel ``(m, k, b)`` with ``m * 2^-k ~= gain`` and ``b = round(offset * 2^k)``, ``|b| <= 2^61``.
+
+    Normally ``m`` is the 31-bit :func:`to_dyadic` multiplier. Two cases take a smaller shift (a less
+    precise, denormal multiplier): gains below ``2^-31`` (a BN whose gamma is ~0), whose shift would exceed
+    62, and large offsets whose ``offset * 2^k`` would pass ``2^61``. Either way the absolute error of
+    ``m * acc * 2^-k`` stays below ``|acc| * 2^-(k+1)``.
+    """
+    g = torch.as_tensor(gain, dtype=torch.float64).reshape(-1)
+    off = torch.as_tensor(offset, dtype=torch.float64).reshape(-1)
+    tiny = g.abs() < 2.0**-31
+    m, k = to_dyadic(torch.where(tiny, torch.zeros_like(g), g))
+    k = torch.where(tiny, torch.full_like(k, MAX_SHIFT), k)
+    log_b = torch.where(off != 0, torch.log2(off.abs()).ceil(), torch.full_like(off, -1000)).to(torch.int64)
+    k_max = (60 - log_b).clamp(max=MAX_SHIFT)
+    if int(k_max.min()) < 0:
+        raise LowbitError(f"a requantization offset of {float(off.abs().max()):.3g} output steps cannot be "
+                          f"represented in fixed point")
+    reduce = tiny | (k > k_max)
+    k = torch.minimum(k, k_max)
+    m = torch.where(reduce, torch.from_numpy(np.rint(np.ldexp(g.numpy(), k.numpy()))).to(torch.int64), m)
+    return m, k, torch.as_tensor(to_fixed(off, k), dtype=torch.int64).reshape(-1)
+
+
+def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None) -> Program:
+    """Decide every value's representation, compute the dyadic constants and build the manifest graph.
+
+    ``pixel_input``: ``{"mean": [...], "std": [...]}`` when the model reads uint8 pixels normalised as
+    ``(p / 255 - mean) / std`` (the input quantization becomes a lookup table), None for float input.
+    """
+    byname = {n.name: n for n in fnodes}
+    readers = users(fnodes)
+    reps = _choose_reps(fnodes, byname, readers)
+    _share_shortcut_scales(fnodes, byname, readers, reps)
+    p = Program()
+    for n in fnodes:
+        if n.kind == "input":
+            _emit_input(p, n, reps[n.name], _sinks(n.name, byname, readers)[0], pixel_input)
+        elif n.kind == "qlayer":
+            _emit_qlayer(p, n, reps[n.name], byname)
+        elif n.kind == "add":
+            _emit_add(p, n, reps[n.name])
+        elif n.kind == "avgpool":
+            _emit_avgpool(p, n, reps[n.name], byname)
+        elif n.kind in TRANSPARENT:
+            _emit_transparent(p, n)
+        elif n.kind == "output":
+            _emit_output(p, n)
+        else:  # pragma: no cover - capture() only makes the kinds above
+            raise LowbitError(f"internal: unknown node kind {n.kind!r}")
+    return p
+
+
+# ------------------------------------------------------------------------------------- representations
+def _sinks(name: str, byname: dict[str, FNode], readers: dict[str, list[str]]) -> list[FNode]:
+    """The non-transparent readers of ``name``'s value, looking through pools, flattens and ReLUs."""
+    out = []
+    for r in readers[name]:
+        node = byname[r]
+        out.extend(_sinks(r, byname, readers) if node.kind in TRANSPARENT else [node])
+    return out
+
+
+def _choose_reps(fnodes: list[FNode], byname: dict[str, FNode], readers: dict[str, list[str]]) -> dict[str, Rep]:
+    """Representation of every producer's output, deciding readers first (reverse execution order)."""
+    reps: dict[str, Rep] = {}
+    for n in reversed(fnodes):
+        if n.kind not in PRODUCERS:
+            continue
+        sinks = _sinks(n.name, byname, readers)
+        codes = {quantizer_rep(s.module) for s in sinks if s.kind == "qlayer"}
+        if not sinks:
+            raise LowbitError(f"the output of {n.name!r} is never used")
+        if all(s.kind == "qlayer" for s in sinks) and len(codes) == 1:
+            rep = next(iter(codes))
+        elif n.kind == "input":
+            raise LowbitError("the model input must feed quantized layers that share one input quantizer "
+                              f"(found readers {', '.join(s.name for s in sinks)})")
+        elif sinks[0].kind == "output":
+            if n.kind != "qlayer" or len(sinks) > 1:
+                raise LowbitError(f"the model output must come straight from a quantized conv/linear layer, "
+                                  f"found {n.kind} {n.name!r}")
+            rep = Rep(_logit_scale(n), INT32_MIN, INT32_MAX)
+        else:
+            rep = Rep(_wide_scale(sinks[0], reps), INT32_MIN, INT32_MAX)
+        reps[n.name] = rep.with_relu() if n.relu else rep
+    return reps
+
+
+def _share_shortcut_scales(fnodes: list[FNode], byname: dict[str, FNode], readers: dict[str, list[str]],
+                           reps: dict[str, Rep]) -> None:
+    """A residual add whose shortcut is a wide value read elsewhere too keeps the shortcut's scale, and so does
+    the conv branch it adds (read by nothing else): the add is then an exact integer sum, and a residual stage
+    carries one scale from block to block (in execution order, so chains of blocks follow)."""
+    for n in fnodes:
+        if n.kind != "add" or not reps[n.name].wide:
+            continue
+        sources = [_source(i, byname) for i in n.inputs]
+        for shortcut, branch in (sources, sources[::-1]):
+            if reps[shortcut.name].wide and len(_sinks(shortcut.name, byname, readers)) > 1 \
+                    and branch.kind == "qlayer" and readers[branch.name] == [n.name]:
+                scale = reps[shortcut.name].scale
+                reps[n.name] = Rep(scale, reps[n.name].lo, reps[n.name].hi)
+                reps[branch.name] = Rep(scale, reps[branch.name].lo, reps[branch.name].hi)
+                break
+
+
+def _source(name: str, byname: dict[str, FNode]) -> FNode:
+    """The producer behind ``name``, looking back through transparent nodes."""
+    node = byname[name]
+    while node.kind in TRANSPARENT:
+        node = byname[node.inputs[0]]
+    return node
+
+
+def _wide_scale(sink: FNode, reps: dict[str, Rep]) -> float:
+    """Fine scale for a value read by ``sink``: 2^-16 of the step of the codes the stream ends in."""
+    if sink.kind == "qlayer":
+        return quantizer_rep(sink.module).scale * 2.0**-WIDE_FRAC_BITS
+    r = reps[sink.name]  # an add or a pool, decided already
+    return r.scale if r.wide else r.scale * 2.0**-WIDE_FRAC_BITS
+
+
+def _layer_terms(n: FNode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight codes, per-channel real gain per accumulator unit, per-channel real offset, s_w) in float64."""
+    m = n.module
+    w_codes = m.weight_quantizer.codes(m.weight.detach()).to(torch.int32)
+    c = w_codes.shape[0]
+    s_x = float(m.input_quantizer.scale)
+    s_w = m.weight_quantizer.scale.double().expand(c) if m.weight_quantizer.scale.dim() == 0 else \
+        m.weight_quantizer.scale.double().reshape(c)
+    g = n.gain if n.gain is not None else torch.ones(c, dtype=torch.float64)
+    h = n.offset if n.offset is not None else torch.zeros(c, dtype=torch.float64)
+    bias = m.bias.detach().double() if m.bias is not None else torch.zeros(c, dtype=torch.float64)
+    return w_codes, g * s_x * s_w, g * bias + h, s_w
+
+
+def _logit_scale(n: FNode) -> float:
+    """``bound / 2^30`` where ``bound`` is the largest |output| the layer can produce from its code ranges."""
+    w, gain, offset, _ = _layer_terms(n)
+    x = quantizer_rep(n.module)
+    k = w[0].numel()
+    w_max = w.reshape(w.shape[0], -1).abs().amax(1).double()
+    bound = float((gain.abs() * k * max(abs(x.lo), abs(x.hi)) * w_max + offset.abs()).max())
+    return bound * 2.0**-LOGIT_BITS if bound > 0 else 1.0
+
+
+# ------------------------------------------------------------------------------------------- emission
+def _add_node(p: Program, op: str, name: str, inputs: list[str], rep: Rep | None, attrs: dict[str, Any],
+              params: dict[str, tuple[torch.Tensor, dict[str, Any]]] | None = None, output: str | None = None
+              ) -> str:
+    out = output or name
+    node = {"op": op, "name": name, "inputs": inputs, "outputs": [out], "attrs": attrs}
+    if params:
+        node["params"] = {}
+        for role, (tensor, entry) in params.items():
+            key = f"{name}.{role}"
+            p.tensors[key], p.entries[key] = tensor, entry
+            node["params"][role] = key
+    p.graph.append(node)
+    if rep is not None:
+        p.reps[out] = rep
+    return out
+
+
+def _int_entry(t: torch.Tensor, dtype: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    t = t.to(getattr(torch, dtype)).contiguous()
+    return t, {"dtype": dtype, "shape": list(t.shape)}
+
+
+def _range_attrs(rep: Rep) -> dict[str, Any]:
+    return {"lo": rep.lo, "hi": rep.hi, "out_scale": rep.scale, "out_bits": rep.bits}
+
+
+def _emit_input(p: Program, n: FNode, rep: Rep, reader: FNode, pixel_input: dict[str, Any] | None) -> None:
+    q = reader.module.input_quantizer
+    attrs = {"bits": rep.bits, "signed": bool(q.signed), "scale": rep.scale, **_range_attrs(rep)}
+    params = None
+    if pixel_input is not None:
+        params = {"lut": _int_entry(pixel_lut(q, n.shape[1], pixel_input["mean"], pixel_input["std"]), "int16")}
+    value = _add_node(p, "quantize_input", "quantize_input", ["input"], rep, attrs, params, output=n.name)
+    p.value_of[n.name] = value
+
+
+def pixel_lut(quantizer: torch.nn.Module, channels: int, mean, std) -> torch.Tensor:
+    """Codes of every uint8 pixel value per channel: ``quantizer.codes((p / 255 - mean_c) / std_c)``.
+
+    Computed with the same float32 operations as :func:`lowbit.data.iterate` and the quantizer's own
+    ``codes``, so the table is bit-identical to normalising and quantizing each image.
+    """
+    mean, std = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
+    p = torch.arange(256, dtype=torch.float32) / 255.0
+    return torch.stack([quantizer.codes((p - mean[c]) / std[c]) for c in range(channels)]).to(torch.int32)
+
+
+def _per_channel(v, channels: int, what: str) -> list[float]:
+    v = [float(v)] * channels if isinstance(v, (int, float)) else [float(x) for x in v]
+    if len(v) == 1:
+        v = v * channels
+    if len(v) != channels:
+        raise LowbitError(f"input normalisation {what} has {len(v)} values for {channels} channels")
+    return v
+
+
+def _needed(p: Program, source: str, target: Rep, reader: str) -> str:
+    """The integer value of FNode ``source`` in representation ``target``, requantizing if needed."""
+    value = p.value_of[source]
+    rep = p.reps[value]
+    if not rep.wide and (rep.bits, rep.scale) == (target.bits, target.scale) and target.lo <= rep.lo <= rep.hi \
+            <= target.hi:
+        return value  # already these codes (a folded ReLU may have narrowed the range)
+    if not rep.wide:
+        raise LowbitError(f"internal: {reader!r} reads codes of {source!r} made for another quantizer")
+    m, k = to_dyadic(rep.scale / target.scale)
+    rq = Requant(m, k, 0, target.lo, target.hi)
+    p.edges[(source, reader)] = rq
+    name = f"{reader}.requantize"
+    return _add_node(p, "requantize", name, [value], target,
+                     {"multiplier": m, "shift": k, "bias": 0, **_range_attrs(target)})
+
+
+def _emit_qlayer(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode]) -> None:
+    m = n.module
+    x_rep = quantizer_rep(m)
+    x = _needed(p, n.inputs[0], x_rep, n.name)
+    w_codes, gain, offset, s_w = _layer_terms(n)
+    mult, shift, bias = dyadic_affine(gain / rep.scale, offset / rep.scale)
+    p.consts[n.name] = Requant(mult, shift, bias, rep.lo, rep.hi)
+    w_bits = m.weight_quantizer.bits
+    params = {"weight": pack_tensor(w_codes, w_bits, signed=True), "multiplier": _int_entry(mult, "int32"),
+              "shift": _int_entry(shift, "int8"), "bias": _int_entry(bias, "int64")}
+    attrs: dict[str, Any] = {"w_bits": w_bits, "a_bits": x_rep.bits, **_range_attrs(rep)}
+    if isinstance(m, QuantConv2d):
+        op = "conv2d"
+        attrs.update(stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups)
+    else:
+        op = "linear"
+    attrs["in_shape"], attrs["out_shape"] = list(byname[n.inputs[0]].shape), list(n.shape)
+    p.value_of[n.name] = _add_node(p, op, n.name, [x], rep, attrs, params)
+    in_shape = byname[n.inputs[0]].shape
+    p.layers.append({"name": n.name, "op": op, "w_bits": w_bits, "a_bits": x_rep.bits,
+                     "params": w_codes.numel(), "macs": int(w_codes[0].numel() * math.prod(n.shape[1:])),
+                     "in_shape": list(in_shape), "out_shape": list(n.shape), "folded": list(n.folded),
+                     "x_scale": x_rep.scale, "w_scale": float(s_w.max()), "per_channel": bool(s_w.numel() > 1
+                                                                                       and (s_w != s_w[0]).any())})
+
+
+def _emit_add(p: Program, n: FNode, rep: Rep) -> None:
+    a, b = (p.value_of[i] for i in n.inputs)
+    ra, rb = p.reps[a], p.reps[b]
+    (m_a, m_b), k = to_dyadic_common([ra.scale / rep.scale, rb.scale / rep.scale], bits=30)
+    attrs = {"multiplier_a": int(m_a), "multiplier_b": int(m_b), "shift": int(k), "bias": 0, **_range_attrs(rep)}
+    p.attrs[n.name] = attrs
+    p.value_of[n.name] = _add_node(p, "add", n.name, [a, b], rep, attrs)
+
+
+def _emit_avgpool(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode]) -> None:
+    x = p.value_of[n.inputs[0]]
+    r_in = p.reps[x]
+    h, w = byname[n.inputs[0]].shape[-2:]
+    if "output_size" in n.attrs:
+        oh, ow = (d if d is not None else s for d, s in zip(n.attrs["output_size"], (h, w)))
+        if h % oh or w % ow:
+            raise LowbitError(f"adaptive pool {n.name!r}: output {oh}x{ow} does not divide the input {h}x{w} "
+                              f"(uneven windows have several divisors; one requantization cannot express them)")
+        op, geometry, window = "adaptive_avgpool", {"output_size": [oh, ow]}, (h // oh) * (w // ow)
+    else:
+        op, geometry = "avgpool2d", dict(n.attrs)
+        window = geometry["kernel_size"][0] * geometry["kernel_size"][1]
+    bits = 31 - max(0, math.ceil(math.log2(window)))  # |sum| <= window * 2^31, so |sum * m| < 2^62
+    m, k = to_dyadic(r_in.scale / (window * rep.scale), bits=bits)
+    p.consts[n.name] = Requant(m, k, 0, rep.lo, rep.hi)
+    attrs = {**geometry, "multiplier": m, "shift": k, "bias": 0, **_range_attrs(rep)}
+    p.value_of[n.name] = _add_node(p, op, n.name, [x], rep, attrs)
+
+
+def _emit_transparent(p: Program, n: FNode) -> None:
+    x = p.value_of[n.inputs[0]]
+    rep = p.reps[x]
+    if n.kind == "maxpool":
+        p.value_of[n.name] = _add_node(p, "maxpool2d", n.name, [x], rep, dict(n.attrs))
+    elif n.kind == "flatten":
+        p.value_of[n.name] = _add_node(p, "flatten", n.name, [x], rep, dict(n.attrs))
+    elif n.kind == "relu":
+        p.value_of[n.name] = _add_node(p, "relu", n.name, [x], rep.with_relu(), {})
+    else:
+        p.value_of[n.name] = x
+
+
+def _emit_output(p: Program, n: FNode) -> None:
+    x = p.value_of[n.inputs[0]]
+    _add_node(p, "dequantize_output", "dequantize_output", [x], None, {"scale": p.reps[x].scale},
+              output="logits")

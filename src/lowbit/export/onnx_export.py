@@ -1,0 +1,267 @@
+"""QDQ ONNX export of a ``.lowbit`` model, runnable by onnxruntime.
+
+The ONNX graph mirrors the fast path (:mod:`lowbit.runtime.fastpath`): activation codes travel as uint8
+(``code + zero point``), every conv/linear is ``DequantizeLinear(x) -> Conv/Gemm(DequantizeLinear(w)) ->
+QuantizeLinear`` with per-channel weight scales ``|m_c| * 2^-k_c`` (the sign of a folded BN gamma is in the
+weight codes) and input/output scale 1, so onnxruntime can fuse it into an integer ``QLinearConv``. Weights
+of 4 bits or fewer are stored with the ONNX ``INT4`` type (opset 21), others as ``INT8``. Wide (int32)
+values are float tensors in integer units; residual adds, pools and requantizations are float ops followed
+by ``QuantizeLinear`` (round half to even, as everywhere in lowbit). A bias becomes int32 in accumulator
+units (the QDQ convention, which lets onnxruntime fuse the layer) only where that quantum is below 2^-9 of
+an output code, else a float ``Add``: a trained layer's bias rounded to a multiple of ``|m_c|`` output steps
+moves about 1% of roundings. Layers whose u8 x s8 products could saturate the int16 pair sums of int8
+kernels without VNNI (8-bit weights on 8-bit inputs) are exported as float convs on integer values (exact
+below 2^24) followed by the per-channel scale, as the fast path's exact path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.io import atomic_write_bytes
+from lowbit.runtime.engine import IntegerModel
+
+OPSET = 21  # INT4 in DequantizeLinear
+INT16_MAX = 32767
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise LowbitError("ONNX export needs the onnx package: pip install 'lowbit[onnx]'") from None
+    return onnx, TensorProto, helper, numpy_helper
+
+
+class _Builder:
+    def __init__(self, model: IntegerModel, int4: bool):
+        self.onnx, self.TP, self.helper, self.nh = _onnx()
+        self.model, self.int4 = model, int4
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.zp: dict[str, int | None] = {}  # value -> zero point (narrow uint8) or None (float)
+        self.ranges = model.value_ranges()
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}__{self._n}"
+
+    def const(self, hint: str, array: np.ndarray, dtype: int | None = None) -> str:
+        name = self.name(hint)
+        if dtype == self.TP.INT4:
+            self.inits.append(self.helper.make_tensor(name, dtype, list(array.shape), array.reshape(-1).tolist()))
+        else:
+            self.inits.append(self.nh.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self.name(hint)
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def scalar(self, v: float, hint: str = "c") -> str:
+        return self.const(hint, np.array(v, dtype=np.float32))
+
+    # value helpers ---------------------------------------------------------------------------------
+    def to_float(self, value: str) -> str:
+        """Integer units as float: ``DequantizeLinear(codes_u8, 1, zp)`` for narrow values."""
+        zp = self.zp[value]
+        if zp is None:
+            return value
+        return self.op("DequantizeLinear", [value, self.scalar(1.0), self.const("zp", np.array(zp, np.uint8))],
+                       "dq")
+
+    def to_codes(self, v: str, lo: int, hi: int, zp: int, hint: str) -> str:
+        """Round float units to uint8 codes: Clip to [lo, hi] (when the uint8 window is wider), then Q."""
+        if lo + zp > 0 or hi + zp < 255:
+            v = self.op("Clip", [v, self.scalar(float(lo)), self.scalar(float(hi))], "clip")
+        return self.op("QuantizeLinear", [v, self.scalar(1.0), self.const("zp", np.array(zp, np.uint8))], hint)
+
+    def finish(self, v: str, a: dict[str, Any], zp: int | None, hint: str) -> str:
+        if zp is None:
+            return self.op("Relu", [v], hint) if a["lo"] >= 0 else v
+        return self.to_codes(v, a["lo"], a["hi"], zp, hint)
+
+
+def _out_zp(a: dict[str, Any]) -> int | None:
+    zp = max(0, -a["lo"])
+    return zp if a["hi"] + zp <= 255 else None
+
+
+def export_onnx(model: IntegerModel, path: str | os.PathLike, int4: bool = True) -> Path:
+    """Write ``model`` as a QDQ ONNX file (opset 21) at ``path``; returns the path."""
+    b = _Builder(model, int4)
+    spec = model.input_spec
+    shape = ["N", *spec["shape"]]
+    pixel = spec.get("dtype") == "uint8"
+    x_in = b.helper.make_tensor_value_info("input", b.TP.UINT8 if pixel else b.TP.FLOAT, shape)
+    b.zp["input"] = None
+    for node in model.nodes:
+        _emit(b, node, model.params[node["name"]])
+    out = b.nodes[-1].output[0]
+    y = b.helper.make_tensor_value_info(out, b.TP.FLOAT, ["N", None])
+    graph = b.helper.make_graph(b.nodes, "lowbit", [x_in], [y], b.inits)
+    onnx_model = b.helper.make_model(graph, opset_imports=[b.helper.make_opsetid("", OPSET)],
+                                     producer_name="lowbit")
+    onnx_model.ir_version = 10
+    b.onnx.checker.check_model(onnx_model)
+    return atomic_write_bytes(Path(path), onnx_model.SerializeToString())
+
+
+def _emit(b: _Builder, node: dict[str, Any], p: dict[str, torch.Tensor]) -> None:
+    op, a, name = node["op"], node.get("attrs", {}), node["name"]
+    xs = node["inputs"]
+    out = node["outputs"][0]
+    if op == "quantize_input":
+        zp = _out_zp(a)
+        if "lut" in p:
+            lut = (p["lut"] + zp).to(torch.uint8).numpy().reshape(-1)
+            idx = b.op("Cast", [xs[0]], "idx", to=b.TP.INT64)
+            c = p["lut"].shape[0]
+            if c > 1:
+                offs = (np.arange(c, dtype=np.int64) * 256).reshape(1, c, 1, 1)
+                idx = b.op("Add", [idx, b.const("offs", offs)], "idx")
+            v = b.op("Gather", [b.const("lut", lut), idx], "codes", axis=0)
+        else:
+            v = b.op("Div", [xs[0], b.scalar(a["scale"])], "x")
+            v = b.to_codes(b.op("Round", [v], "x"), a["lo"], a["hi"], zp, "codes")
+        _bind(b, v, out, zp)
+    elif op in ("conv2d", "linear"):
+        _emit_layer(b, node, a, p)
+    elif op == "requantize":
+        zp = _out_zp(a)
+        v = b.op("Mul", [b.to_float(xs[0]), b.scalar(a["multiplier"] * 2.0 ** -a["shift"])], "rq")
+        if a["bias"]:
+            v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "rq")
+        _bind(b, b.finish(v, a, zp, "rq"), out, zp)
+    elif op == "add":
+        zp = _out_zp(a)
+        k = 2.0 ** -a["shift"]
+        va = b.op("Mul", [b.to_float(xs[0]), b.scalar(a["multiplier_a"] * k)], "a")
+        vb = b.op("Mul", [b.to_float(xs[1]), b.scalar(a["multiplier_b"] * k)], "b")
+        v = b.op("Add", [va, vb], "sum")
+        if a["bias"]:
+            v = b.op("Add", [v, b.scalar(a["bias"] * k)], "sum")
+        _bind(b, b.finish(v, a, zp, "add"), out, zp)
+    elif op == "relu":
+        zp = b.zp[xs[0]]
+        v = b.op("Relu", [xs[0]], "relu") if zp is None else \
+            b.op("Max", [xs[0], b.const("zp", np.array(zp, np.uint8))], "relu")
+        _bind(b, v, out, zp)
+    elif op == "maxpool2d":
+        pads = list(a["padding"]) * 2
+        v = b.op("MaxPool", [xs[0]], "maxpool", kernel_shape=a["kernel_size"], strides=a["stride"], pads=pads,
+                 dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
+        _bind(b, v, out, b.zp[xs[0]])
+    elif op in ("avgpool2d", "adaptive_avgpool"):
+        zp = _out_zp(a)
+        x = b.to_float(xs[0])
+        factor = a["multiplier"] * 2.0 ** -a["shift"]
+        if op == "avgpool2d":
+            kh, kw = a["kernel_size"]
+            v = b.op("AveragePool", [x], "pool", kernel_shape=[kh, kw], strides=a["stride"],
+                     pads=list(a["padding"]) * 2, count_include_pad=1)
+        else:
+            oh, ow = a["output_size"]
+            if (oh, ow) != (1, 1):
+                raise LowbitError(f"ONNX export: adaptive pool {name!r} to {oh}x{ow} is not supported (only 1x1)")
+            kh, kw = b.model.shapes[xs[0]][-2:]
+            v = b.op("GlobalAveragePool", [x], "pool")
+        v = b.op("Mul", [v, b.scalar(factor * kh * kw)], "pool")
+        if a["bias"]:
+            v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "pool")
+        _bind(b, b.finish(v, a, zp, "pool"), out, zp)
+    elif op == "flatten":
+        if a["start_dim"] != 1:
+            raise LowbitError(f"ONNX export: flatten {name!r} from dim {a['start_dim']} is not supported (only 1)")
+        _bind(b, b.op("Flatten", [xs[0]], "flat", axis=1), out, b.zp[xs[0]])
+    elif op == "dequantize_output":
+        b.nodes.append(b.helper.make_node("Mul", [b.to_float(xs[0]), b.scalar(a["scale"])], [out], name=out))
+    else:
+        raise LowbitError(f"ONNX export: op {op!r} of node {name!r} is not supported")
+
+
+def _emit_layer(b: _Builder, node: dict[str, Any], a: dict[str, Any], p: dict[str, torch.Tensor]) -> None:
+    x, out = node["inputs"][0], node["outputs"][0]
+    zp_in, zp = b.zp[x], _out_zp(a)
+    if zp_in is None:
+        raise LowbitError(f"ONNX export: layer {node['name']!r} reads a value that is not uint8 codes")
+    pow2 = torch.pow(2.0, -p["shift"].double())
+    mult, bias = p["multiplier"].double() * pow2, p["bias"].double() * pow2
+    w = p["weight"].to(torch.int64)
+    sign = torch.where(mult < 0, -1, 1).reshape(-1, *[1] * (w.dim() - 1))
+    zero = mult == 0
+    w = torch.where(zero.reshape(sign.shape), 0, w * sign)
+    scale = torch.where(zero, 1.0, mult.abs())
+    lo_x, hi_x = b.ranges[x]
+    w_max = int(w.abs().max()) if w.numel() else 0
+    conv = node["op"] == "conv2d"
+    shape = [1, -1, 1, 1] if conv else [1, -1]
+    if 2 * (hi_x + zp_in) * w_max > INT16_MAX and w[0].numel() * max(abs(lo_x), abs(hi_x)) * w_max < 2**24:
+        # u8 x s8 pairs could saturate int16 in int8 kernels without VNNI (onnxruntime's included): run the
+        # layer as a float conv on integer values (exact below 2^24), then scale, as the fast path does
+        xf = b.op("Sub", [b.op("Cast", [x], "x", to=b.TP.FLOAT), b.scalar(float(zp_in))], "x")
+        wf = b.const("w", w.numpy().astype(np.float32))
+        y = b.op("Conv", [xf, wf], "conv", strides=a["stride"], pads=list(a["padding"]) * 2,
+                 dilations=a["dilation"], group=a["groups"]) if conv else b.op("Gemm", [xf, wf], "gemm", transB=1)
+        y = b.op("Mul", [y, b.const("scale", scale.numpy().astype(np.float32).reshape(shape))], "y")
+        y = b.op("Add", [y, b.const("bias", bias.numpy().astype(np.float32).reshape(shape))], "y")
+        _bind(b, b.finish(y, a, zp, "y"), out, zp)
+        return
+    use_int4 = b.int4 and a["w_bits"] <= 4 and int(w.max()) <= 7  # a sign flip can make -8 into +8
+    w_name = b.const("w", w.numpy().astype(np.int8), b.TP.INT4 if use_int4 else None)
+    w_zero = b.const("wzp", np.zeros(w.shape[0], np.int8), b.TP.INT4 if use_int4 else None)
+    w_float = b.op("DequantizeLinear", [w_name, b.const("ws", scale.numpy().astype(np.float32)), w_zero], "w",
+                   axis=0)
+    xf = b.op("DequantizeLinear", [x, b.scalar(1.0), b.const("zp", np.array(zp_in, np.uint8))], "x")
+    bias_acc = (bias / scale).numpy()
+    # The QDQ bias convention (int32 in accumulator units, scale x_scale * w_scale) rounds the bias to a
+    # multiple of |M_c| output steps; only where that is below 2^-9 of a code does it keep (almost) every
+    # rounding of the reference, else the bias is a float Add (and onnxruntime may not fuse the layer).
+    int_bias = zp is not None and float(scale.max()) <= 2.0**-9 and bool(np.all(np.abs(bias_acc) < 2**30))
+    if int_bias:
+        bq = b.const("b", np.rint(bias_acc).astype(np.int32))
+        bias_in = [b.op("DequantizeLinear", [bq, b.const("bs", scale.numpy().astype(np.float32))], "bias", axis=0)]
+    else:
+        bias_in = []
+    if conv:
+        y = b.op("Conv", [xf, w_float, *bias_in], "conv", strides=a["stride"], pads=list(a["padding"]) * 2,
+                 dilations=a["dilation"], group=a["groups"])
+    else:
+        y = b.op("Gemm", [xf, w_float, *bias_in], "gemm", transB=1)
+    if not int_bias:
+        y = b.op("Add", [y, b.const("bias", bias.numpy().astype(np.float32).reshape(shape))], "bias")
+    _bind(b, b.finish(y, a, zp, "y"), out, zp)
+
+
+def _bind(b: _Builder, value: str, out: str, zp: int | None) -> None:
+    """Name the last node's output after the manifest value ``out`` (or alias it through Identity)."""
+    if value != out:
+        b.nodes.append(b.helper.make_node("Identity", [value], [out], name=b.name("id")))
+    b.zp[out] = zp
+
+
+class OnnxModel:
+    """An onnxruntime session on an exported file, with the reference runtime's call convention."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise LowbitError("running ONNX needs onnxruntime: pip install 'lowbit[onnx]'") from None
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": x.numpy()})[0])

@@ -1,0 +1,126 @@
+"""What exactly agrees with what, measured on a data set.
+
+* **runtime vs simulation**: integer logits must be identical on every image (``bit_exact``).
+* **runtime vs fake-quant model** (the model as trained): top-1 agreement and accuracy difference.
+* **fast path vs runtime**: fraction of integer logits that differ and the largest difference (in logit
+  units, which are 2^-30 of the largest possible logit, and relative to the largest logit), top-1 agreement
+  and accuracy; per layer, the fraction of differing output codes on the first batch.
+* **ONNX vs runtime**: top-1 agreement and accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lowbit.export.simulate import Simulation, normalize_pixels
+
+if TYPE_CHECKING:  # the runtime imports lowbit.export.format, so no import of it at module level here
+    from lowbit.runtime.engine import IntegerModel
+
+
+class _Count:
+    def __init__(self):
+        self.correct = self.agree = self.n = 0
+
+    def add(self, pred: torch.Tensor, ref_pred: torch.Tensor, labels: torch.Tensor | None) -> None:
+        self.n += len(pred)
+        self.agree += int((pred == ref_pred).sum())
+        if labels is not None:
+            self.correct += int((pred == labels).sum())
+
+    def result(self, labelled: bool) -> dict[str, Any]:
+        out = {"top1_agreement_with_runtime": self.agree / max(1, self.n)}
+        if labelled:
+            out["accuracy"] = self.correct / max(1, self.n)
+        return out
+
+
+def verify(runtime: IntegerModel, images: torch.Tensor, labels: torch.Tensor | None = None, *,
+           simulation: Simulation | None = None, fake_quant: nn.Module | None = None,
+           fast: Callable | None = None, onnx: Callable | None = None, batch_size: int = 256,
+           progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run the runtime and each given implementation over ``images`` (what the runtime takes)."""
+    labelled = labels is not None
+    counts = {k: _Count() for k, v in (("runtime", 1), ("fake_quant", fake_quant), ("fast_path", fast),
+                                       ("onnx", onnx)) if v is not None}
+    sim_diff_images, sim_max = 0, 0
+    fast_diff, fast_max, fast_total, fast_rel = 0, 0, 0, 0.0
+    layers = None
+    spec = runtime.input_spec
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        y = labels[i:i + batch_size] if labelled else None
+        ref = runtime.run_int(x).to(torch.int64)
+        ref_pred = ref.argmax(1)
+        counts["runtime"].add(ref_pred, ref_pred, y)
+        if simulation is not None:
+            d = (simulation.run_int(x).to(torch.int64) - ref).abs()
+            sim_diff_images += int((d.amax(1) > 0).sum())
+            sim_max = max(sim_max, int(d.max()))
+        if fake_quant is not None:
+            xf = normalize_pixels(x, spec["mean"], spec["std"]) if runtime.pixel_input else x
+            with torch.no_grad():
+                counts["fake_quant"].add(fake_quant(xf).argmax(1), ref_pred, y)
+        if fast is not None:
+            got = fast.run_int(x)
+            d = (got - ref).abs()
+            fast_diff += int((d > 0).sum())
+            fast_total += d.numel()
+            fast_max = max(fast_max, int(d.max()))
+            fast_rel = max(fast_rel, float(d.max()) / max(1.0, float(ref.abs().max())))
+            counts["fast_path"].add(got.argmax(1), ref_pred, y)
+            if layers is None:
+                from lowbit.runtime.fastpath import compare
+
+                layers = compare(fast, runtime, x)
+        if onnx is not None:
+            counts["onnx"].add(onnx(x).argmax(1), ref_pred, y)
+        if progress:
+            progress(min(i + batch_size, len(images)), len(images))
+    out: dict[str, Any] = {"images": len(images), "runtime": counts["runtime"].result(labelled)}
+    out["runtime"].pop("top1_agreement_with_runtime")
+    if simulation is not None:
+        out["simulation"] = {"bit_exact": sim_diff_images == 0, "images_with_differing_logits": sim_diff_images,
+                             "max_logit_diff": sim_max}
+    for name in ("fake_quant", "fast_path", "onnx"):
+        if name in counts:
+            out[name] = counts[name].result(labelled)
+            if labelled:
+                out[name]["accuracy_delta_pt"] = 100 * (out[name]["accuracy"] - out["runtime"]["accuracy"])
+    if fast is not None:
+        narrow = {k: v for k, v in (layers or {}).items() if v["narrow"]}
+        out["fast_path"].update(
+            logits_differing=fast_diff / max(1, fast_total), max_logit_diff=fast_max,
+            max_logit_diff_relative=fast_rel,
+            paths=getattr(fast, "paths", {}),
+            codes_differing_first_batch={k: v["frac_diff"] for k, v in narrow.items()},
+            max_code_diff_first_batch=max((v["max_diff"] for v in narrow.values()), default=0))
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A few lines: accuracy of each implementation and the exactness numbers."""
+    lines = [f"{r['images']} images"]
+    acc = r["runtime"].get("accuracy")
+    lines.append("runtime (integer reference)" + (f": accuracy {100 * acc:.2f}%" if acc is not None else ""))
+    if "simulation" in r:
+        s = r["simulation"]
+        lines.append(f"simulation vs runtime: {'bit-exact on every image' if s['bit_exact'] else 'DIFFERENT'} "
+                     f"({s['images_with_differing_logits']} images differ, max logit diff {s['max_logit_diff']})")
+    for name, label in (("fake_quant", "fake-quant model"), ("fast_path", "fast path"), ("onnx", "onnxruntime")):
+        if name in r:
+            v = r[name]
+            text = f"{label}: top-1 agreement {100 * v['top1_agreement_with_runtime']:.2f}%"
+            if "accuracy" in v:
+                text += f", accuracy {100 * v['accuracy']:.2f}% ({v['accuracy_delta_pt']:+.2f} pt)"
+            if name == "fast_path":
+                text += (f", integer logits differing {100 * v['logits_differing']:.2f}% (by at most "
+                         f"{v['max_logit_diff_relative']:.1e} of the largest logit), layer codes differing <= "
+                         f"{100 * max(v['codes_differing_first_batch'].values(), default=0):.3f}% "
+                         f"(max {v['max_code_diff_first_batch']})")
+            lines.append(text)
+    return "\n".join(lines)
