@@ -68,11 +68,49 @@ def demo(out: str | Path = "runs/demo", *, data: str = "fashion-mnist", data_dir
         resume = fr_dir.exists() and not overwrite
         fr = frontier(out / "w4a4", fr_dir, fr_cfg, data=splits, resume=resume, overwrite=not resume)
     summary["frontier"] = str(fr_dir / "report.md")
-    save_json(out / "summary.json", summary)
     print(render_table(rows))
     print(render_frontier(fr))
     print(f"[demo] frontier report: {fr_dir / 'report.html'}")
+
+    summary["deploy"] = deploy_best(out, fp_dir, fr, splits, seed=seed, device=device, fast=fast, quiet=quiet,
+                                    overwrite=overwrite)
+    save_json(out / "summary.json", summary)
     return summary
+
+
+def deploy_best(out: Path, fp_dir: Path, fr: dict[str, Any], splits, *, seed: int, device: str, fast: bool,
+                quiet: bool, overwrite: bool) -> dict[str, Any]:
+    """Fine-tune the best mixed plan of the frontier (by validation accuracy), export it, check it, time it."""
+    from lowbit.export.exporter import export_run
+    from lowbit.export.simulate import Simulation
+    from lowbit.export.verify import format_report, verify
+    from lowbit.quant import Plan
+    from lowbit.runtime.bench import benchmark, format_table
+    from lowbit.runtime.engine import IntegerModel
+    from lowbit.runtime.fastpath import FastModel, available
+
+    mixed = [p for p in fr["points"] if p["relative_throughput"] > 1.0 + 1e-9]
+    best = max(mixed, key=lambda p: (p["val_acc"], p["relative_throughput"]))
+    plan_file = out / "best-plan.yaml"
+    Plan.from_dict({"layers": best["plan"]}).save(plan_file)
+    run = out / "best"
+    cfg = QuantizeConfig(source=str(fp_dir), out=str(run), bits=None, plan_file=str(plan_file), recipe="lsq",
+                         data=splits.name)
+    over = {"epochs": 0.2 if fast else 1, "seed": seed, "device": device, "quiet": quiet}
+    s = _stage(run, lambda **kw: quantize_run(cfg, data=splits, fit_overrides=over, **kw), overwrite)
+    result = export_run(run, out / "best.lowbit")
+    runtime = IntegerModel.load(result.path)
+    n = 1000 if fast else len(splits.test)
+    report = verify(runtime, splits.test.images[:n], splits.test.labels[:n], simulation=Simulation(result.lowered),
+                    fake_quant=result.lowered.model, fast=FastModel(runtime) if available() else None)
+    speed = benchmark(result.path, [64], runs=10 if fast else 30, budget_s=30 if fast else 90, onnx=False)
+    print(f"[demo] best mixed plan: {best['method']} at budget {best['budget']} "
+          f"(relative throughput {best['relative_throughput']:.2f}), fine-tuned: test {100 * s['test_acc']:.2f}%")
+    print(result.summary())
+    print(format_report(report))
+    print(format_table(speed))
+    return {"plan": str(plan_file), "run": str(run), "file": str(result.path), "file_bytes": result.file_bytes,
+            "fp32_bytes": result.fp32_bytes, "verify": report, "bench": speed}
 
 
 def render_frontier(fr: dict[str, Any]) -> str:

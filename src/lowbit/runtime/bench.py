@@ -12,11 +12,13 @@ format :class:`lowbit.cost.MeasuredProfile` reads, so the frontier can use ``--c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import re
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -96,6 +98,19 @@ def cold_only() -> set[str]:
     return set(_COLD)
 
 
+@contextlib.contextmanager
+def _silence_fd2():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory(fn: Callable[[], Any]) -> int | None:
     """Peak bytes PyTorch's CPU allocator holds during one call beyond what it held before (profiler)."""
     try:
@@ -103,7 +118,7 @@ def peak_memory(fn: Callable[[], Any]) -> int | None:
         from torch.profiler import ProfilerActivity, profile
     except ImportError:  # pragma: no cover
         return None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _silence_fd2():  # kineto prints start/stop lines on fd 2 in C++
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
