@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.cli import deploy
-from lowbit.cli.main import SUBCOMMANDS, main
+from lowbit.cli.main import main
 from lowbit.data import synthetic, write_idx
 from lowbit.export.format import read_model, write_model
 from lowbit.io import save_checkpoint
 from lowbit.models import create_model
 from lowbit.quant import Plan, QuantConfig, calibrate_, quantize_
 from lowbit.train.checkpoint import model_spec
-
-
-@pytest.fixture(autouse=True)
-def _commands(monkeypatch):
-    for name, entry in deploy.COMMANDS.items():
-        monkeypatch.setitem(SUBCOMMANDS, name, entry)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +41,6 @@ def _batches():
 @pytest.fixture(scope="module")
 def lowbit_file(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("m") / "m.lowbit"
-    for name, entry in deploy.COMMANDS.items():
-        SUBCOMMANDS.setdefault(name, entry)
     assert main(["export", "--from", str(run_dir), "--out", str(out)]) == 0
     return out
 

@@ -1,18 +1,11 @@
 """``lowbit sensitivity | select | frontier`` through the CLI: outputs, and every user error as one line, exit 2."""
 
 import pytest
-from tests.sensitivity.mixed_helpers import w4a4_run
 
-from lowbit.cli import main, mixed
-from lowbit.cli.main import SUBCOMMANDS
+from lowbit.cli import main
 from lowbit.io import load_json
 from lowbit.quant import Plan
-
-
-@pytest.fixture(autouse=True)
-def _commands(monkeypatch):
-    for name, entry in mixed.COMMANDS.items():
-        monkeypatch.setitem(SUBCOMMANDS, name, entry)
+from tests.sensitivity.mixed_helpers import w4a4_run
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@ import os
 
 import pytest
 import torch
-from tests.conftest import FMNIST_DIR
 
 from lowbit.data import augment, get_data, iterate, split_train_val, synthetic
 from lowbit.errors import LowbitError
+from tests.conftest import FMNIST_DIR
 
 
 def test_split_is_fixed_disjoint_and_complete():

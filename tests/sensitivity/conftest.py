@@ -1,4 +1,5 @@
 import pytest
+
 from tests.sensitivity.mixed_helpers import w4a4_run
 
 
