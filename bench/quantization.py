@@ -90,7 +90,8 @@ def main() -> None:
     md += ["", f"Scale of this table: {len(seeds)} seed(s) and {args.epochs:g} fine-tuning epoch(s) below 8 bits "
            "(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
            "assume the full recipe; rows marked 'no' are what this budget reached.", "",
-           f"Reproduce: `python bench/quantization.py --fp32 {args.fp32} --seeds {args.seeds} --epochs {args.epochs:g}` "
+           f"Reproduce: `python bench/quantization.py --fp32 {args.fp32} --seeds {args.seeds} "
+           f"--epochs {args.epochs:g}` "
            "(resumable; e.g. `--seeds 0,1,2 --epochs 5` for the full table).", ""]
     write_results("quantization", {"machine": m, "args": vars(args), "fp32": fp, "rows": rows}, "\n".join(md))
 
