@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +33,6 @@ class TrainConfig:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(False)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -117,10 +115,3 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
               f"{r['val_loss']:.4f} | {100 * r['val_acc']:.2f} | {r['seconds']:.1f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
-
-def replace_fit(cfg: TrainConfig, **kw) -> TrainConfig:
-    return replace(cfg, fit=replace(cfg.fit, **kw))
-
-
-def default_run_name(base: str | Path, name: str) -> Path:
-    return Path(base) / name
