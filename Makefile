@@ -6,8 +6,16 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 EXTRAS ?= dev,onnx
 STAMP := $(VENV)/.lowbit-installed
+# A second venv for torchvision models and ImageFolder data (`make test-vision`); `make test` never installs it.
+VISION_VENV ?= .venv-vision
+VISION_BIN := $(VISION_VENV)/bin
+VISION_TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
+VISION_EXTRAS ?= dev,onnx
+VISION_STAMP := $(VISION_VENV)/.lowbit-installed
+VISION_TESTS ?= tests/models tests/data tests/quant tests/export
 
-.PHONY: demo test data lint bench clean
+.PHONY: demo test test-vision data lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +25,16 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	touch $@
+
+$(VISION_BIN)/python:
+	$(PYTHON) -m venv $(VISION_VENV)
+
+# torch and torchvision are pinned together: each torchvision release builds against one torch release.
+$(VISION_STAMP): pyproject.toml | $(VISION_BIN)/python
+	$(VISION_BIN)/pip install -q --disable-pip-version-check "torch==$(VISION_TORCH_VERSION)" \
+		"torchvision==$(TORCHVISION_VERSION)"
+	$(VISION_BIN)/pip install -q --disable-pip-version-check -e ".[$(VISION_EXTRAS)]"
 	touch $@
 
 data:
@@ -29,8 +47,13 @@ test: $(STAMP)
 	-@bash scripts/ensure-data.sh
 	$(BIN)/python -m pytest
 
+# The tests that skip without torchvision (tv: models, ImageFolder); add timm with VISION_EXTRAS=dev,onnx,timm.
+test-vision: $(VISION_STAMP)
+	-@bash scripts/ensure-data.sh
+	$(VISION_BIN)/python -m pytest $(VISION_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VISION_VENV) runs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -47,7 +48,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: NaN and infinities (e.g. the loss of a diverged run) become null, not bare ``NaN``."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, torch.Tensor) or type(o).__module__ == "numpy":
+        return _finite(o.tolist())
+    return o
 
 
 def save_yaml(path: str | os.PathLike, obj: Any) -> Path:

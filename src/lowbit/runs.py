@@ -3,7 +3,7 @@
 Layout: ``config.yaml`` (the resolved configuration), ``metrics.jsonl`` (one JSON line per epoch or step of
 work), ``summary.json`` (the final numbers), ``checkpoint.pt`` (atomic, every epoch), PNG plots and one
 ``report.md``. Every file is written atomically, so a killed command leaves a consistent directory that
-``--resume`` continues from.
+``--resume`` continues from. Under torchrun only rank 0 writes (the other ranks compute the same results).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lowbit.distributed import is_main
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_write_text, save_json, save_yaml
 
@@ -21,6 +22,9 @@ class RunDir:
                  marker: str = "config.yaml"):
         self.path = Path(path)
         exists = (self.path / marker).exists()
+        self.resume = resume and exists
+        if not is_main():  # rank 0 checks, creates and clears the folder; the others only read it
+            return
         if resume and not exists:
             raise LowbitError(f"{self.path}: nothing to resume (no {marker}); run without --resume first")
         if exists and not resume and not overwrite:
@@ -33,13 +37,13 @@ class RunDir:
         if exists and overwrite and not resume:
             for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
                 (self.path / name).unlink(missing_ok=True)
-        self.resume = resume and exists
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     def write_config(self, config: dict[str, Any]) -> None:
-        save_yaml(self.file("config.yaml"), config)
+        if is_main():
+            save_yaml(self.file("config.yaml"), config)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         p = self.file("metrics.jsonl")
@@ -49,18 +53,21 @@ class RunDir:
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite the whole file atomically (it is small), so it always matches the last checkpoint."""
-        atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        if is_main():
+            atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        save_json(self.file("summary.json"), summary)
+        if is_main():
+            save_json(self.file("summary.json"), summary)
 
     def write_report(self, markdown: str, name: str = "report.md") -> None:
-        atomic_write_text(self.file(name), markdown)
+        if is_main():
+            atomic_write_text(self.file(name), markdown)
 
 
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Loss and accuracy per epoch as one PNG (written atomically)."""
-    if not rows:
+    """Loss and accuracy per epoch as one PNG (written atomically; by rank 0 only)."""
+    if not rows or not is_main():
         return None
     import io
 

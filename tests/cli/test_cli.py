@@ -21,6 +21,11 @@ def _run(args, capsys):
     (["train", "--config", "/nonexistent.yaml"], "file not found"),
     (["quantize", "--from", "/nonexistent/run", "--bits", "w4a4"], "no such run"),
     (["quantize", "--from", "x", "--first-last-bits", "5x"], "expected 2, 3, 4, 8 or float"),
+    (["train", "--data", "synthetic", "--weights", "/nonexistent.safetensors"], "weights file not found"),
+    (["train", "--data", "synthetic", "--image-size", "32"], "--image-size applies to --data imagefolder"),
+    (["train", "--data", "synthetic", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
+    (["train", "--data", "imagefolder"], "needs --data-dir"),
+    (["train", "--amp", "fp16"], "invalid choice"),
 ])
 def test_user_errors_are_one_line_exit_2(args, needle, capsys, tmp_path):
     if args[0] in ("train", "quantize"):
@@ -93,3 +98,27 @@ def test_quantize_bad_bits_and_wrong_run_kind(tmp_path, capsys):
     rc, _, err = _run(["quantize", "--from", str(tmp_path / "q"), "--data", "synthetic",
                        "--out", str(tmp_path / "q2")], capsys)
     assert rc == 2 and "fp32 run" in err
+
+
+def test_weights_then_quantize_from_the_zero_epoch_run(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from lowbit.models import create_model
+
+    src = create_model("mlp")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "mlp.safetensors"))
+    rc, out, err = _run(["train", "--model", "mlp", "--weights", str(tmp_path / "mlp.safetensors"), "--epochs", "0",
+                         "--data", "synthetic", "--quiet", "--amp", "bf16", "--out", str(tmp_path / "fp")], capsys)
+    assert rc == 0, err
+    ckpt = torch.load(tmp_path / "fp" / "checkpoint.pt", weights_only=True)
+    assert ckpt["kind"] == "fp32" and torch.equal(ckpt["state_dict"]["fc1.weight"], src.fc1.weight)
+    config = (tmp_path / "fp" / "config.yaml").read_text()
+    assert "amp: bf16" in config and "mlp.safetensors" in config
+    rc, out, err = _run(["quantize", "--from", str(tmp_path / "fp"), "--bits", "w8a8", "--epochs", "0",
+                         "--data", "synthetic", "--quiet", "--amp", "bf16", "--out", str(tmp_path / "q")], capsys)
+    assert rc == 0 and "w8a8" in out, err
+    assert "amp: bf16" in (tmp_path / "q" / "config.yaml").read_text()
+    rc, _, err = _run(["train", "--model", "resnet8", "--weights", str(tmp_path / "mlp.safetensors"), "--epochs", "0",
+                       "--data", "synthetic", "--quiet", "--out", str(tmp_path / "bad")], capsys)
+    assert rc == 2 and "do not fit" in err and err.count("\n") == 1

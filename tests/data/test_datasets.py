@@ -62,3 +62,15 @@ def test_real_fashion_mnist_split_sizes():
     d = get_data("fashion-mnist", FMNIST_DIR)
     assert (len(d.train), len(d.val), len(d.test)) == (55000, 5000, 10000)
     assert d.train.labels.bincount().min() > 5000
+    d = get_data("fashion-mnist", FMNIST_DIR, val_fraction=0.1)
+    assert (len(d.train), len(d.val)) == (54000, 6000)
+
+
+def test_options_a_data_set_cannot_honour_are_errors():
+    with pytest.raises(LowbitError, match="--image-size applies to --data imagefolder"):
+        get_data("synthetic", image_size=32)
+    with pytest.raises(LowbitError, match="--val-fraction does not apply"):
+        get_data("synthetic", val_fraction=0.2)
+    with pytest.raises(LowbitError, match=r"--val-fraction must be in \(0, 1\)"):
+        get_data("fashion-mnist", val_fraction=1.0)
+    assert len(get_data("synthetic", workers=2).train) == 512  # in-memory sets need no loader workers

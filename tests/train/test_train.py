@@ -83,3 +83,33 @@ def test_bad_config_values():
         FitConfig(lr=-1)
     with pytest.raises(LowbitError):
         FitConfig(device="tpu")
+
+
+def test_zero_epochs_still_writes_a_run_that_quantize_accepts(tmp_path):
+    from lowbit.train import QuantizeConfig, quantize_run
+
+    data = synthetic(n_train=128)
+    s = train(_cfg(tmp_path / "r", epochs=0), data=data)
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt", kind="fp32")
+    assert ckpt["epoch"] == 0 and ckpt["spec"]["model"] == "resnet8"
+    assert s["complete"] and s["epochs"] == 0 and 0 <= s["val_acc"] <= 1 and 0 <= s["test_acc"] <= 1
+    q = quantize_run(QuantizeConfig(source=str(tmp_path / "r"), out=str(tmp_path / "q"), data="synthetic",
+                                    fit=FitConfig(epochs=0, quiet=True)), data=data)
+    assert q["bits"] == "w4a4"
+
+
+def test_weights_initialise_the_model(tmp_path):
+    from safetensors.torch import save_file
+
+    data = synthetic(n_train=128)
+    src = create_model("resnet8", width=0.5)
+    save_file({f"module.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    cfg = _cfg(tmp_path / "r", epochs=0)
+    s = train(TrainConfig(**{**cfg.__dict__, "weights": str(tmp_path / "w.safetensors")}), data=data)
+    model, _ = load_run_model(tmp_path / "r")
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    assert s["weights"] == str(tmp_path / "w.safetensors")
+    assert abs(s["val_acc"] - evaluate(src, data.val)[1]) < 1e-9
+    with pytest.raises(LowbitError, match="do not fit"):
+        train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "r2"), "model": "mlp",
+                             "width": None, "weights": str(tmp_path / "w.safetensors")}), data=data)

@@ -6,6 +6,9 @@ one public function. :data:`COMMANDS` is merged into ``lowbit.cli.main.SUBCOMMAN
     lowbit sensitivity --from runs/w4a4 --method eagl --out runs/sens-eagl
     lowbit select --from runs/w4a4 --sensitivity runs/sens-eagl --budget 0.5 --out plan.yaml
     lowbit frontier --from runs/w4a4 --methods eagl,alps,hessian,random --budgets 0.25,0.5,0.75,1.0 --out runs/fr
+
+Both ``sensitivity --method alps`` and ``frontier`` spread their fine-tunes over the ranks under torchrun:
+    torchrun --nproc-per-node 2 -m lowbit sensitivity --from runs/w4a4 --method alps --out runs/sens-alps
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from lowbit.cli.main import add_common, add_fit
+from lowbit.distributed import is_main
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -58,10 +62,22 @@ def _options(a: argparse.Namespace, method: str, batch_size: int | None = None) 
     return {
         "eagl": {"variant": a.variant},
         "alps": {"epochs": a.alps_epochs, "examples_per_epoch": a.alps_examples, "lr": a.alps_lr,
-                 "reference": a.reference, "batch_size": batch_size},
+                 "reference": a.reference, "batch_size": batch_size, "amp": getattr(a, "amp", None)},
         "hessian": {"tol": a.tol, "max_iter": a.max_iter, "examples": a.hessian_examples, "batch_size": batch_size},
         "random": {},
     }[method]
+
+
+def _metric_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric", default="top1",
+                   help="validation metric that ALPS and the frontier measure (higher is better): top1, a "
+                        "registered name, or package.module:function (see lowbit.metrics)")
+
+
+def _amp_arg(p: argparse.ArgumentParser) -> None:
+    """``--amp`` unless the shared fit flags (lowbit.cli.main.add_fit) already define it."""
+    if not any("--amp" in a.option_strings for a in p._actions):
+        p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast of the fine-tunes' forward")
 
 
 def _run_dir_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +92,8 @@ def _sensitivity():
         p.add_argument("--from", dest="source", required=True, help="W4A4 run directory (from `lowbit quantize`)")
         p.add_argument("--method", required=True, choices=["eagl", "alps", "hessian", "random"])
         p.add_argument("--batch-size", type=int, default=None, help="batch size of ALPS and the Hessian (128)")
+        _metric_args(p)
+        _amp_arg(p)
         _method_args(p)
         _candidate_args(p)
         _run_dir_args(p)
@@ -88,9 +106,10 @@ def _sensitivity():
         table = sensitivity(a.source, a.method, a.out, data=a.data, data_dir=a.data_dir, candidates=a.candidates,
                             include_first_last=a.include_first_last, seed=a.seed, workers=a.workers,
                             device=a.device, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet,
-                            options=_options(a, a.method, a.batch_size))
-        print(table.render())
-        print(f"-> {a.out}/sensitivity.json")
+                            options=_options(a, a.method, a.batch_size), metric=a.metric)
+        if is_main():
+            print(table.render())
+            print(f"-> {a.out}/sensitivity.json")
         return 0
 
     return add, run
@@ -151,6 +170,8 @@ def _frontier():
         _method_args(p, prefix="alps-")
         _candidate_args(p)
         add_fit(p, epochs=1.0, lr=None, wd=None, schedule=None)
+        _amp_arg(p)
+        _metric_args(p)
         add_common(p, out="runs/frontier", data=False)
         _data_args(p)
 
@@ -163,7 +184,7 @@ def _frontier():
                     schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
                     lr_decay=a.lr_decay, seed=a.seed, device=a.device, channels_last=a.channels_last,
                     compile=a.compile, examples_per_epoch=a.examples, quiet=True,
-                    augmentation=getattr(a, "augmentation", None))
+                    augmentation=getattr(a, "augmentation", None), amp=a.amp)
         fit = recipe_fit_config("lsq", 2, epochs=a.epochs, **over)
         tables = {}
         for path in a.sensitivity or []:
@@ -175,14 +196,18 @@ def _frontier():
                              latency_table=a.latency_table, fit=fit, seed=a.seed, workers=a.workers,
                              options=options, candidates=None if a.candidates is None else a.candidates.split(","),
                              include_first_last=a.include_first_last, clip_negative=a.clip_negative,
-                             endpoints=a.endpoints, device=a.device, quiet=a.quiet)
+                             endpoints=a.endpoints, device=a.device, quiet=a.quiet, metric=a.metric)
         payload = frontier(a.source, a.out, cfg, data=a.data, data_dir=a.data_dir, tables=tables,
                            resume=a.resume, overwrite=a.overwrite)
-        print(f"{'method':14s} {'budget':>6s} {'2-bit':>5s} {'throughput':>10s} {'val %':>7s} {'test %':>7s}")
+        if not is_main():
+            return 0
+        val, test = ("val_acc", "test_acc") if a.metric == "top1" else ("val_metric", "test_metric")
+        print(f"{'method':14s} {'budget':>6s} {'2-bit':>5s} {'throughput':>10s} {'val %':>7s} {'test %':>7s}"
+              + ("" if a.metric == "top1" else f"   ({a.metric})"))
         for pt in payload["points"]:
             budget = "-" if pt["budget"] is None else f"{pt['budget']:g}"
             print(f"{pt['method']:14s} {budget:>6s} {pt['n_low']:5d} {pt['relative_throughput']:10.3f} "
-                  f"{100 * pt['val_acc']:7.2f} {100 * pt['test_acc']:7.2f}")
+                  f"{100 * pt[val]:7.2f} {100 * pt[test]:7.2f}")
         print(f"-> {a.out}/report.html, frontier.json, frontier.csv, frontier.png")
         return 0
 

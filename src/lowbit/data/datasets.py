@@ -8,6 +8,7 @@ run identical to an uninterrupted one. ImageFolder data goes through a standard 
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -163,19 +164,35 @@ AUGMENTATIONS = ("crop+flip", "flip", "none")
 
 def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: int = 0, epoch: int = 0,
             device: str | torch.device = "cpu", limit: int | None = None, augmentation: str = "crop+flip",
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised (x, y) batches. Training order and augmentation depend only on (seed, epoch).
 
-    ``limit`` caps the number of examples (a fraction of an epoch, e.g. for ALPS or calibration). Data sets
-    that are not in memory (ImageFolder) provide their own ``batches`` with the same contract.
+    ``limit`` caps the number of examples (a fraction of an epoch, e.g. for ALPS or calibration). ``shard=(rank,
+    world)`` keeps ``order[rank::world]`` of those examples: every rank draws the same order, so the shards are
+    disjoint and together cover the epoch (data-parallel training; batches then hold ``batch_size`` examples of
+    this rank's shard). Data sets that are not in memory (ImageFolder) provide their own ``batches`` with the
+    same contract; one whose ``batches`` takes no ``shard`` cannot be split over ranks.
     """
+    if shard is not None:
+        r, w = shard
+        if not 0 <= r < w:
+            raise LowbitError(f"shard {shard}: need 0 <= rank < world size")
     if hasattr(ds, "batches"):
-        yield from ds.batches(batch_size, train=train, seed=seed, epoch=epoch, device=device, limit=limit)
+        kw = {}
+        if shard is not None and shard[1] > 1:
+            if "shard" not in inspect.signature(ds.batches).parameters:
+                raise LowbitError(f"{type(ds).__name__} cannot be split over torchrun ranks (its batches() takes "
+                                  "no shard); run this data set in one process, without torchrun")
+            kw["shard"] = shard
+        yield from ds.batches(batch_size, train=train, seed=seed, epoch=epoch, device=device, limit=limit, **kw)
         return
     n = len(ds) if limit is None else min(limit, len(ds))
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(ds), generator=g)[:n] if train else torch.arange(n)
-    for i in range(0, n, batch_size):
+    if shard is not None and shard[1] > 1:
+        order = order[shard[0]::shard[1]]
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1009 + shard[0])  # ranks augment apart
+    for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         x = ds.images[idx].float() / 255.0
         if train and augmentation != "none":  # in pixel space, so crop padding is black like the background

@@ -23,6 +23,7 @@ from lowbit.sensitivity.table import SensitivityTable
 CSV_COLUMNS = ("method", "budget", "budget_kind", "plan", "low_layers", "n_low", "low_bit_mac_fraction", "bops",
                "weight_bytes", "relative_throughput", "val_acc", "test_acc", "finetune_seconds",
                "time_to_plan_seconds", "reused_from")
+METRIC_COLUMNS = ("val_metric", "test_metric")  # added when the frontier measured a task metric other than top1
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", file name, alt text)
 
 
@@ -62,9 +63,10 @@ def _budget(p: Mapping[str, Any]) -> str:
 
 # --- figure ----------------------------------------------------------------------------------------
 def plot_frontier(points: Sequence[Mapping[str, Any]], fp32_acc: float | None = None, title: str = "",
-                  metric: str = "test_acc") -> bytes:
+                  metric: str = "test_acc", label: str | None = None) -> bytes:
     """PNG bytes: ``metric`` (%) against relative throughput, one line per method, end points as black squares,
-    fp32 as a dashed reference line. A point's ``<metric>_std`` (if any) becomes an error bar."""
+    fp32 as a dashed reference line. A point's ``<metric>_std`` (if any) becomes an error bar. ``label`` names
+    the y axis (default: test or validation accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +89,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], fp32_acc: float | None = 
     if fp32_acc is not None:
         ax.axhline(100 * fp32_acc, color="gray", linestyle="--", label="fp32")
     ax.set_xlabel("relative throughput (W4A4 = 1.0)")
-    ax.set_ylabel(f"{'test' if metric.startswith('test') else 'validation'} accuracy (%)")
+    ax.set_ylabel(label or f"{'test' if metric.startswith('test') else 'validation'} accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -147,6 +149,7 @@ def report_blocks(payload: Mapping[str, Any], figure: str = "frontier.png") -> l
     refs = payload["references"]
     points = payload["points"]
     methods = list(payload["methods"])
+    name, val, test = _measured(payload)
     blocks: list[Block] = [
         ("h1", f"Mixed-precision frontier: {', '.join(methods)}"),
         ("p", f"Source W4A4 run: `{payload['source']}`; data: {payload['data']}; {len(payload['candidates'])} "
@@ -156,20 +159,21 @@ def report_blocks(payload: Mapping[str, Any], figure: str = "frontier.png") -> l
         ("p", f"Every plan, end points included, is fine-tuned from the W4A4 checkpoint with the same recipe: "
               f"{fit['epochs']:g} epoch(s), lr {fit['lr']:g} ({fit['schedule']}), weight decay "
               f"{fit['weight_decay']:g}, batch {fit['batch_size']}, seed {fit['seed']}. Only the choice of "
-              "layers differs between methods. Accuracies in %; test is for reporting, selection uses validation."),
+              f"layers differs between methods. {'Accuracies' if name == 'acc' else name} in %; test is for "
+              "reporting, selection uses validation."),
     ]
     ref_rows = []
     if refs.get("fp32"):
-        ref_rows.append(["fp32 (source run)", _pct(refs["fp32"]["val_acc"]), _pct(refs["fp32"]["test_acc"])])
-    ref_rows.append(["W4A4 checkpoint (no further fine-tune)", _pct(refs["w4a4_checkpoint"]["val_acc"]),
-                     _pct(refs["w4a4_checkpoint"]["test_acc"])])
-    blocks += [("h2", "References"), ("table", ["model", "val acc", "test acc"], ref_rows)]
-    blocks += [("h2", "Frontier"), ("img", figure, "accuracy vs relative throughput"),
+        ref_rows.append(["fp32 (source run)", _pct(refs["fp32"].get(val)), _pct(refs["fp32"].get(test))])
+    ref_rows.append(["W4A4 checkpoint (no further fine-tune)", _pct(refs["w4a4_checkpoint"].get(val)),
+                     _pct(refs["w4a4_checkpoint"].get(test))])
+    blocks += [("h2", "References"), ("table", ["model", f"val {name}", f"test {name}"], ref_rows)]
+    blocks += [("h2", "Frontier"), ("img", figure, f"{name} vs relative throughput"),
                ("table", ["method", "budget", "2-bit layers", "2-bit MAC share", "rel. throughput", "BOPs",
-                          "weight bytes", "val acc", "test acc", "fine-tune s"],
+                          "weight bytes", f"val {name}", f"test {name}", "fine-tune s"],
                 [[p["method"], _budget(p), p["n_low"], f"{p['low_bit_mac_fraction']:.3f}",
-                  f"{p['relative_throughput']:.3f}", f"{p['bops']:,}", f"{p['weight_bytes']:,}", _pct(p["val_acc"]),
-                  _pct(p["test_acc"]), f"{p['finetune_seconds']:.1f}" + (" (shared)" if p.get("reused_from") else "")]
+                  f"{p['relative_throughput']:.3f}", f"{p['bops']:,}", f"{p['weight_bytes']:,}", _pct(p[val]),
+                  _pct(p[test]), f"{p['finetune_seconds']:.1f}" + (" (shared)" if p.get("reused_from") else "")]
                  for p in points])]
     tts = payload["time_to_solution"]
     blocks += [("h2", "Time to solution"),
@@ -195,6 +199,12 @@ def report_blocks(payload: Mapping[str, Any], figure: str = "frontier.png") -> l
     return blocks
 
 
+def _measured(payload: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(label, val key, test key): accuracy for top1 (and files from before metrics), else the task metric."""
+    metric = payload.get("metric", "top1")
+    return ("acc", "val_acc", "test_acc") if metric == "top1" else (metric, "val_metric", "test_metric")
+
+
 def _per_layer_note(cfg: Mapping[str, Any]) -> str:
     return ("Scores (higher = keep at 4 bits) and, per method, the layer's bits at each budget "
             f"({', '.join(f'{b:g}' for b in cfg['budgets'])}), left to right.")
@@ -217,19 +227,22 @@ def _per_layer(payload: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 def frontier_csv(points: Sequence[Mapping[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    columns = CSV_COLUMNS + tuple(c for c in METRIC_COLUMNS if any(c in p for p in points))
+    w.writerow(columns)
     for p in points:
         row = {**p, "plan": json.dumps(p["plan"], separators=(",", ":")), "low_layers": ";".join(p["low_layers"]),
                "budget": "" if p.get("budget") is None else p["budget"], "reused_from": p.get("reused_from") or ""}
-        w.writerow([row.get(c, "") for c in CSV_COLUMNS])
+        w.writerow([row.get(c, "") for c in columns])
     return buf.getvalue()
 
 
 def write_outputs(folder: str | Path, payload: Mapping[str, Any]) -> None:
     """``frontier.json``, ``frontier.csv``, ``frontier.png``, ``report.md`` and ``report.html`` into ``folder``."""
     folder = Path(folder)
-    fp32 = (payload["references"].get("fp32") or {}).get("test_acc")
-    png = plot_frontier(payload["points"], fp32, title=f"{payload['data']}: {', '.join(payload['methods'])}")
+    name, _, test = _measured(payload)
+    fp32 = (payload["references"].get("fp32") or {}).get(test)
+    png = plot_frontier(payload["points"], fp32, title=f"{payload['data']}: {', '.join(payload['methods'])}",
+                        metric=test, label=None if test == "test_acc" else f"test {name} (%)")
     save_json(folder / "frontier.json", payload)
     atomic_write_text(folder / "frontier.csv", frontier_csv(payload["points"]))
     atomic_write_bytes(folder / "frontier.png", png)

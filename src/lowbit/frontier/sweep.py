@@ -14,6 +14,13 @@ W2A2) are fine-tuned once and shared, which is exact: same plan, recipe and seed
 Time to solution per method = its sensitivity wall time + the solver's time, reported apart from fine-tuning.
 Resumable: each sensitivity table and each finished point is written at once under ``<out>/sensitivity/`` and
 ``<out>/points/<method>-<budget>.json``; ``resume`` reuses them and refuses files made with other settings.
+
+``metric`` (:mod:`lowbit.metrics`) is what the points and ALPS measure; ``val_acc``/``test_acc`` stay top-1 and a
+metric other than top1 adds ``val_metric``/``test_metric``, which the report and figure then show.
+
+Under ``torchrun`` the distinct plans are spread over the ranks (plan i of those still to do on rank i % world),
+each fine-tuned alone on its rank, so every point equals a one-process run's; ALPS spreads its candidates the
+same way. Rank 0 writes the shared files (tables, end results, reports); each rank writes the points it ran.
 """
 
 from __future__ import annotations
@@ -27,16 +34,19 @@ from typing import Any
 
 from torch import nn
 
+from lowbit import distributed as dist
 from lowbit.cost import plan_cost, profile_layers
 from lowbit.data import DataSplits
 from lowbit.errors import LowbitError
 from lowbit.frontier.select import BUDGET_KINDS, parse_budgets, resolve_profile, select_layers
 from lowbit.io import load_json, save_json
+from lowbit.metrics import DEFAULT as TOP1
+from lowbit.metrics import get_metric, measure
 from lowbit.quant import Plan, plan_of
 from lowbit.runs import RunDir
 from lowbit.sensitivity.api import METHODS, load_data, load_w4a4_run, method_options, score_layers
 from lowbit.sensitivity.candidates import candidate_layers, example_input
-from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, run_jobs
+from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, gather_results, my_share, run_jobs
 from lowbit.sensitivity.table import SensitivityTable
 from lowbit.train import FitConfig, evaluate, load_run_model, recipe_fit_config
 
@@ -62,6 +72,7 @@ class FrontierConfig:
         candidates, include_first_last: which layers may drop (default: all but first, last and 8-bit).
         clip_negative: floor scores at 0 for selection (see :mod:`lowbit.frontier.select`).
         endpoints: also fine-tune the uniform W4A4 and W2A2 plans.
+        metric: what points and ALPS measure (:mod:`lowbit.metrics`: a registered name or "module:function").
     """
 
     methods: tuple[str, ...] = METHODS
@@ -80,6 +91,7 @@ class FrontierConfig:
     endpoints: bool = True
     device: str = "cpu"
     quiet: bool = True
+    metric: str = TOP1
 
     def __post_init__(self):
         methods = self.methods.split(",") if isinstance(self.methods, str) else self.methods
@@ -98,6 +110,10 @@ class FrontierConfig:
             method_options(m, opts)
         if self.candidates is not None:
             object.__setattr__(self, "candidates", tuple(self.candidates))
+        if not isinstance(self.metric, str):
+            raise LowbitError("FrontierConfig.metric must be a name or 'package.module:function' (it is saved in "
+                              "frontier.json); register a function with lowbit.metrics.register_metric")
+        get_metric(self.metric)
 
     def resolved_fit(self) -> FitConfig:
         return self.fit or recipe_fit_config("lsq", LOW_BITS, epochs=self.epochs, seed=self.seed, device=self.device,
@@ -114,15 +130,20 @@ def _label(method: str, budget: float | None) -> str:
     return method if budget is None else f"{method}-{budget:g}"
 
 
-def _reference_accuracy(model: nn.Module, data: DataSplits, fit: FitConfig) -> dict[str, float]:
+def _reference_accuracy(model: nn.Module, data: DataSplits, fit: FitConfig, metric: str = TOP1
+                        ) -> dict[str, float]:
     out = {}
     for split in ("val", "test"):
         out[f"{split}_loss"], out[f"{split}_acc"] = evaluate(model, getattr(data, split), fit.eval_batch_size,
                                                              fit.device, fit.channels_last)
+        if metric != TOP1:
+            out[f"{split}_metric"] = measure(metric, model, getattr(data, split), batch_size=fit.eval_batch_size,
+                                             device=fit.device)
     return out
 
 
-def _fp32_reference(ckpt: dict[str, Any], data: DataSplits, fit: FitConfig) -> dict[str, float] | None:
+def _fp32_reference(ckpt: dict[str, Any], data: DataSplits, fit: FitConfig, metric: str = TOP1,
+                    ) -> dict[str, float] | None:
     """Accuracy of the fp32 run the W4A4 run came from, if its checkpoint is still there."""
     source = ckpt.get("source")
     if not source:
@@ -133,7 +154,7 @@ def _fp32_reference(ckpt: dict[str, Any], data: DataSplits, fit: FitConfig) -> d
         return None
     if fp_ckpt.get("kind") != "fp32":
         return None
-    return {"run": str(source), **_reference_accuracy(fp32.to(fit.device), data, fit)}
+    return {"run": str(source), **_reference_accuracy(fp32.to(fit.device), data, fit, metric)}
 
 
 def _table(method: str, cfg: FrontierConfig, model: nn.Module, data: DataSplits, names: list[str],
@@ -151,14 +172,14 @@ def _table(method: str, cfg: FrontierConfig, model: nn.Module, data: DataSplits,
     else:
         table = score_layers(method, model, data, candidates=names, seed=cfg.seed, workers=cfg.workers,
                              out=folder, resume=resume, quiet=cfg.quiet, device=cfg.device,
-                             options=cfg.options.get(method))
+                             options=cfg.options.get(method), metric=cfg.metric)
         table = dataclasses.replace(table, config={**table.config, "frontier_key": key})
     missing = sorted(set(names) - set(table.layers))
     extra = sorted(set(table.layers) - set(names))
     if missing or extra:
         raise LowbitError(f"the {method} table does not score this run's candidates "
                           f"(missing {missing[:3]}, unknown {extra[:3]})")
-    if not resumed:
+    if not resumed and dist.is_main():
         table.save(path)
     return table
 
@@ -181,6 +202,7 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
         raise LowbitError(f"sensitivity table(s) for {', '.join(stray)} given, but the methods are "
                           f"{', '.join(cfg.methods)}")
     fit = cfg.resolved_fit()
+    dist.init_from_env(cfg.device)
     model, ckpt = load_w4a4_run(run)
     splits = load_data(ckpt, data, data_dir)
     profile = resolve_profile(cfg.cost, cfg.latency_table)
@@ -192,17 +214,21 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
         select_layers(layers, base, dict.fromkeys(names, 0.0), b, cfg.budget_kind, profile)
 
     run_dir = RunDir(out, resume=resume, overwrite=overwrite)
-    if overwrite and not run_dir.resume:
+    if overwrite and not run_dir.resume and dist.is_main():
         for sub in ("points", "sensitivity"):
             shutil.rmtree(run_dir.file(sub), ignore_errors=True)
+    dist.barrier()  # old files are gone before any rank writes new ones
     run_dir.write_config({"command": "frontier", "source": str(run), **cfg.to_dict(), "data": splits.name})
     source_key = fingerprint(model)
 
     # 1. sensitivity tables (the expensive part of ALPS and the Hessian), each saved as soon as it exists
     result_tables: dict[str, SensitivityTable] = {}
     for method in cfg.methods:
-        key = fingerprint({"method": method, "options": method_options(method, cfg.options.get(method)),
-                           "seed": cfg.seed, "candidates": names, "model": source_key})
+        settings = {"method": method, "options": method_options(method, cfg.options.get(method)),
+                    "seed": cfg.seed, "candidates": names, "model": source_key}
+        if method == "alps" and cfg.metric != TOP1:
+            settings["metric"] = cfg.metric
+        key = fingerprint(settings)
         result_tables[method] = _table(method, cfg, model, splits, names, run_dir.file("sensitivity"),
                                        run_dir.resume, key, tables.get(method))
 
@@ -232,7 +258,10 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
                        "time_to_plan_seconds": table.wall_seconds + solve_s}, selection.solver)
 
     # 3. fine-tune each distinct plan once; every point is saved as soon as its plan is done
-    fit_key = fingerprint({"fit": fit.to_dict(), "model": source_key, "data": [splits.name, len(splits.train)]})
+    fit_settings = {"fit": fit.to_dict(), "model": source_key, "data": [splits.name, len(splits.train)]}
+    if cfg.metric != TOP1:
+        fit_settings["metric"] = cfg.metric
+    fit_key = fingerprint(fit_settings)
     folder = run_dir.file("points")
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for p in points:
@@ -251,35 +280,45 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
                 p.update(record)
                 results.setdefault(low, {**_trained(record), "label": record.get("reused_from") or p["label"]})
 
-    def save_point(p: dict[str, Any], trained: dict[str, Any]) -> None:
+    def save_point(p: dict[str, Any], trained: dict[str, Any], write: bool = True) -> None:
         source = trained["label"]
         p.update({k: v for k, v in trained.items() if k != "label"})
         p["reused_from"] = None if source == p["label"] else source
-        save_json(folder / f"{p['label']}.json", p)
+        if write:
+            save_json(folder / f"{p['label']}.json", p)
 
     todo = [low for low in groups if low not in results]
-    job = FinetuneJob(model.cpu() if cfg.workers > 1 else model, splits, fit, LOW_BITS, test=True)
-    for low, result in run_jobs(finetune_dropped, job, todo, workers=cfg.workers, desc="frontier", quiet=cfg.quiet):
+    job = FinetuneJob(model.cpu() if cfg.workers > 1 else model, splits, fit, LOW_BITS, test=True, metric=cfg.metric)
+    mine = {}
+    for low, result in run_jobs(finetune_dropped, job, my_share(todo), workers=cfg.workers, desc="frontier",
+                                quiet=cfg.quiet or not dist.is_main()):
         first = groups[low][0]
-        results[low] = {"val_acc": result["val_acc"], "val_loss": result["val_loss"],
-                        "test_acc": result["test_acc"], "test_loss": result["test_loss"],
-                        "finetune_seconds": result["seconds"], "finetune_passes": result["passes"],
-                        "label": first["label"]}
+        keys = ("val_acc", "val_loss", "test_acc", "test_loss", "val_metric", "test_metric")
+        mine[low] = {**{k: result[k] for k in keys if k in result}, "finetune_seconds": result["seconds"],
+                     "finetune_passes": result["passes"], "label": first["label"]}
         for p in groups[low]:
-            save_point(p, results[low])
+            save_point(p, mine[low])  # at once, by the rank that fine-tuned it
+    for low, trained in gather_results(mine).items():
+        results[low] = trained
+        for p in groups[low]:
+            if low not in mine:
+                save_point(p, trained, write=False)  # another rank ran and saved it
     for low, members in groups.items():
         for p in members:
             if "val_acc" not in p:
-                save_point(p, results[low])
+                save_point(p, results[low], write=dist.is_main())
 
     # 4. references, rank correlations, time to solution, files
+    if not dist.is_main():  # rank 0 measures the references and writes the reports; everyone returns its payload
+        return dist.broadcast_object(None)
     model.to(fit.device)
-    references = {"fp32": _fp32_reference(ckpt, splits, fit),
-                  "w4a4_checkpoint": _reference_accuracy(model, splits, fit)}
+    references = {"fp32": _fp32_reference(ckpt, splits, fit, cfg.metric),
+                  "w4a4_checkpoint": _reference_accuracy(model, splits, fit, cfg.metric)}
     infos = {li.name: li for li in layers}
     total_macs = sum(infos[n].macs for n in names) or 1
     payload = {
-        "version": FRONTIER_VERSION, "source": str(run), "data": splits.name, "config": cfg.to_dict(),
+        "version": FRONTIER_VERSION, "source": str(run), "data": splits.name, "metric": cfg.metric,
+        "config": cfg.to_dict(),
         "profile": profile.name, "candidates": names,
         "layers": [{"layer": n, "macs": infos[n].macs, "params": infos[n].params,
                     "mac_share": infos[n].macs / total_macs} for n in names],
@@ -290,12 +329,12 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
         "points": points,
     }
     write_outputs(run_dir.path, payload)
-    return payload
+    return dist.broadcast_object(payload)
 
 
 def _trained(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("val_acc", "val_loss", "test_acc", "test_loss", "finetune_seconds", "finetune_passes")
-    return {k: record[k] for k in keys}
+    return {**{k: record[k] for k in keys}, **{k: record[k] for k in ("val_metric", "test_metric") if k in record}}
 
 
 def _time_to_solution(tables: dict[str, SensitivityTable], points: list[dict[str, Any]]) -> dict[str, Any]:

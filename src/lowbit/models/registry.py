@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -96,7 +97,11 @@ def _torchvision_model(arch: str, num_classes: int, in_channels: int = 3, **kw) 
         builder = torchvision.models.get_model_builder(arch)
     except ValueError:
         raise LowbitError(f"torchvision has no model {arch!r}; see torchvision.models.list_models()") from None
-    model = builder(weights=None, num_classes=num_classes, **kw)
+    try:
+        model = builder(weights=None, num_classes=num_classes, **kw)
+    except (TypeError, ValueError) as e:  # an option the builder does not take (e.g. --width)
+        raise LowbitError(f"torchvision model {arch!r} rejects option(s) {', '.join(kw) or 'given'}: "
+                          f"{str(e).splitlines()[0]}") from None
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     return model
@@ -107,17 +112,36 @@ def _timm_model(arch: str, num_classes: int, in_channels: int = 3, **kw) -> nn.M
         import timm
     except ImportError:
         raise LowbitError(f"model 'timm:{arch}' needs timm: pip install 'lowbit[timm]'") from None
-    if arch not in timm.list_models():
+    if not timm.is_model(arch):
         raise LowbitError(f"timm has no model {arch!r}; see timm.list_models()")
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+    except TypeError as e:
+        raise LowbitError(f"timm model {arch!r} rejects option(s) {', '.join(kw) or 'given'}: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
-    """Replace the first Conv2d so a 3-channel torchvision model accepts ``in_channels`` inputs."""
-    for parent in model.modules():
-        for cname, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                setattr(parent, cname, nn.Conv2d(in_channels, child.out_channels, child.kernel_size,
-                                                 child.stride, child.padding, child.dilation, child.groups,
-                                                 child.bias is not None))
-                return
+    """Give a 3-channel model's stem conv ``in_channels`` inputs (e.g. 1 for Fashion-MNIST).
+
+    The stem is the first Conv2d in module order. Its kernel is folded the way timm adapts pretrained stems
+    (summed over RGB for one channel, else RGB cycled and scaled by 3/in_channels), which keeps the
+    initialisation's output scale.
+    """
+    name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if conv is None or conv.groups != 1:
+        raise LowbitError(f"cannot adapt the model to {in_channels} input channels: its first layer is not a "
+                          f"plain Conv2d; use 3-channel data")
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        w = conv.weight  # out, 3, kh, kw
+        if in_channels == 1:
+            new.weight.copy_(w.sum(1, keepdim=True))
+        else:
+            reps = -(-in_channels // w.shape[1])
+            new.weight.copy_(w.repeat(1, reps, 1, 1)[:, :in_channels] * (w.shape[1] / in_channels))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)

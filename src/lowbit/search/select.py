@@ -137,9 +137,11 @@ def select_plan(layers: list[LayerInfo], base_plan: Mapping | Any, scores: Mappi
     if not budgets:
         raise LowbitError("select_plan needs at least one budget: mac_fraction, min_throughput, max_bops "
                           "or max_weight_bytes")
-    for savings, need, explain in budgets.values():
+    for key, (savings, need, explain) in list(budgets.items()):
         best = sum(savings.values(), Fraction(0))
-        if best < need:
+        if best < need <= best + abs(best) * Fraction(1, 10**12):
+            budgets[key] = (savings, best, explain)  # a float budget at the exact maximum, rounded up by float
+        elif best < need:
             raise LowbitError(f"{explain(best)} (all {len(cand)} candidates at {low_bits} bits)")
 
     selection = solve(scores, {b: v[0] for b, v in budgets.items()}, {b: v[1] for b, v in budgets.items()},

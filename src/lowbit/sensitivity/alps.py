@@ -18,6 +18,11 @@ Every candidate is an independent job: ``workers > 1`` runs them in spawned proc
 finished job is written at once, atomically, to ``<out>/alps/<layer>.json`` (the reference to
 ``_reference.json``); ``resume=True`` loads those files and never redoes a finished job. Files made with other
 settings or another model are refused, not mixed in.
+
+``metric`` replaces validation accuracy by any task metric (:mod:`lowbit.metrics`, higher is better); the
+score is then the metric's drop. Under ``torchrun`` each rank fine-tunes its share of the candidates alone
+(candidate i of those still to do on rank i % world), writes each file as it finishes, and after a barrier
+every rank builds the same table; the scores equal a one-process run's exactly.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from typing import Any
 
 from torch import nn
 
+from lowbit import distributed as dist
 from lowbit.data import DataSplits
 from lowbit.errors import LowbitError
 from lowbit.io import load_json, save_json
+from lowbit.metrics import DEFAULT as TOP1
+from lowbit.metrics import Metric, get_metric, measure, metric_name
 from lowbit.sensitivity.candidates import Candidates, candidate_layers, example_input, make_rows, profile
-from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, run_jobs
+from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, gather_results, my_share, run_jobs
 from lowbit.sensitivity.table import SensitivityTable, add_passes, no_passes
 from lowbit.train import FitConfig, evaluate, recipe_fit_config
 
@@ -75,8 +83,8 @@ def _load_finished(folder: Path, names: list[str | None], key: str) -> dict[str 
 def alps_scores(model: nn.Module, data: DataSplits, candidates: Candidates = None, *,
                 fit: FitConfig | None = None, reference: str = "finetuned", low_bits: int = 2,
                 include_first_last: bool = False, workers: int = 1, out: str | Path | None = None,
-                resume: bool = False, quiet: bool = True) -> SensitivityTable:
-    """Measured accuracy drops of the candidate layers; higher = keep at 4 bits (module docstring).
+                resume: bool = False, quiet: bool = True, metric: str | Metric = TOP1) -> SensitivityTable:
+    """Measured accuracy (or ``metric``) drops of the candidate layers; higher = keep at 4 bits (module docstring).
 
     Args:
         model: the trained W4A4 model (left unchanged; every job works on a copy).
@@ -84,41 +92,60 @@ def alps_scores(model: nn.Module, data: DataSplits, candidates: Candidates = Non
         candidates: layer names; default: all quantized layers but the first, last and 8-bit ones.
         fit: the fine-tune recipe for every job (default :func:`alps_fit_config`: LSQ at 2 bits, 1 epoch).
         reference: ``"finetuned"`` (default, one extra job) or ``"checkpoint"``.
-        workers: parallel processes (one torch thread each); <= 1 runs in this process.
+        workers: parallel processes (one torch thread each); <= 1 runs in this process (or on this rank).
         out: folder for the per-job files ``<out>/alps/<layer>.json``; None keeps results in memory.
         resume: load finished job files from ``out`` instead of recomputing them.
+        metric: what is measured on validation (:mod:`lowbit.metrics`); default top-1 accuracy.
     """
     if reference not in REFERENCES:
         raise LowbitError(f"unknown ALPS reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    get_metric(metric)  # an unknown metric fails before any fine-tune
+    name = metric_name(metric)
     t0 = time.perf_counter()
     fit = fit or alps_fit_config(low_bits=low_bits)
+    dist.init_from_env(fit.device)
     names = candidate_layers(model, candidates, include_first_last)
     if REFERENCE_FILE in names:
         raise LowbitError(f"a layer named {REFERENCE_FILE!r} clashes with the ALPS reference file")
     folder = None if out is None else Path(out) / "alps"
     settings = {"fit": fit.to_dict(), "low_bits": low_bits, "model": fingerprint(model),
                 "data": [data.name, len(data.train), len(data.val)]}
+    if name != TOP1:  # top-1 keeps the keys of files written before metrics existed
+        settings["metric"] = name
     key = fingerprint(settings)
     jobs: list[str | None] = list(names) + ([None] if reference == "finetuned" else [])
-    done = _load_finished(folder, jobs, key) if resume and folder is not None else {}
+    done = _load_finished(folder, jobs, key) if resume and folder is not None and dist.is_main() else {}
+    done = dist.broadcast_object(done)  # rank 0 read the files: every rank agrees on what is left
     todo = [j for j in jobs if j not in done]
-    job = FinetuneJob(model, data, fit, low_bits)
-    for name, record in run_jobs(_job, (job, folder, key), todo, workers=workers, desc="ALPS", quiet=quiet):
-        done[name] = record
+    job = FinetuneJob(model, data, fit, low_bits, metric=metric)
+    mine = {}
+    for job_name, record in run_jobs(_job, (job, folder, key), my_share(todo), workers=workers, desc="ALPS",
+                                     quiet=quiet or not dist.is_main()):
+        mine[job_name] = record
+    done.update(gather_results(mine))
 
+    value = "val_acc" if name == TOP1 else "val_metric"
     passes = add_passes(*(r["passes"] for r in done.values()))
     if reference == "finetuned":
-        ref_acc = done[None]["val_acc"]
+        ref = done[None][value]
     else:
         param = next(model.parameters())
-        _, ref_acc = evaluate(model, data.val, fit.eval_batch_size, str(param.device), fit.channels_last)
+        if name == TOP1:
+            _, ref = evaluate(model, data.val, fit.eval_batch_size, str(param.device), fit.channels_last)
+        else:
+            ref = measure(metric, model, data.val, batch_size=fit.eval_batch_size, device=str(param.device))
         passes = add_passes(passes, {"forward": -(-len(data.val) // fit.eval_batch_size)})
-    scores = {n: ref_acc - done[n]["val_acc"] for n in names}
-    extra = {n: {"val_acc": done[n]["val_acc"], "seconds": done[n]["seconds"]} for n in names}
+    scores = {n: ref - done[n][value] for n in names}
+    extra = {n: {"val_acc": done[n]["val_acc"], **({} if name == TOP1 else {"val_metric": done[n][value]}),
+                 "seconds": done[n]["seconds"]} for n in names}
     rows = make_rows(model, names, scores, profile(model, example_input(data=data)), extra)
-    config = {"reference": reference, "reference_val_acc": ref_acc, "low_bits": low_bits, "fit": fit.to_dict(),
+    config = {"reference": reference, f"reference_{value}": ref, "low_bits": low_bits, "fit": fit.to_dict(),
               "workers": workers, "include_first_last": include_first_last, "resumed": len(jobs) - len(todo),
               "compute_seconds": sum(r["seconds"] for r in done.values()), "key": key}
+    if name != TOP1:
+        config["metric"] = name
+    if dist.world_size() > 1:
+        config["ranks"] = dist.world_size()
     return SensitivityTable("alps", rows, time.perf_counter() - t0, {**no_passes(), **passes}, config)
 
 

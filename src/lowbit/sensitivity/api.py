@@ -2,6 +2,9 @@
 
     table = sensitivity("runs/w4a4", "eagl", "runs/sens-eagl")     # writes sensitivity.json and report.md
     table = score_layers("hessian", model, data, tol=1e-2)         # in memory, any quantized model
+
+Under ``torchrun`` ALPS spreads its candidates over the ranks; the other methods run on rank 0 and hand their
+table to the rest. Rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed as dist
 from lowbit.data import DataSplits, get_data, iterate
 from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint
+from lowbit.metrics import DEFAULT as TOP1
+from lowbit.metrics import Metric, get_metric, metric_name
 from lowbit.quant import quant_layers
 from lowbit.runs import RunDir
 from lowbit.sensitivity.alps import REFERENCES, alps_fit_config, alps_scores
@@ -31,7 +37,8 @@ NEEDS_DATA = ("alps", "hessian")
 # Per-method options and their defaults (ALPS fit fields left None take the LSQ 2-bit recipe's values).
 OPTIONS: dict[str, dict[str, Any]] = {
     "eagl": {"variant": "h4"},
-    "alps": {"epochs": 1.0, "examples_per_epoch": None, "lr": None, "batch_size": 128, "reference": "finetuned"},
+    "alps": {"epochs": 1.0, "examples_per_epoch": None, "lr": None, "batch_size": 128, "reference": "finetuned",
+             "amp": None},
     "hessian": {"tol": 1e-2, "max_iter": 100, "examples": 1024, "batch_size": 128},
     "random": {},
 }
@@ -58,32 +65,39 @@ def score_layers(method: str, model: nn.Module, data: DataSplits | None = None, 
                  candidates: Candidates = None, include_first_last: bool = False, seed: int = 0,
                  workers: int = 1, out: str | Path | None = None, resume: bool = False, quiet: bool = True,
                  device: str = "cpu", example: torch.Tensor | None = None,
-                 options: dict[str, Any] | None = None) -> SensitivityTable:
+                 options: dict[str, Any] | None = None, metric: str | Metric = TOP1) -> SensitivityTable:
     """Score the candidate layers of a quantized model with ``method`` (see :data:`OPTIONS` for ``options``).
 
     ``data`` is needed by ALPS (train + val) and the Hessian (val); ``example`` (a batch-1 input) gives the
     data-free methods their MACs. ``seed`` seeds the random scores, the Rademacher vectors and ALPS' fine-tunes.
+    ``metric`` is what ALPS measures (:mod:`lowbit.metrics`); the other methods measure no task metric.
     """
     opts = method_options(method, options)
     if method in NEEDS_DATA and data is None:
         raise LowbitError(f"{method} needs data (train and validation splits)")
+    get_metric(metric)
     if example is None and data is not None:
         example = example_input(data=data)
     common = dict(candidates=candidates, include_first_last=include_first_last)
-    if method == "eagl":
-        return eagl_scores(model, opts["variant"], example_input=example, **common)
-    if method == "random":
-        return random_scores(model, random_state=seed, example_input=example, **common)
-    if method == "hessian":
-        batches = list(iterate(data.val, opts["batch_size"], device=device, limit=opts["examples"]))
-        return hessian_scores(model, batches, tol=opts["tol"], max_iter=opts["max_iter"], random_state=seed,
-                              quiet=quiet, **common)
-    if opts["reference"] not in REFERENCES:
-        raise LowbitError(f"unknown ALPS reference {opts['reference']!r}; choose one of {', '.join(REFERENCES)}")
-    fit = alps_fit_config(opts["epochs"], examples_per_epoch=opts["examples_per_epoch"], lr=opts["lr"],
-                          batch_size=opts["batch_size"], seed=seed, device=device)
-    return alps_scores(model, data, fit=fit, reference=opts["reference"], workers=workers, out=out,
-                       resume=resume, quiet=quiet, **common)
+    if method == "alps":
+        if opts["reference"] not in REFERENCES:
+            raise LowbitError(f"unknown ALPS reference {opts['reference']!r}; choose one of {', '.join(REFERENCES)}")
+        fit = alps_fit_config(opts["epochs"], examples_per_epoch=opts["examples_per_epoch"], lr=opts["lr"],
+                              batch_size=opts["batch_size"], seed=seed, device=device, amp=opts["amp"])
+        return alps_scores(model, data, fit=fit, reference=opts["reference"], workers=workers, out=out,
+                           resume=resume, quiet=quiet, metric=metric, **common)
+    dist.init_from_env(device)
+    table = None
+    if dist.is_main():  # one rank computes, the others get its table
+        if method == "eagl":
+            table = eagl_scores(model, opts["variant"], example_input=example, **common)
+        elif method == "random":
+            table = random_scores(model, random_state=seed, example_input=example, **common)
+        else:
+            batches = list(iterate(data.val, opts["batch_size"], device=device, limit=opts["examples"]))
+            table = hessian_scores(model, batches, tol=opts["tol"], max_iter=opts["max_iter"], random_state=seed,
+                                   quiet=quiet, **common)
+    return dist.broadcast_object(table)
 
 
 def load_w4a4_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -119,7 +133,7 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
                 data_dir: str | None = None, candidates: Candidates = None, include_first_last: bool = False,
                 seed: int = 0, workers: int = 1, device: str = "cpu", resume: bool = False,
                 overwrite: bool = False, quiet: bool = True, options: dict[str, Any] | None = None,
-                ) -> SensitivityTable:
+                metric: str | Metric = TOP1) -> SensitivityTable:
     """``lowbit sensitivity``: score the W4A4 run ``run`` with ``method``; write ``<out>/sensitivity.json``.
 
     Also writes ``config.yaml`` and ``report.md`` (the sorted table). ALPS keeps one file per finished
@@ -127,22 +141,28 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
     """
     check_method(method)
     opts = method_options(method, options)
+    get_metric(metric)
+    dist.init_from_env(device)
     model, ckpt = load_w4a4_run(run)
     splits = load_data(ckpt, data, data_dir) if method in NEEDS_DATA else None
     shape = ckpt.get("spec", {}).get("input_shape")
     example = example_input(shape) if shape else None
     run_dir = RunDir(out, resume=resume, overwrite=overwrite)
-    if overwrite and not run_dir.resume:
+    if overwrite and not run_dir.resume and dist.is_main():
         shutil.rmtree(run_dir.file("alps"), ignore_errors=True)
+    dist.barrier()  # the old candidate files are gone before any rank writes new ones
     run_dir.write_config({"command": "sensitivity", "source": str(run), "method": method, "options": opts,
                           "candidates": candidates, "include_first_last": include_first_last, "seed": seed,
-                          "workers": workers, "device": device, "data": None if splits is None else splits.name})
+                          "workers": workers, "device": device, "data": None if splits is None else splits.name,
+                          "metric": metric_name(metric), "ranks": dist.world_size()})
     table = score_layers(method, model.to(device), splits, candidates=candidates,
                          include_first_last=include_first_last, seed=seed, workers=workers, out=run_dir.path,
-                         resume=run_dir.resume, quiet=quiet, device=device, example=example, options=opts)
+                         resume=run_dir.resume, quiet=quiet, device=device, example=example, options=opts,
+                         metric=metric)
     table = SensitivityTable(table.method, table.rows, table.wall_seconds, table.passes,
                              {**table.config, "source": str(run)})
-    table.save(run_dir.file("sensitivity.json"))
+    if dist.is_main():
+        table.save(run_dir.file("sensitivity.json"))
     run_dir.write_report(f"# Sensitivity: {method}\n\nSource: `{run}`\n\n```\n{table.render()}\n```\n")
     return table
 

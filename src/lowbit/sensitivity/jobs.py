@@ -4,6 +4,10 @@ and fingerprint what they depend on so a resumed run never mixes results of diff
 Parallel jobs run in ``torch.multiprocessing`` *spawn* processes (fork is unsafe once torch has started
 threads) with one torch thread each: ``workers`` processes × N threads would oversubscribe the cores.
 ``workers <= 1`` runs the jobs one after the other in this process.
+
+Under ``torchrun`` the jobs are spread over the ranks (:func:`my_share`, job i to rank i % world) and every rank
+then gets all results (:func:`gather_results`). A job never depends on the rank it runs on, so the results
+equal a one-process run's exactly (same seed, same thread count).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit import distributed as dist
 from lowbit.data import DataSplits
+from lowbit.metrics import DEFAULT as TOP1
+from lowbit.metrics import measure, metric_name
 from lowbit.quant import quant_layers, reset_layer_
 from lowbit.train import FitConfig, calibration_batches, evaluate, fit, make_optimizer
 
@@ -59,6 +66,19 @@ def run_jobs(fn: Callable[[Any, Any], Any], shared: Any, jobs: Sequence[Any], *,
                 bar.update()
     finally:
         bar.close()
+
+
+def my_share(jobs: Sequence[Any]) -> list[Any]:
+    """This rank's jobs: job i goes to rank i % world (all of them in a plain process)."""
+    return list(jobs)[dist.rank()::dist.world_size()]
+
+
+def gather_results(results: dict[Any, Any]) -> dict[Any, Any]:
+    """Every rank's ``{job: result}`` merged, on every rank (waits for the slowest rank)."""
+    merged: dict[Any, Any] = {}
+    for part in dist.all_gather_object(results):
+        merged.update(part)
+    return merged
 
 
 class PassCounter:
@@ -131,13 +151,15 @@ class FinetuneJob:
     fit: FitConfig
     low_bits: int = 2
     test: bool = False  # also evaluate the test split (frontier points; never for ALPS)
+    metric: Any = TOP1  # a name, "module:function" or callable (lowbit.metrics); top1 = accuracy only
 
 
 def finetune_dropped(shared: FinetuneJob, names: Sequence[str]) -> dict[str, Any]:
     """Copy the model, drop ``names`` to low bits, fine-tune with the shared recipe, evaluate.
 
-    Returns val (and test) loss/accuracy, seconds and passes. Seeds are reset first so the same job gives
-    the same result in any process and order.
+    Returns val (and test) loss/accuracy, seconds and passes, and with a task metric other than top1 also
+    ``metric`` and ``val_metric`` (``test_metric``). Seeds are reset first so the same job gives the same
+    result in any process, rank and order; under torchrun the job trains alone on its rank.
     """
     t0 = time.perf_counter()
     cfg = shared.fit
@@ -148,7 +170,7 @@ def finetune_dropped(shared: FinetuneJob, names: Sequence[str]) -> dict[str, Any
             drop_layers_(model, names, shared.low_bits, _calibration(model, shared.data, cfg))
         optimizer = make_optimizer(model, cfg)
         if cfg.epochs > 0:
-            state = fit(model, shared.data, cfg, optimizer=optimizer, desc="fine-tune")
+            state = fit(model, shared.data, cfg, optimizer=optimizer, desc="fine-tune", data_parallel=False)
             val_loss, val_acc = state.rows[-1]["val_loss"], state.rows[-1]["val_acc"]
         else:
             val_loss, val_acc = evaluate(model, shared.data.val, cfg.eval_batch_size, cfg.device, cfg.channels_last)
@@ -156,7 +178,14 @@ def finetune_dropped(shared: FinetuneJob, names: Sequence[str]) -> dict[str, Any
         if shared.test:
             out["test_loss"], out["test_acc"] = evaluate(model, shared.data.test, cfg.eval_batch_size, cfg.device,
                                                          cfg.channels_last)
+        name = metric_name(shared.metric)
+        if name != TOP1:
+            out["metric"] = name
+            for split in ("val", "test") if shared.test else ("val",):
+                out[f"{split}_metric"] = measure(shared.metric, model, getattr(shared.data, split),
+                                                 batch_size=cfg.eval_batch_size, device=cfg.device)
     return {**out, "seconds": time.perf_counter() - t0, "passes": counter.as_dict()}
 
 
-__all__ = ["FinetuneJob", "PassCounter", "drop_layers_", "fingerprint", "finetune_dropped", "run_jobs"]
+__all__ = ["FinetuneJob", "PassCounter", "drop_layers_", "fingerprint", "finetune_dropped", "gather_results",
+           "my_share", "run_jobs"]

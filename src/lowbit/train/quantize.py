@@ -14,6 +14,9 @@ Recipes (methods.md §2–3; values scaled to this data set, where our fp32 reci
 
 For a mixed plan the recipe follows the lowest precision in it. ``--epochs 0`` gives the post-training
 (calibration only) accuracy.
+
+Under ``torchrun`` every rank calibrates the same model and ``fit`` trains it data-parallel; rank 0 alone writes
+the run directory.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed as dist
 from lowbit.data import DataSplits, get_data, iterate
 from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint, save_checkpoint
@@ -128,6 +132,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     if cfg.distill:
         fit_cfg = replace(fit_cfg, distill=True)
     cfg = replace(cfg, fit=fit_cfg)
+    dist.init_from_env(fit_cfg.device)
     run = RunDir(cfg.out, resume=resume, overwrite=overwrite)
     ckpt_file = run.file(CHECKPOINT_NAME)
     state = FitState()
@@ -150,6 +155,8 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
                       "plan": plan.to_dict()})
 
     def save(st: FitState, opt: torch.optim.Optimizer) -> None:
+        if not dist.is_main():
+            return
         save_checkpoint(ckpt_file, {"kind": "quantized", "spec": src["spec"], "plan": plan.to_dict(),
                                     "quant_config": qcfg.to_dict(), "state_dict": model.state_dict(),
                                     "optimizer": opt.state_dict(), "epoch": st.epoch, "fit": fit_cfg.to_dict(),

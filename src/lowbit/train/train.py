@@ -1,4 +1,9 @@
-"""``lowbit train``: fp32 training of a registry model into a run directory."""
+"""``lowbit train``: fp32 training of a registry model into a run directory.
+
+``weights`` starts from a local file (e.g. torchvision's ImageNet weights saved as safetensors) instead of
+random init; with ``epochs=0`` that gives an fp32 run directory around pretrained weights, the starting point
+``lowbit quantize --from`` needs.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ from typing import Any
 
 import torch
 
+from lowbit import distributed as dist
 from lowbit.data import get_data
 from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint, save_checkpoint
-from lowbit.models import create_model
+from lowbit.models import create_model, load_weights_
 from lowbit.runs import RunDir, plot_curves
 from lowbit.train.checkpoint import CHECKPOINT_NAME, model_spec
 from lowbit.train.loop import FitConfig, FitState, evaluate, fit, make_optimizer
@@ -25,7 +31,10 @@ class TrainConfig:
     data_dir: str | None = None
     out: str = "runs/train"
     fit: FitConfig = field(default_factory=FitConfig)
-    workers: int = 0
+    workers: int = 0  # torch threads; also DataLoader worker processes for ImageFolder data
+    weights: str | None = None  # local safetensors / state-dict file to start from (never downloaded)
+    val_fraction: float | None = None  # None: the data set's default split
+    image_size: int | None = None  # ImageFolder only; None: 224
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,8 +47,10 @@ def seed_everything(seed: int) -> None:
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           stop_after: int | None = None, data=None) -> dict[str, Any]:
     """Train from scratch (or resume) and return the summary that is also written to ``summary.json``."""
+    dist.init_from_env(cfg.fit.device)
     run = RunDir(cfg.out, resume=resume, overwrite=overwrite)
-    data = data or get_data(cfg.data, cfg.data_dir)
+    data = data or get_data(cfg.data, cfg.data_dir, val_fraction=cfg.val_fraction, image_size=cfg.image_size,
+                            workers=cfg.workers)
     kwargs = {"in_channels": data.input_shape[0]}
     if cfg.width is not None:
         kwargs["width"] = cfg.width
@@ -59,11 +70,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = FitState(ckpt["epoch"], run.read_metrics()[: ckpt["epoch"]])
-    elif run.resume:
+    else:
         run.resume = False
+        if cfg.weights:
+            load_weights_(model, cfg.weights)
     run.write_config({"command": "train", **cfg.to_dict(), "resolved_model_kwargs": kwargs})
 
     def on_epoch_end(st: FitState, opt: torch.optim.Optimizer) -> None:
+        if not dist.is_main():  # under torchrun rank 0 alone writes the run directory
+            return
         save_checkpoint(ckpt_file, {"kind": "fp32", "spec": spec, "state_dict": model.state_dict(),
                                     "optimizer": opt.state_dict(), "epoch": st.epoch,
                                     "fit": cfg.fit.to_dict()})
@@ -72,8 +87,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     t0 = time.perf_counter()
     state = fit(model, data, cfg.fit, optimizer=optimizer, start=state, on_epoch_end=on_epoch_end,
                 stop_after=stop_after, desc=f"train {cfg.model}")
-    summary = finish_run(run, model, data, cfg.fit, state, {"command": "train", "model": cfg.model},
-                         time.perf_counter() - t0)
+    if state.epoch == 0:  # epochs=0 runs no epoch, hence no on_epoch_end: still leave a checkpoint to quantize
+        on_epoch_end(state, optimizer)
+    head = {"command": "train", "model": cfg.model, **({"weights": str(cfg.weights)} if cfg.weights else {})}
+    summary = finish_run(run, model, data, cfg.fit, state, head, time.perf_counter() - t0)
     return summary
 
 

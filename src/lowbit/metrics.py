@@ -1,0 +1,100 @@
+"""Task metrics: what ALPS and the frontier measure on validation, so they can rank layers for any task.
+
+A metric is ``fn(model, dataset, *, batch_size, device) -> float``, higher is better. ``"top1"`` (the default)
+is the classification accuracy every command reported so far. Add others with :func:`register_metric`, or name
+one as ``"package.module:function"``: lowbit imports that module (the user's own code) when the metric is used,
+which is how a CLI run or a spawned worker finds a metric that no lowbit module registers.
+
+    @register_metric("miou")
+    def miou(model, dataset, *, batch_size=512, device="cpu") -> float: ...
+
+    alps_scores(model, data, metric="miou")
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+Metric = Callable[..., float]
+_REGISTRY: dict[str, Metric] = {}
+DEFAULT = "top1"
+
+
+def register_metric(name: str) -> Callable[[Metric], Metric]:
+    """Decorator: make ``fn`` available as ``metric=name`` (re-importing the same module may re-register)."""
+    if not isinstance(name, str) or not name.strip() or ":" in name:
+        raise LowbitError(f"metric name must be a non-empty string without ':', got {name!r}")
+
+    def add(fn: Metric) -> Metric:
+        old = _REGISTRY.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise LowbitError(f"metric {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def list_metrics() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_metric(metric: str | Metric) -> Metric:
+    """The function behind a registered name, a ``"module:function"`` string, or a callable as given."""
+    if callable(metric):
+        return metric
+    if not isinstance(metric, str) or not metric:
+        raise LowbitError(f"metric must be a name or 'package.module:function', got {metric!r}")
+    if metric in _REGISTRY:
+        return _REGISTRY[metric]
+    if ":" not in metric:
+        raise LowbitError(f"unknown metric {metric!r}; choose one of {', '.join(list_metrics())} or give "
+                          "'package.module:function'")
+    module, _, attr = metric.partition(":")
+    try:
+        fn = importlib.import_module(module)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except ImportError as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LowbitError(f"metric {metric!r}: cannot import {module!r} ({why}); is it on PYTHONPATH?") from None
+    except (AttributeError, ValueError):
+        raise LowbitError(f"metric {metric!r}: module {module!r} has no {attr!r}") from None
+    if not callable(fn):
+        raise LowbitError(f"metric {metric!r} is not a function")
+    return fn
+
+
+def metric_name(metric: str | Metric) -> str:
+    """What results record: the name or string as given, ``module:qualname`` for a bare callable."""
+    if isinstance(metric, str):
+        return metric
+    for name, fn in _REGISTRY.items():
+        if fn is metric:
+            return name
+    return f"{metric.__module__}:{metric.__qualname__}"
+
+
+def measure(metric: str | Metric, model: nn.Module, dataset, *, batch_size: int = 512, device: str = "cpu",
+            ) -> float:
+    value = get_metric(metric)(model, dataset, batch_size=batch_size, device=device)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise LowbitError(f"metric {metric_name(metric)!r} returned {value!r}, not a number") from None
+
+
+@register_metric("top1")
+def top1(model: nn.Module, dataset, *, batch_size: int = 512, device: str = "cpu") -> float:
+    """Top-1 accuracy (fraction); the mean pixel accuracy for per-pixel labels."""
+    from lowbit.train import evaluate
+
+    return evaluate(model, dataset, batch_size, device)[1]
+
+
+__all__ = ["DEFAULT", "Metric", "get_metric", "list_metrics", "measure", "metric_name", "register_metric", "top1"]
