@@ -11,37 +11,14 @@ runs of registry models; this script's network is not in the registry, so it cal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lowbit.data import DataSplits, iterate
+from lowbit.data import DataSplits, TensorDataset, iterate
 from lowbit.metrics import register_metric
 from lowbit.quant import Plan, QuantConfig, calibrate_, quantize_
 from lowbit.sensitivity import alps_fit_config, alps_scores
 from lowbit.train import FitConfig, calibration_batches, fit
-
-
-@dataclass
-class SegmentationSet:
-    """Images (N, 1, H, W) uint8 and masks (N, H, W) int64: the in-memory contract of lowbit's TensorDataset."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    mean: float
-    std: float
-    num_classes: int
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: torch.Tensor) -> SegmentationSet:
-        return SegmentationSet(self.images[index], self.labels[index], self.mean, self.std, self.num_classes)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
 
 
 def synthetic_segmentation(n_train: int = 256, n_val: int = 64, n_test: int = 64, size: int = 16,
@@ -49,7 +26,7 @@ def synthetic_segmentation(n_train: int = 256, n_val: int = 64, n_test: int = 64
     """Noisy images with one rectangle per foreground class; each class has its own brightness."""
     g = torch.Generator().manual_seed(seed)
 
-    def make(n: int) -> SegmentationSet:
+    def make(n: int) -> TensorDataset:
         masks = torch.zeros(n, size, size, dtype=torch.int64)
         for i in range(n):
             for c in range(1, num_classes):
@@ -59,7 +36,7 @@ def synthetic_segmentation(n_train: int = 256, n_val: int = 64, n_test: int = 64
                 masks[i, y:y + h, x:x + w] = c
         level = torch.linspace(40, 220, num_classes)[masks]  # (N, H, W)
         images = (level + 25 * torch.randn(n, size, size, generator=g)).clamp(0, 255).round().to(torch.uint8)
-        return SegmentationSet(images[:, None], masks, 0.5, 0.25, num_classes)
+        return TensorDataset(images[:, None], masks, 0.5, 0.25, num_classes)
 
     return DataSplits(make(n_train), make(n_val), make(n_test), "synthetic-segmentation")
 
