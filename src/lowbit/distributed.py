@@ -22,7 +22,18 @@ from lowbit.errors import LowbitError
 
 # Ranks wait at a barrier for the slowest one's last job (an ALPS candidate, a frontier point), which can take
 # long on real data; a crashed rank makes torchrun stop the others, so a generous timeout hides no failure.
-TIMEOUT = timedelta(seconds=float(os.environ.get("LOWBIT_DIST_TIMEOUT", 6 * 3600)))
+DEFAULT_TIMEOUT_S = 6 * 3600  # raise it with LOWBIT_DIST_TIMEOUT (seconds) when one job may take longer
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get("LOWBIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise LowbitError(f"LOWBIT_DIST_TIMEOUT={raw!r} must be a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -56,14 +67,22 @@ def init_from_env(device: str | torch.device = "cpu") -> bool:
         return False
     if not dist.is_available():
         raise LowbitError("this PyTorch build has no torch.distributed; run without torchrun")
-    if torch.device(device).type == "cuda":
+    device = torch.device(device)
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             raise LowbitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        if device.index is not None:
+            raise LowbitError(f"--device {device} names one GPU, but under torchrun each rank takes the GPU of its "
+                              "LOCAL_RANK: use --device cuda")
+        local = _env_int("LOCAL_RANK", 0)
+        if local >= torch.cuda.device_count():
+            raise LowbitError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s); start "
+                              "torchrun with --nproc-per-node at most that")
+        torch.cuda.set_device(local)
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+    dist.init_process_group(backend, timeout=_timeout())
     atexit.register(_shutdown)
     return True
 

@@ -74,3 +74,12 @@ def test_options_a_data_set_cannot_honour_are_errors():
     with pytest.raises(LowbitError, match=r"--val-fraction must be in \(0, 1\)"):
         get_data("fashion-mnist", val_fraction=1.0)
     assert len(get_data("synthetic", workers=2).train) == 512  # in-memory sets need no loader workers
+
+
+def test_geometric_augmentation_refuses_per_pixel_labels():
+    ds = synthetic(n_train=8).train
+    dense = type(ds)(ds.images, torch.zeros(len(ds), 28, 28, dtype=torch.int64), ds.mean, ds.std, 2)
+    with pytest.raises(LowbitError, match="per-pixel"):
+        next(iterate(dense, 4, train=True, augmentation="flip"))
+    x, y = next(iterate(dense, 4, train=True, augmentation="none"))
+    assert y.shape == (4, 28, 28)

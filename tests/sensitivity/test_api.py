@@ -58,3 +58,12 @@ def test_unknown_method_and_options(w4a4, tmp_path):
     model, _ = load_w4a4_run(run)
     with pytest.raises(LowbitError, match="needs data"):
         score_layers("alps", model)
+
+
+def test_alps_amp_is_optional_and_absent_from_defaults():
+    from lowbit.sensitivity.api import method_options
+
+    assert "amp" not in method_options("alps", None)  # tables made before amp existed keep their keys
+    assert method_options("alps", {"amp": "bf16"})["amp"] == "bf16"
+    with pytest.raises(LowbitError, match="amp"):
+        method_options("hessian", {"amp": "bf16"})

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint
 from lowbit.models import create_model
 from lowbit.train import FitConfig, TrainConfig, evaluate, fit, load_run_model, lr_at, train
+from tests.conftest import FMNIST_DIR
 
 
 def _cfg(out, **kw):
@@ -113,3 +115,22 @@ def test_weights_initialise_the_model(tmp_path):
     with pytest.raises(LowbitError, match="do not fit"):
         train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "r2"), "model": "mlp",
                              "width": None, "weights": str(tmp_path / "w.safetensors")}), data=data)
+
+
+def test_unset_amp_leaves_the_config_dict_as_before():
+    assert "amp" not in FitConfig().to_dict()  # fingerprints of runs made before amp existed still match
+    assert FitConfig(amp="bf16").to_dict()["amp"] == "bf16"
+    assert FitConfig(**FitConfig().to_dict()) == FitConfig()
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST_DIR), reason="Fashion-MNIST not installed")
+def test_val_fraction_travels_with_the_run(tmp_path):
+    from lowbit.sensitivity.api import load_data
+
+    train(TrainConfig(model="mlp", out=str(tmp_path / "r"), val_fraction=0.05,
+                      fit=FitConfig(epochs=0, quiet=True)))
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt", kind="fp32")
+    assert ckpt["spec"]["val_fraction"] == 0.05
+    assert len(load_data(ckpt, None).val) == 3000  # later stages select on the run's own validation images
+    default = train(TrainConfig(model="mlp", out=str(tmp_path / "d"), fit=FitConfig(epochs=0, quiet=True)))
+    assert "val_fraction" not in load_checkpoint(tmp_path / "d" / "checkpoint.pt")["spec"] and default["complete"]

@@ -98,14 +98,14 @@ def _amp(a: argparse.Namespace) -> dict:
 
 
 def cli_data(a: argparse.Namespace, spec: dict | None = None):
-    """The data set the flags describe; for ImageFolder the image size defaults to the run's (``spec``)."""
+    """The data set the flags describe; split and image size default to the run's (``spec``)."""
     from lowbit.data import get_data
+    from lowbit.train.checkpoint import spec_data_options
 
-    image_size = getattr(a, "image_size", None)
-    shape = (spec or {}).get("input_shape")
-    if a.data == "imagefolder" and image_size is None and shape:
-        image_size = int(shape[-1])
-    return get_data(a.data, a.data_dir, val_fraction=getattr(a, "val_fraction", None), image_size=image_size,
+    run = spec_data_options(spec) if spec and spec.get("data") == a.data else {}
+    image_size = getattr(a, "image_size", None) or run.get("image_size")
+    val_fraction = getattr(a, "val_fraction", None) or run.get("val_fraction")
+    return get_data(a.data, a.data_dir, val_fraction=val_fraction, image_size=image_size,
                     workers=getattr(a, "workers", 0))
 
 

@@ -186,6 +186,9 @@ def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: in
             kw["shard"] = shard
         yield from ds.batches(batch_size, train=train, seed=seed, epoch=epoch, device=device, limit=limit, **kw)
         return
+    if train and augmentation != "none" and ds.labels.ndim > 1:
+        raise LowbitError(f"augmentation {augmentation!r} moves pixels but not per-pixel labels "
+                          f"{tuple(ds.labels.shape[1:])}; use augmentation='none' for dense targets")
     n = len(ds) if limit is None else min(limit, len(ds))
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(ds), generator=g)[:n] if train else torch.arange(n)

@@ -287,6 +287,7 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
         if write:
             save_json(folder / f"{p['label']}.json", p)
 
+    dist.barrier()  # every rank has read the finished points before any rank writes a new one
     todo = [low for low in groups if low not in results]
     job = FinetuneJob(model.cpu() if cfg.workers > 1 else model, splits, fit, LOW_BITS, test=True, metric=cfg.metric)
     mine = {}

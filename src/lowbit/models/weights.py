@@ -72,8 +72,11 @@ def _is_safetensors(p: Path) -> bool:
     """By suffix, or by header (8-byte little-endian JSON length, then ``{``) whatever the file is called."""
     if p.suffix == ".safetensors":
         return True
-    with p.open("rb") as f:
-        head = f.read(9)
+    try:
+        with p.open("rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise LowbitError(f"{p}: cannot read ({e.strerror or e})") from None
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < p.stat().st_size
 
 

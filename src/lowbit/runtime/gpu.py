@@ -78,11 +78,12 @@ def fp8_representable(t: torch.Tensor) -> bool:
 
 def fp8_exact(a_codes: torch.Tensor, b_codes: torch.Tensor) -> bool:
     """Whether ``a_codes @ b_codes.T`` ((M, K) and (N, K) integer codes) is exact on fp8 tensor cores:
-    every code representable in e4m3 and :func:`fp8_bounds_ok` for ``K = a_codes.shape[-1]``."""
+    every code representable in e4m3, :func:`fp8_bounds_ok` for ``K = a_codes.shape[-1]``, and ``K`` within
+    what was measured exact (``FP8_MEASURED_K``), the same rule :func:`plan_layer` applies."""
     for t in (a_codes, b_codes):
         if t.dtype.is_floating_point and not torch.equal(t, t.round()):
             return False
-    return (fp8_representable(a_codes) and fp8_representable(b_codes)
+    return (a_codes.shape[-1] <= FP8_MEASURED_K and fp8_representable(a_codes) and fp8_representable(b_codes)
             and fp8_bounds_ok(a_codes.shape[-1], _max_abs(a_codes), _max_abs(b_codes)))
 
 

@@ -31,17 +31,21 @@ from lowbit.sensitivity.eagl import eagl_scores
 from lowbit.sensitivity.hessian import hessian_scores
 from lowbit.sensitivity.table import SensitivityTable
 from lowbit.train import build_model, checkpoint_path
+from lowbit.train.checkpoint import spec_data_options
 
 METHODS = ("eagl", "alps", "hessian", "random")
 NEEDS_DATA = ("alps", "hessian")
 # Per-method options and their defaults (ALPS fit fields left None take the LSQ 2-bit recipe's values).
 OPTIONS: dict[str, dict[str, Any]] = {
     "eagl": {"variant": "h4"},
-    "alps": {"epochs": 1.0, "examples_per_epoch": None, "lr": None, "batch_size": 128, "reference": "finetuned",
-             "amp": None},
+    "alps": {"epochs": 1.0, "examples_per_epoch": None, "lr": None, "batch_size": 128, "reference": "finetuned"},
     "hessian": {"tol": 1e-2, "max_iter": 100, "examples": 1024, "batch_size": 128},
     "random": {},
 }
+
+
+# Accepted but without a default entry, so tables and fingerprints made before they existed still match.
+OPTIONAL: dict[str, tuple[str, ...]] = {"alps": ("amp",)}
 
 
 def check_method(method: str) -> str:
@@ -54,10 +58,11 @@ def method_options(method: str, options: dict[str, Any] | None) -> dict[str, Any
     """The method's defaults updated by ``options`` (None values ignored); unknown keys are an error."""
     known = OPTIONS[check_method(method)]
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(options) - set(known))
+    takes = [*known, *OPTIONAL.get(method, ())]
+    unknown = sorted(set(options) - set(takes))
     if unknown:
         raise LowbitError(f"{method}: unknown option(s) {', '.join(unknown)}; it takes "
-                          f"{', '.join(known) or 'none'}")
+                          f"{', '.join(takes) or 'none'}")
     return {**known, **options}
 
 
@@ -83,7 +88,7 @@ def score_layers(method: str, model: nn.Module, data: DataSplits | None = None, 
         if opts["reference"] not in REFERENCES:
             raise LowbitError(f"unknown ALPS reference {opts['reference']!r}; choose one of {', '.join(REFERENCES)}")
         fit = alps_fit_config(opts["epochs"], examples_per_epoch=opts["examples_per_epoch"], lr=opts["lr"],
-                              batch_size=opts["batch_size"], seed=seed, device=device, amp=opts["amp"])
+                              batch_size=opts["batch_size"], seed=seed, device=device, amp=opts.get("amp"))
         return alps_scores(model, data, fit=fit, reference=opts["reference"], workers=workers, out=out,
                            resume=resume, quiet=quiet, metric=metric, **common)
     dist.init_from_env(device)
@@ -121,7 +126,9 @@ def load_w4a4_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def load_data(ckpt: dict[str, Any], data: DataSplits | str | None, data_dir: str | None = None) -> DataSplits:
     """``data`` as given, by name, or (None) the data set the run was trained on; input shapes must match."""
     if not isinstance(data, DataSplits):
-        data = get_data(data or ckpt.get("spec", {}).get("data", "fashion-mnist"), data_dir)
+        spec = ckpt.get("spec", {})
+        name = data or spec.get("data", "fashion-mnist")
+        data = get_data(name, data_dir, **(spec_data_options(spec) if name == spec.get("data") else {}))
     shape = ckpt.get("spec", {}).get("input_shape")
     if shape and list(shape) != list(data.input_shape):
         raise LowbitError(f"the model expects inputs {tuple(shape)} but data set {data.name} gives "

@@ -25,9 +25,23 @@ def checkpoint_path(run: str | Path) -> Path:
 
 
 def model_spec(model_name: str, model_kwargs: dict[str, Any], num_classes: int,
-               input_shape: tuple[int, ...], data: str) -> dict[str, Any]:
-    return {"model": model_name, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
+               input_shape: tuple[int, ...], data: str, val_fraction: float | None = None) -> dict[str, Any]:
+    spec = {"model": model_name, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
             "input_shape": list(input_shape), "data": data}
+    if val_fraction is not None:  # only when set, so specs of runs on the default split compare as before
+        spec["val_fraction"] = val_fraction
+    return spec
+
+
+def spec_data_options(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The split and image size a run was trained with, so later stages select on the same validation images."""
+    spec = spec or {}
+    opts: dict[str, Any] = {}
+    if spec.get("val_fraction") is not None:
+        opts["val_fraction"] = spec["val_fraction"]
+    if spec.get("data") == "imagefolder" and spec.get("input_shape"):
+        opts["image_size"] = int(spec["input_shape"][-1])
+    return opts
 
 
 def build_model(ckpt: dict[str, Any]) -> nn.Module:

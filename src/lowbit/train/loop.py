@@ -82,7 +82,10 @@ class FitConfig:
             raise LowbitError(f"unknown amp {self.amp!r}; choose {', '.join(AMP)} or leave it off (float32)")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["amp"] is None:  # unset: keep the dict (and the fingerprints of earlier runs) as before amp existed
+            del d["amp"]
+        return d
 
 
 def lr_at(cfg: FitConfig, step: int, steps_per_epoch: int) -> float:
@@ -277,9 +280,14 @@ def _even(n: int, world: int) -> int:
 def _data_parallel(model: nn.Module, data: DataSplits, cfg: FitConfig, world: int) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    if cfg.batch_size < world:
-        raise LowbitError(f"--batch-size {cfg.batch_size} is smaller than the {world} ranks; the global batch is "
-                          "split over them, so give at least one example per rank")
+    if cfg.batch_size % world:
+        raise LowbitError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
+                          f"{world} ranks, e.g. {max(world, cfg.batch_size - cfg.batch_size % world)}")
+    last = cfg.epochs - math.floor(cfg.epochs)
+    per_epoch = min(cfg.examples_per_epoch or len(data.train), len(data.train))
+    if last and max(1, round(last * per_epoch)) < world:
+        raise LowbitError(f"the last partial epoch ({last:g} of {per_epoch} examples) is smaller than the "
+                          f"{world} ranks; use whole epochs or a larger fraction")
     if not _can_shard(data.train):
         raise LowbitError(f"{type(data.train).__name__} data cannot be split over torchrun ranks yet; train it "
                           "in one process (without torchrun)")

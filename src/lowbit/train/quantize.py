@@ -36,7 +36,7 @@ from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint, save_checkpoint
 from lowbit.quant import Plan, QuantConfig, build_quantized, calibrate_, quantize_
 from lowbit.runs import RunDir
-from lowbit.train.checkpoint import CHECKPOINT_NAME, build_model, checkpoint_path
+from lowbit.train.checkpoint import CHECKPOINT_NAME, build_model, checkpoint_path, spec_data_options
 from lowbit.train.loop import FitConfig, FitState, fit, make_optimizer
 from lowbit.train.train import finish_run
 
@@ -124,7 +124,8 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     if src.get("kind") != "fp32":
         raise LowbitError(f"{cfg.source}: --from needs an fp32 run (from `lowbit train`), found {src.get('kind')}")
     teacher = build_model(src)
-    data = data or get_data(cfg.data, cfg.data_dir)
+    same = cfg.data == src.get("spec", {}).get("data")  # the run's own data: select on its validation split
+    data = data or get_data(cfg.data, cfg.data_dir, **(spec_data_options(src.get("spec")) if same else {}))
     _check_input(src, data)
     plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits)
     qcfg = QuantConfig(method=cfg.method or cfg.recipe, per_channel=cfg.per_channel)

@@ -58,7 +58,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(cfg.workers)
     seed_everything(cfg.fit.seed)
     model = create_model(cfg.model, data.num_classes, **kwargs)
-    spec = model_spec(cfg.model, kwargs, data.num_classes, data.input_shape, data.name)
+    spec = model_spec(cfg.model, kwargs, data.num_classes, data.input_shape, data.name, cfg.val_fraction)
     optimizer = make_optimizer(model, cfg.fit)
     state = FitState()
     ckpt_file = run.file(CHECKPOINT_NAME)
