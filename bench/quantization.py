@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs at 4/3/2 bits (8 bits: 1)")
     ap.add_argument("--bits", default="w8a8,w4a4,w3a3,w2a2")
     ap.add_argument("--recipes", default="lsq,lsq+kd,faq")
+    ap.add_argument("--long", default="", help="extra longer rows, e.g. w4a4:lsq+kd:5 (bits:recipe:epochs, "
+                                               "comma-separated; seed 0 only)")
     args = ap.parse_args()
     data = get_data("fashion-mnist")
     fp = load_json(Path(args.fp32) / "summary.json")
@@ -65,6 +67,12 @@ def main() -> None:
                          "seeds": len(seeds), "test_acc": [r["test_acc"] for r in res],
                          "val_acc": [r["val_acc"] for r in res], "seconds": [r["train_seconds"] for r in res]})
             print(rows[-1])
+    for spec in filter(None, args.long.split(",")):  # longer fine-tunes of a few configurations, one seed
+        bits, recipe, ep = spec.split(":")
+        r = run_one(args.fp32, runs / f"{bits}-{recipe}-e{float(ep):g}-s0", bits, recipe, 0, float(ep), data)
+        rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": float(ep), "seeds": 1,
+                     "test_acc": [r["test_acc"]], "val_acc": [r["val_acc"]], "seconds": [r["train_seconds"]]})
+        print(rows[-1])
     fp_acc = 100 * fp["test_acc"]
     m = machine()
     md = ["# Quantization results (Fashion-MNIST, resnet8)", "",
