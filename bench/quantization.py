@@ -97,9 +97,10 @@ def main() -> None:
                   f"{tgt} | {met} | {statistics.mean(r['seconds']):.0f} |")
     md += ["", f"Scale of this table: {len(seeds)} seed(s) and {args.epochs:g} fine-tuning epoch(s) below 8 bits "
            "(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
-           "assume the full recipe; rows marked 'no' are what this budget reached.", "",
+           "assume the full recipe; rows marked 'no' are what this budget reached. Rows with more epochs and one "
+           "seed (`--long`) show what the full 5-epoch recipe reaches.", "",
            f"Reproduce: `python bench/quantization.py --fp32 {args.fp32} --seeds {args.seeds} "
-           f"--epochs {args.epochs:g}` "
+           f"--epochs {args.epochs:g}{f' --long {args.long}' if args.long else ''}` "
            "(resumable; e.g. `--seeds 0,1,2 --epochs 5` for the full table).", ""]
     write_results("quantization", {"machine": m, "args": vars(args), "fp32": fp, "rows": rows}, "\n".join(md))
 
