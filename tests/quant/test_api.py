@@ -109,7 +109,7 @@ def test_quantize_torchvision_resnet18():
     assert len(layers) == 21 and layers["conv1"].w_bits == 8 and layers["fc"].a_bits == 8
     assert layers["layer1.0.conv1"].w_bits == 4
     calibrate_(model, [torch.randn(2, 3, 32, 32)])
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)  # batch 1: BN needs eval mode
     assert layers["conv1"].input_quantizer.signed and not layers["layer1.0.conv2"].input_quantizer.signed
 
 
