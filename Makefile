@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,onnx
+EXTRAS ?= dev,onnx,hf
 STAMP := $(VENV)/.lowbit-installed
 # A second venv for torchvision models and ImageFolder data (`make test-vision`); `make test` never installs it.
 VISION_VENV ?= .venv-vision

@@ -62,10 +62,17 @@ def main() -> None:
                      "the 2-core machine with other benchmarks, at 1 thread, so their epochs were cut to fit; "
                      "their accuracy is what that many epochs reach, not the model's best.", ""]
     attempts = [_attempt(Path(d)) for d in args.attempts.split(",") if d and (Path(d) / "summary.json").exists()]
-    best = max([r["test_acc"] for r in rows + attempts if r.get("model", "resnet8") == "resnet8"], default=None)
-    md += ["## Target: 92.5% test accuracy within 10 minutes of training", "",
-           f"Best resnet8 run: {'n/a' if best is None else f'{100 * best:.2f}%'} test accuracy: target "
-           f"{'met' if best is not None and best >= TARGET else 'missed'}.", ""]
+    # The best run is chosen on validation accuracy; its test accuracy is what the target is measured on.
+    candidates = [r for r in rows + attempts if (r.get("model") or "resnet8") == "resnet8"]
+    best = max(candidates, key=lambda r: r["val_acc"], default=None)
+    if best is None:
+        verdict = "Best resnet8 run: n/a: target missed."
+    else:
+        name = best.get("run", f"default recipe, {best['epochs']} epochs")
+        verdict = (f"Best resnet8 run, chosen on validation: {name} (val {100 * best['val_acc']:.2f}%), "
+                   f"{100 * best['test_acc']:.2f}% test accuracy: target "
+                   f"{'met' if best['test_acc'] >= TARGET else 'missed'}. Test accuracy is only reported.")
+    md += ["## Target: 92.5% test accuracy within 10 minutes of training", "", verdict, ""]
     if attempts:
         md += ["Recipe variants tried (resnet8, same split and seed; times include other jobs on the machine):", "",
                "| run | epochs | augmentation | label smoothing | val acc | test acc | training time (s) |",

@@ -29,7 +29,7 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 
 from lowbit.io import save_json
-from lowbit.runtime.dyadic import requantize, to_dyadic, to_fixed
+from lowbit.ir.dyadic import requantize, to_dyadic, to_fixed
 from lowbit.runtime.reference import conv2d_int
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")

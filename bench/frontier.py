@@ -10,7 +10,12 @@ Writes docs/results/frontier.{md,json,png}: the frontier averaged over seeds, ti
 ALPS and the issue's targets with whether each was met. Every stage is resumable (rerun the same command).
 
     python bench/frontier.py --seeds 0,1 --budgets 0.1,0.25,0.5,0.75,1.0 --epochs 1 --workers 2
+    python bench/frontier.py --model resnet20 --w4a4-epochs 5 --seeds 0,1,2 --budgets 0.25,0.5,0.75 \
+        --epochs 5 --distill --alps-epochs 1 --hessian-rse 0.1 --runs runs/bench-frontier-r20   # issue #12 scale
     python bench/frontier.py --data synthetic --tiny      # smoke test (a minute); writes under --runs only
+
+With several seeds the file also gives, per budget, the paired difference (same seed, same data order) of
+EAGL and ALPS against random and against the Hessian trace with a 95% t interval, and the plan overlap.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from common import RESULTS, machine, machine_line, write_results  # noqa: E402
 from lowbit.data import get_data  # noqa: E402
 from lowbit.frontier import FrontierConfig, frontier, plot_frontier  # noqa: E402
 from lowbit.frontier.report import fmt_rho  # noqa: E402
+from lowbit.frontier.stats import compare_methods  # noqa: E402
 from lowbit.io import atomic_write_bytes, atomic_write_text, load_json, save_json  # noqa: E402
 from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, recipe_fit_config, train  # noqa: E402
 
@@ -40,17 +46,18 @@ def _complete(run: Path) -> bool:
     return p.exists() and bool(load_json(p).get("complete"))
 
 
-def build_base(runs: Path, data, tiny: bool, seed: int) -> Path:
-    """fp32 resnet8, then W4A4 LSQ from it; a finished stage is reused (resumable)."""
+def build_base(runs: Path, data, tiny: bool, seed: int, model: str = "resnet8", fp32_epochs: float = 10,
+               w4a4_epochs: float | None = None) -> Path:
+    """fp32 ``model``, then W4A4 LSQ from it; a finished stage is reused (resumable)."""
     fp, w4 = runs / "fp32", runs / "w4a4"
     if not _complete(fp):
         resume = (fp / "checkpoint.pt").exists()
-        fit = FitConfig(epochs=2 if tiny else 10, batch_size=64 if tiny else 128, seed=seed, quiet=True)
-        train(TrainConfig(model="resnet8", width=0.5 if tiny else None, data=data.name, out=str(fp), fit=fit),
+        fit = FitConfig(epochs=2 if tiny else fp32_epochs, batch_size=64 if tiny else 128, seed=seed, quiet=True)
+        train(TrainConfig(model=model, width=0.5 if tiny else None, data=data.name, out=str(fp), fit=fit),
               data=data, resume=resume, overwrite=not resume)
     if not _complete(w4):
         resume = (w4 / "checkpoint.pt").exists()
-        over = {"epochs": 1, "batch_size": 64} if tiny else {}
+        over = {"epochs": 1, "batch_size": 64} if tiny else ({"epochs": w4a4_epochs} if w4a4_epochs else {})
         quantize_run(QuantizeConfig(source=str(fp), out=str(w4), data=data.name), data=data, resume=resume,
                      overwrite=not resume, fit_overrides={"seed": seed, "quiet": True, **over})
     return w4
@@ -94,18 +101,23 @@ def time_to_solution(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def targets(points: list[dict[str, Any]], fp32: float | None, tts: dict[str, dict[str, float]],
             budgets: tuple[float, ...]) -> list[dict[str, Any]]:
-    """The issue's three targets, each with its measured value and whether it was met."""
+    """The issue's three targets, each with its measured value and whether it was met.
+
+    The best mix at the target budget is chosen on validation accuracy; its test accuracy is what the target
+    is measured on (choosing on test would bias the reported number upwards).
+    """
     out = []
     at = [p for p in points if p["budget"] == TARGET_BUDGET and not p["method"].startswith("uniform")]
     if fp32 is None or not at:
         out.append({"target": f"a 4/2 mix at {TARGET_BUDGET:g} of candidate MACs within {TARGET_GAP_PT} pt of fp32",
                     "value": "n/a (no fp32 reference or budget not run)", "met": None})
     else:
-        best = max(at, key=lambda p: p["test_acc"])
+        best = max(at, key=lambda p: p["val_acc"])
         gap = 100 * (fp32 - best["test_acc"])
         out.append({"target": f"a 4/2 mix at {TARGET_BUDGET:g} of candidate MACs within {TARGET_GAP_PT} pt of fp32",
-                    "value": f"best {best['method']}: {100 * best['test_acc']:.2f}% vs fp32 {100 * fp32:.2f}% "
-                             f"(gap {gap:+.2f} pt)", "met": gap <= TARGET_GAP_PT})
+                    "value": f"best on validation {best['method']} (val {100 * best['val_acc']:.2f}%): test "
+                             f"{100 * best['test_acc']:.2f}% vs fp32 {100 * fp32:.2f}% (gap {gap:+.2f} pt)",
+                    "met": gap <= TARGET_GAP_PT})
     for m in ("eagl", "alps"):
         if m not in tts or "random" not in tts:
             continue
@@ -127,12 +139,14 @@ def render(payload: dict[str, Any]) -> str:
     a = payload["args"]
     pts = payload["points"]
     fp32 = payload["fp32_test_acc"]
+    kd = " with distillation from the fp32 model" if a.get("distill") else ""
     lines = [
         "# Mixed-precision frontier: EAGL vs ALPS vs Hessian trace vs random", "",
-        f"Model resnet8 on {payload['data']}, base W4A4 LSQ run `{payload['base']}` (first conv and last FC at "
-        f"8 bits). Budget = fraction of the candidate layers' MACs at 2 bits (weights and input activations); "
+        f"Model {a.get('model', 'resnet8')} on {payload['data']}, base W4A4 LSQ run `{payload['base']}` (first "
+        f"conv and last FC at 8 bits). Budget = fraction of the candidate layers' MACs at 2 bits (weights and "
+        f"input activations); "
         f"every plan, the uniform W4A4 and W2A2 end points included, fine-tuned from the W4A4 checkpoint with the "
-        f"same LSQ 2-bit recipe ({a['epochs']:g} epoch(s)); test accuracy, mean ± std over seeds "
+        f"same LSQ 2-bit recipe ({a['epochs']:g} epoch(s){kd}); test accuracy, mean ± std over seeds "
         f"{', '.join(map(str, a['seeds']))}. Relative throughput: bits-proportional model (W4A4 = 1.0).", "",
         f"Machine: {machine_line(payload['machine'])}.", "",
         f"fp32 reference: {'n/a' if fp32 is None else f'{100 * fp32:.2f}%'} test accuracy.", "",
@@ -154,13 +168,27 @@ def render(payload: dict[str, Any]) -> str:
         lines.append(f"| {m} | {t['sensitivity_seconds']:.4g} | {t['compute_seconds']:.4g} | "
                      f"{t['time_to_plan_seconds']:.4g} | {t['forward_passes']:.0f} | {t['backward_passes']:.0f} | "
                      f"{t['hvp_passes']:.0f} | {t['epochs_passes']:.3g} |")
+    if payload.get("paired"):
+        lines += ["", "## Paired differences over seeds (test accuracy, points)", "",
+                  "Same W4A4 start, recipe and data order per seed: the difference is paired by seed; 95% "
+                  "Student-t interval over the seeds. Plan overlap = Jaccard index of the layers dropped to 2 bits "
+                  "(1 = the same plan).", "",
+                  "| budget | method − baseline | seeds | mean (pt) | 95% interval (pt) | excludes 0 | plan overlap |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in payload["paired"]:
+            ci = "n/a" if r["n"] < 2 else f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}]"
+            lines.append(f"| {r['budget']:g} | {r['method']} − {r['baseline']} | {r['n']} | {100 * r['mean']:+.2f} | "
+                         f"{ci} | {'yes' if r['excludes_zero'] else 'no'} | {r['plan_overlap']:.2f} |")
     if payload["spearman_vs_alps"]:
         lines += ["", "## Proxy vs measured: Spearman ρ of each method's scores with ALPS' drops", "",
                   "| method | " + " | ".join(f"seed {s}" for s in a["seeds"]) + " |",
                   "|---|" + "---|" * len(a["seeds"])]
         for m, rhos in payload["spearman_vs_alps"].items():
             lines.append(f"| {m} | " + " | ".join(fmt_rho(r) for r in rhos) + " |")
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "## Targets", "",
+              "Measured on test accuracy (mean over seeds). Where a target needs the best method, the best is "
+              "chosen on validation accuracy; test accuracy is only reported, never used to choose.", "",
+              "| target | measured | met |", "|---|---|---|"]
     for t in payload["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
         lines.append(f"| {t['target']} | {t['value']} | {met} |")
@@ -178,6 +206,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0, help="fine-tune epochs of every frontier point")
     ap.add_argument("--alps-epochs", type=float, default=1.0, help="fine-tune epochs per ALPS candidate")
     ap.add_argument("--workers", type=int, default=1, help="processes for ALPS candidates and frontier points")
+    ap.add_argument("--model", default="resnet8", help="registry model of the base run (resnet8/14/20)")
+    ap.add_argument("--fp32-epochs", type=float, default=10, help="epochs of the fp32 base run")
+    ap.add_argument("--w4a4-epochs", type=float, default=None, help="epochs of the W4A4 base run (recipe: 5)")
+    ap.add_argument("--distill", action="store_true", help="fine-tune every point with LSQ+KD from the fp32 run")
+    ap.add_argument("--hessian-rse", type=float, default=None,
+                    help="run Hutchinson until every layer's relative standard error is below this (e.g. 0.1)")
     ap.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "synthetic"])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--tiny", action="store_true",
@@ -191,15 +225,18 @@ def main() -> None:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     runs = Path(a.runs)
     data = get_data(a.data, a.data_dir)
-    base = Path(a.source) if a.source else build_base(runs, data, a.tiny, seeds[0])
+    base = Path(a.source) if a.source else build_base(runs, data, a.tiny, seeds[0], a.model, a.fp32_epochs,
+                                                      a.w4a4_epochs)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     small = {"examples_per_epoch": 64, "batch_size": 32} if a.tiny else {}
     options = {"alps": {"epochs": a.alps_epochs, **({"examples_per_epoch": 64, "batch_size": 32} if a.tiny else {})},
-               "hessian": {"max_iter": 5, "examples": 64} if a.tiny else {}}
+               "hessian": {"max_iter": 5, "examples": 64} if a.tiny else
+               ({"rse": a.hessian_rse, "max_iter": 400} if a.hessian_rse else {})}
     payloads = []
     for seed in seeds:
         out = runs / f"frontier-seed{seed}"
-        fit = recipe_fit_config("lsq", 2, epochs=a.epochs, seed=seed, quiet=True, **small)
+        fit = recipe_fit_config("lsq", 2, epochs=a.epochs, seed=seed, quiet=True, distill=a.distill or None,
+                                **small)
         cfg = FrontierConfig(methods=methods, budgets=a.budgets, fit=fit, seed=seed, workers=a.workers,
                              options={m: o for m, o in options.items() if m in methods}, quiet=a.quiet)
         payloads.append(frontier(base, out, cfg, data=data, resume=(out / "config.yaml").exists()))
@@ -210,16 +247,19 @@ def main() -> None:
     tts = time_to_solution(payloads)
     payload = {
         "command": "python bench/frontier.py " + " ".join(sys.argv[1:]),
-        "args": {"seeds": seeds, "budgets": list(payloads[0]["config"]["budgets"]), "epochs": a.epochs,
+        "args": {"model": a.model, "distill": a.distill, "hessian_rse": a.hessian_rse, "seeds": seeds,
+                 "budgets": list(payloads[0]["config"]["budgets"]), "epochs": a.epochs,
                  "alps_epochs": a.alps_epochs, "workers": a.workers, "tiny": a.tiny, "methods": list(methods)},
         "machine": machine(), "data": data.name, "base": str(base), "fp32_test_acc": fp32,
         "points": points, "time_to_solution": tts,
         "spearman_vs_alps": {m: [p["spearman_vs_alps"].get(m) for p in payloads]
                              for m in payloads[0]["spearman_vs_alps"]},
         "targets": targets(points, fp32, tts, tuple(payloads[0]["config"]["budgets"])),
+        "paired": compare_methods(payloads, [(m, b) for m in ("eagl", "alps") for b in ("random", "hessian")
+                                             if m in methods and b in methods]),
         "runs": [str(runs / f"frontier-seed{s}") for s in seeds],
     }
-    png = plot_frontier(points, fp32, title=f"resnet8 on {data.name}: mean over {len(seeds)} seed(s)")
+    png = plot_frontier(points, fp32, title=f"{a.model} on {data.name}: mean over {len(seeds)} seed(s)")
     md = render(payload)
     if a.tiny:  # a smoke run never overwrites the published results
         results = runs / "results"

@@ -15,9 +15,9 @@ pytestmark = [
 
 def test_fashion_mnist_pipeline(tmp_path):
     from lowbit.data import get_data
+    from lowbit.deploy.verify import verify
     from lowbit.export.exporter import export_run
     from lowbit.export.simulate import Simulation
-    from lowbit.export.verify import verify
     from lowbit.runtime.engine import IntegerModel
     from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, train
 

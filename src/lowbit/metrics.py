@@ -1,6 +1,8 @@
 """Task metrics: what ALPS and the frontier measure on validation, so they can rank layers for any task.
 
-A metric is ``fn(model, dataset, *, batch_size, device) -> float``, higher is better. ``"top1"`` (the default)
+A metric is ``fn(model, data) -> float``, higher is better, where ``data`` is any source of
+:mod:`lowbit.data.protocol` (the validation split); one that also takes ``batch_size`` and ``device`` keywords
+gets them. ``"top1"`` (the default)
 is the classification accuracy every command reported so far. Add others with :func:`register_metric`, or name
 one as ``"package.module:function"``: lowbit imports that module (the user's own code) when the metric is used,
 which is how a CLI run or a spawned worker finds a metric that no lowbit module registers.
@@ -13,12 +15,13 @@ which is how a CLI run or a spawned worker finds a metric that no lowbit module 
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from collections.abc import Callable
 
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.plugins import import_callable
 
 Metric = Callable[..., float]
 _REGISTRY: dict[str, Metric] = {}
@@ -55,19 +58,7 @@ def get_metric(metric: str | Metric) -> Metric:
     if ":" not in metric:
         raise LowbitError(f"unknown metric {metric!r}; choose one of {', '.join(list_metrics())} or give "
                           "'package.module:function'")
-    module, _, attr = metric.partition(":")
-    try:
-        fn = importlib.import_module(module)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    except ImportError as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LowbitError(f"metric {metric!r}: cannot import {module!r} ({why}); is it on PYTHONPATH?") from None
-    except (AttributeError, ValueError):
-        raise LowbitError(f"metric {metric!r}: module {module!r} has no {attr!r}") from None
-    if not callable(fn):
-        raise LowbitError(f"metric {metric!r} is not a function")
-    return fn
+    return import_callable(metric, "metric")
 
 
 def metric_name(metric: str | Metric) -> str:
@@ -80,9 +71,20 @@ def metric_name(metric: str | Metric) -> str:
     return f"{metric.__module__}:{metric.__qualname__}"
 
 
+def _takes(fn: Metric, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def measure(metric: str | Metric, model: nn.Module, dataset, *, batch_size: int = 512, device: str = "cpu",
             ) -> float:
-    value = get_metric(metric)(model, dataset, batch_size=batch_size, device=device)
+    """``metric(model, dataset)``; a metric that takes ``batch_size`` / ``device`` keywords gets them too."""
+    fn = get_metric(metric)
+    kw = {k: v for k, v in (("batch_size", batch_size), ("device", device)) if _takes(fn, k)}
+    value = fn(model, dataset, **kw)
     try:
         return float(value)
     except (TypeError, ValueError):

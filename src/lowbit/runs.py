@@ -30,13 +30,14 @@ class RunDir:
         if exists and not resume and not overwrite:
             raise LowbitError(f"{self.path} already holds a run; pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --out")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LowbitError(f"cannot create run directory {self.path}: {e.strerror}") from None
+        _check_writable(self.path)  # created by the first file written: a refused command leaves no folder
         if exists and overwrite and not resume:
             for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
                 (self.path / name).unlink(missing_ok=True)
+
+    def mkdir(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -65,6 +66,21 @@ class RunDir:
             atomic_write_text(self.file(name), markdown)
 
 
+def _check_writable(path: Path) -> None:
+    """Fail now, with one line, if ``path`` could not be created or written later."""
+    import os
+
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise LowbitError(f"cannot create run directory {path}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LowbitError(f"cannot create run directory {path}: {probe} is not writable")
+
+
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Loss and accuracy per epoch as one PNG (written atomically; by rank 0 only)."""
     if not rows or not is_main():
@@ -85,10 +101,15 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss")
     a1.legend()
-    a2.plot(ep, [100 * r["train_acc"] for r in rows], label="train")
-    a2.plot(ep, [100 * r["val_acc"] for r in rows], label="val")
+    if all(r.get("val_metric") is not None for r in rows):  # the task metric the user chose
+        a2.plot(ep, [r["val_metric"] for r in rows], label="val")
+        a2.set_ylabel(rows[-1].get("metric", "metric"))
+    else:
+        for split in ("train", "val"):
+            a2.plot(ep, [float("nan") if r.get(f"{split}_acc") is None else 100 * r[f"{split}_acc"] for r in rows],
+                    label=split)
+        a2.set_ylabel("accuracy (%)")
     a2.set_xlabel("epoch")
-    a2.set_ylabel("accuracy (%)")
     a2.legend()
     fig.suptitle(title)
     fig.tight_layout()

@@ -22,6 +22,7 @@ from lowbit.cost import (
 )
 from lowbit.errors import LowbitError
 from lowbit.io import load_json, save_json
+from lowbit.quant import Plan
 
 LAYERS = [
     LayerInfo("a", "conv", macs=1000, params=100, in_shape=(1, 3, 8, 8), out_shape=(1, 4, 8, 8)),
@@ -42,7 +43,7 @@ def measured(tmp_path):
 
 
 def test_reference_plan_is_the_w4a4_preset():
-    assert w4a4_reference_plan(LAYERS) == PRESET
+    assert w4a4_reference_plan(LAYERS) == Plan(PRESET)
 
 
 def test_bops_and_weight_bytes():
@@ -110,12 +111,14 @@ def test_plan_cost_bundle_roundtrips(tmp_path):
 
 
 def test_bad_plans():
-    with pytest.raises(LowbitError, match=r"bits must be one of \(2, 3, 4, 8\)"):
+    with pytest.raises(LowbitError, match="layer 'a' w_bits: unsupported bits 5: choose one of 2, 3, 4, 8"):
         bops(LAYERS, {"a": (5, 4)})
-    with pytest.raises(LowbitError, match="does not have: 'z'"):
+    with pytest.raises(LowbitError, match="does not fit the profiled layers: unknown layer 'z'"):
         bops(LAYERS, {"z": (4, 4)})
-    with pytest.raises(LowbitError, match=r"expected \(w_bits, a_bits\)"):
+    with pytest.raises(LowbitError, match=r"expected name -> \[w_bits, a_bits\]"):
         bops(LAYERS, {"a": 4})
+    with pytest.raises(LowbitError, match="must map layer names"):
+        bops(LAYERS, [("a", (4, 4))])
 
 
 def test_real_model_end_to_end():
@@ -123,8 +126,9 @@ def test_real_model_end_to_end():
                           nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
     layers = profile_layers(model, torch.randn(1, 3, 6, 6))
     preset = w4a4_reference_plan(layers)
-    assert preset == {"0": (8, 8), "2": (4, 4), "4": (8, 8)}
+    assert preset.layers == {"0": (8, 8), "2": (4, 4), "4": (8, 8)}
+    assert preset == Plan.preset("w4a4", model)  # one preset rule, whether from a model or its profile
     assert plan_cost(layers, preset).relative_throughput == 1.0
     # all-8-bit halves the 4-bit layer's speed; all-float is slower still
-    assert relative_throughput(layers, {n: (8, 8) for n in preset}) < 1.0
-    assert relative_throughput(layers, {n: (None, None) for n in preset}) < 1.0 / 4
+    assert relative_throughput(layers, {n: (8, 8) for n in preset.layers}) < 1.0
+    assert relative_throughput(layers, {n: (None, None) for n in preset.layers}) < 1.0 / 4

@@ -145,8 +145,11 @@ def test_frontier_on_two_ranks_equals_one_process(w4a4, tmp_path):
     assert [[p[k] for k in keys] for p in two["points"]] == [[p[k] for k in keys] for p in one["points"]]
     alps = [[(r["layer"], r["score"], r["val_acc"]) for r in t["methods"]["alps"]["rows"]] for t in (one, two)]
     assert alps[0] == alps[1]
-    assert sorted(p.name for p in (tmp_path / "two" / "points").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "two" / "points").glob("*.json")) == sorted(
         f"{p['label']}.json" for p in one["points"])
+    kept = {p.name for p in (tmp_path / "two" / "points").glob("*.pt")}  # each distinct plan's model, once
+    assert kept == {p["checkpoint"].split("/")[-1] for p in two["points"]} and len(kept) == len(
+        {tuple(p["low_layers"]) for p in two["points"]})
 
 
 def test_a_nan_loss_stops_every_rank(tmp_path):

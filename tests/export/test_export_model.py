@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from lowbit.data import synthetic
+from lowbit.deploy.verify import verify
 from lowbit.errors import LowbitError
 from lowbit.export.exporter import export_model, export_run, lower_model
 from lowbit.export.lower import dyadic_affine
 from lowbit.export.simulate import Simulation, normalize_pixels, round_half_even_div
-from lowbit.export.verify import verify
 from lowbit.models import create_model
 from lowbit.quant import Plan, QuantConfig, calibrate_, quantize_
 from lowbit.runtime.engine import IntegerModel
@@ -163,7 +163,7 @@ def test_torchvision_resnet18_bit_exact(tmp_path):
     pixels = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     result = export_model(model, tmp_path / "r18.lowbit", input_shape=(3, 64, 64), pixels=pixels)
     runtime = IntegerModel.load(result.path)
-    ops = {n["op"] for n in runtime.nodes}
+    ops = {n.op for n in runtime.nodes}
     assert {"maxpool2d", "adaptive_avgpool", "add", "flatten", "linear"} <= ops
     x = torch.randint(0, 256, (2, 3, 64, 64), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     assert torch.equal(runtime.run_int(x).to(torch.int64), Simulation(result.lowered).run_int(x))

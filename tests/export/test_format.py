@@ -158,6 +158,7 @@ def _edit(fn):
     (lambda m: m["graph"][2].update(outputs=["c"]), "defined twice"),
     (lambda m: m["graph"][2].update(name="conv"), "duplicate node name"),
     (lambda m: m["graph"][2].update(inputs=["c", "c"]), "takes 1 input"),
+    (lambda m: m["graph"][2].update(op="concat", attrs={"axis": 1, "lo": 0, "hi": 7}), "takes at least 2 input"),
     (lambda m: m.update(outputs=["z"]), "never computed"),
     (lambda m: m["tensors"]["conv.weight"].update(bits=5), "bits must be one of"),
     (lambda m: m["tensors"]["conv.weight"].pop("signed"), "needs 'signed'"),
@@ -183,7 +184,7 @@ def test_writer_validates_and_writes_nothing(tmp_path):
 
 def test_op_registry_is_extensible():
     assert "conv2d" in OPS
-    with pytest.raises(ValueError):
+    with pytest.raises(LowbitError, match="already registered"):
         register_op("conv2d", OpSpec(1))
     register_op("test_sigmoid_lut", OpSpec(1, params=("table",)))
     try:

@@ -87,10 +87,11 @@ def test_resume_skips_finished_points(done, tmp_path, monkeypatch):
     shutil.copytree(out, copy)
     calls = []
     real = frontier_module.finetune_dropped
-    monkeypatch.setattr(frontier_module, "finetune_dropped", lambda job, low: calls.append(low) or real(job, low))
-    stamps = {f.name: f.stat().st_mtime_ns for f in (copy / "points").iterdir()}
+    monkeypatch.setattr(frontier_module, "finetune_dropped",
+                        lambda job, low, save=None: calls.append(tuple(low)) or real(job, low, save))
+    stamps = {f.name: f.stat().st_mtime_ns for f in (copy / "points").glob("*.json")}
     again = frontier(run, copy, _config(), data=data, tables={"alps": _alps_table(run)}, resume=True)
-    assert calls == [] and {f.name: f.stat().st_mtime_ns for f in (copy / "points").iterdir()} == stamps
+    assert calls == [] and {f.name: f.stat().st_mtime_ns for f in (copy / "points").glob("*.json")} == stamps
     assert [p["test_acc"] for p in again["points"]] == [p["test_acc"] for p in payload["points"]]
     target = next(p for p in payload["points"] if p["label"] == "eagl-0.5")
     same_plan = [p["label"] for p in payload["points"] if p["low_layers"] == target["low_layers"]]
@@ -130,3 +131,38 @@ def test_spearman_undefined_is_none():
     assert spearman({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1.0, "b": 2.0, "c": 3.0}) is None
     assert spearman({"a": 1.0}, {"a": 2.0}) is None
     assert spearman({"a": 1.0, "b": 2.0, "c": 3.0}, {"c": 9.0, "b": 5.0, "a": 1.0}) == pytest.approx(1.0)
+
+
+def test_every_point_keeps_the_model_that_was_measured(done):
+    from lowbit.export.exporter import export_run
+    from lowbit.frontier import point_checkpoint
+    from lowbit.runtime.engine import IntegerModel
+    from lowbit.train import evaluate, load_quantized_run
+
+    run, data, out, payload = done
+    for p in payload["points"]:
+        assert (out / p["checkpoint"]).is_file()
+    ckpt, point = point_checkpoint(out, "eagl@0.5")
+    assert point["label"] == "eagl-0.5" and ckpt.name.endswith(".pt")
+    model, _ = load_quantized_run(ckpt)
+    _, acc = evaluate(model, data.test)
+    assert acc == point["test_acc"]  # the checkpoint is exactly the fine-tuned point
+    result = export_run(ckpt, out / "p.lowbit")
+    logits = IntegerModel.load(result.path)(data.test.images)
+    exported = (logits.argmax(1) == data.test.labels).double().mean().item()
+    assert exported == pytest.approx(point["test_acc"], abs=1.5 / len(data.test))  # rounding may flip one example
+    best, chosen = point_checkpoint(out, best=True, min_throughput=1.0 + 1e-6)
+    mixed = [p for p in payload["points"] if p["relative_throughput"] > 1 + 1e-6]
+    assert chosen["val_acc"] == max(p["val_acc"] for p in mixed) and best.is_file()
+
+
+def test_point_choice_errors(done):
+    from lowbit.frontier import point_checkpoint
+
+    _, _, out, _ = done
+    with pytest.raises(LowbitError, match="no frontier point 'nope@0.3'"):
+        point_checkpoint(out, "nope@0.3")
+    with pytest.raises(LowbitError, match="choose one frontier point"):
+        point_checkpoint(out)
+    with pytest.raises(LowbitError, match="no frontier point reaches"):
+        point_checkpoint(out, best=True, min_throughput=50)

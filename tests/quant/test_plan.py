@@ -1,8 +1,16 @@
+import json
+import warnings
+
 import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
+from lowbit.cost import as_plan, profile_layers, w4a4_reference_plan
 from lowbit.errors import LowbitError
-from lowbit.quant import Plan, parse_bits, quantizable_layers
+from lowbit.models import create_model, list_models
+from lowbit.quant import SUPPORTED_BITS, Plan, edge_layers, execution_order, parse_bits, quantizable_layers
 
 
 def small_cnn() -> nn.Module:
@@ -50,6 +58,84 @@ def test_preset_first_and_last_layers():
         Plan.preset("w4a4", model, first_last_bits=16)
     with pytest.raises(LowbitError, match="no Conv2d or Linear"):
         Plan.preset("w4a4", nn.ReLU())
+
+
+class HeadFirst(nn.Module):
+    """Registers its head first and its stem between head and body: registration order is not call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 10)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.body(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+class Untraceable(HeadFirst):
+    def forward(self, x):  # data-dependent control flow: torch.fx cannot trace it
+        y = self.stem(x)
+        y = self.body(y) if y.sum() > float("-inf") else y
+        return self.head(y.mean((2, 3)))
+
+
+def test_preset_keeps_the_first_and_last_executed_layers():
+    model, x = HeadFirst(), torch.randn(1, 3, 6, 6)
+    assert quantizable_layers(model) == ["head", "stem", "body"]  # registration order would pick head, body
+    assert execution_order(model) == ["stem", "body", "head"]
+    assert edge_layers(model) == ("stem", "head") == edge_layers(model, example_input=x)
+    plan = Plan.preset("w4a4", model)
+    assert plan.layers == {"head": (8, 8), "stem": (8, 8), "body": (4, 4)}
+    assert list(plan.layers) == ["head", "stem", "body"]  # rows stay in module order
+    assert Plan.preset("w4a4", model, example_input=x) == plan
+    assert w4a4_reference_plan(profile_layers(model, x)) == plan  # the cost model's reference: same rule
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Plan.preset("w4a4", nn.Linear(2, 2)).layers == {"": (8, 8)}  # a lone layer is its own stem
+
+
+def test_preset_on_an_untraceable_model():
+    model, x = Untraceable(), torch.randn(1, 3, 6, 6)
+    assert execution_order(model) is None
+    assert Plan.preset("w4a4", model, example_input=x).layers == {"head": (8, 8), "stem": (8, 8), "body": (4, 4)}
+    with pytest.warns(UserWarning, match="example_input"):
+        fallback = Plan.preset("w4a4", model)
+    assert fallback.layers == {"head": (8, 8), "stem": (4, 4), "body": (8, 8)}  # registration order
+
+
+@pytest.mark.parametrize("name", list_models(include_external=False))
+def test_preset_unchanged_for_registry_models(name):
+    model = create_model(name)
+    names = quantizable_layers(model)
+    registration_rule = {n: (8, 8) if n in (names[0], names[-1]) else (4, 4) for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced, no fallback
+        assert Plan.preset("w4a4", model).layers == registration_rule
+
+
+def test_coerce_is_the_one_conversion():
+    plan = Plan({"a": (4, 4), "b": (8, None)})
+
+    class HasLayers:
+        layers = {"a": [4, 4], "b": [8, None]}
+
+    assert Plan.coerce(plan) is plan
+    assert Plan.coerce(plan.layers) == Plan.coerce(plan.to_dict()) == Plan.coerce(HasLayers()) == plan
+    with pytest.raises(LowbitError, match="must map layer names"):
+        Plan.coerce([("a", (4, 4))])
+
+
+BITS = st.sampled_from([*SUPPORTED_BITS, None])
+PLANS = st.dictionaries(st.text(min_size=1, max_size=12), st.tuples(BITS, BITS), max_size=8).map(Plan)
+
+
+@given(PLANS)
+def test_plan_dict_round_trip(plan):
+    d = plan.to_dict()
+    for back in (Plan.from_dict(d), Plan.from_dict(json.loads(json.dumps(d))), Plan.coerce(d), as_plan(d)):
+        assert back == plan and list(back.layers) == list(plan.layers) and hash(back) == hash(plan)
+    assert as_plan(plan.layers) == plan
 
 
 def test_bad_bits_and_entries():

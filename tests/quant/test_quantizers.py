@@ -16,6 +16,7 @@ from lowbit.quant import (
     round_ste,
 )
 from lowbit.quant.quantizers import MSE_FRACTIONS, STEP_EPS
+from lowbit.quant.ste import clamp_min_ste
 
 QUANTIZERS = (LsqQuantizer, FaqQuantizer, MinMaxQuantizer)
 
@@ -132,17 +133,56 @@ def test_lsq_activation_init_uses_only_the_first_batch():
 def test_lsq_step_stays_positive_after_a_huge_update(huge):
     q = LsqQuantizer(4, True)
     q.set_step_(0.1)
-    x = torch.tensor([10.0, 20.0])  # above the range: ∂v̂/∂s = Q_P > 0
+    x = torch.tensor([0.0, 10.0, 20.0])  # 10, 20 above the range: ∂v̂/∂s = Q_P > 0
     opt = torch.optim.SGD(q.parameters(), lr=1.0)
     (huge * q(x).sum()).backward()
     opt.step()
-    assert q.step.item() < 0  # the raw parameter was pushed negative ...
+    assert q.step.item() < -0.3  # the raw parameter was pushed far negative ...
     assert q.scale.item() == pytest.approx(STEP_EPS)  # ... the effective step was not
     opt.zero_grad()
     y = q(x)
-    assert torch.isfinite(y).all()
+    # The forward uses its own clamp, not q.scale: check the step it used, 10 and 20 sit at code Q_P.
+    torch.testing.assert_close(y, torch.tensor([0.0, 7.0, 7.0]) * q.scale, rtol=1e-6, atol=0)
     y.sum().backward()
-    assert q.step.grad.item() != 0  # straight-through clamp: the step can still recover
+    g = 1 / math.sqrt(3 * 7)
+    assert q.step.grad.item() == pytest.approx(g * (0 + 7 + 7), rel=1e-6)  # finite, so the step can recover
+
+
+def test_clamp_min_ste_forward_is_the_bound_and_gradient_the_identity():
+    bound = torch.tensor(STEP_EPS).item()  # the float32 value of 1e-8
+    x = torch.tensor([-1e3, -1.0, -0.3, -0.2, -1e-9, 0.0, 5e-9, 2.0], requires_grad=True)
+    y = clamp_min_ste(x, STEP_EPS)
+    assert y.tolist() == [bound] * 7 + [2.0]  # exactly the bound: never 0, never 1.5e-8
+    upstream = torch.arange(1.0, 9.0)
+    (upstream * y).sum().backward()
+    assert torch.equal(x.grad, upstream)
+
+
+# LSQ at raw steps far below zero, where the old straight-through clamp gave a step of exactly 0.
+# Inputs at the effective step s = 1e-8 (4-bit signed: Q_N = 8, Q_P = 7), with (∂v̂/∂v, ∂v̂/∂s) per input:
+#   0 -> code 0 (1, -0 + 0); 2.6e-8 -> v = 2.6, code 3 (1, -2.6 + 3); 1.0 -> above (0, Q_P); -1.0 -> below (0, -Q_N)
+NEG_STEP_INPUTS = [0.0, 2.6e-8, 1.0, -1.0]
+
+
+@pytest.mark.parametrize("raw_step", [-0.3, -1.0, -1e3])
+def test_lsq_negative_raw_step_forward_and_gradients_are_finite_and_exact(raw_step):
+    q = LsqQuantizer(4, True)
+    q.set_step_(0.1)
+    q.step.data.fill_(raw_step)  # as an optimizer step would leave it
+    s = q.scale.item()
+    assert s == torch.tensor(STEP_EPS).item()
+    x = torch.tensor(NEG_STEP_INPUTS, requires_grad=True)
+    c = torch.tensor([0.5, 1.0, 1.5, 2.0])  # L = Σ c_i v̂_i
+    y = q(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, torch.tensor([0.0, 3.0, 7.0, -8.0]) * s, rtol=1e-6, atol=0)
+    (c * y).sum().backward()
+    assert torch.isfinite(q.step.grad).all() and torch.isfinite(x.grad).all()
+    v = x.detach().double() / s
+    ds = torch.tensor([0.0, (-v[1] + v[1].round()).item(), 7.0, -8.0], dtype=torch.float64)
+    g = 1 / math.sqrt(4 * 7)
+    assert q.step.grad.item() == pytest.approx(g * (c.double() * ds).sum().item(), rel=1e-5)
+    torch.testing.assert_close(x.grad, c * torch.tensor([1.0, 1.0, 0.0, 0.0]))
 
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
@@ -188,16 +228,62 @@ def test_faq_activation_percentile_is_averaged_over_batches():
 
 def test_faq_weight_std_init_and_power_of_two():
     w = torch.randn(64, 8)
+    sd = w.std(correction=0).item()
     q = FaqQuantizer(4, True)
     q.init_from_(w)
-    assert q.scale.item() == pytest.approx(3.0 * w.std(correction=0).item() / 7, rel=1e-5)
+    assert q.scale.item() == pytest.approx(2 * 3.0 * sd / 2**4, rel=1e-5)  # [-3σ, 3σ] in 16 levels
     q2 = FaqQuantizer(2, True, std_multiple=1.5, power_of_two=True)
     q2.init_from_(w)
-    raw = 1.5 * w.std(correction=0).item() / 1
-    assert q2.scale.item() == 2 ** math.ceil(math.log2(raw))
+    assert q2.scale.item() == 2 ** math.ceil(math.log2(1.5 * sd)) / 2  # range rounded, then 2 steps per side
     pc = FaqQuantizer(8, True, per_channel=True)
     pc.init_from_(w)
-    torch.testing.assert_close(pc.scale, 8.0 * w.std(1, correction=0) / 127)
+    torch.testing.assert_close(pc.scale, 2 * 8.0 * w.std(1, correction=0) / 2**8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_faq_weight_step_splits_plus_minus_k_std_into_2_to_the_b_levels(bits):
+    w = torch.tensor([-1.0, 1.0, -1.0, 1.0])  # std exactly 1
+    q = FaqQuantizer(bits, True, std_multiple=1.5)
+    q.init_from_(w)
+    step = 2 * 1.5 / 2**bits
+    assert q.scale.item() == pytest.approx(step, rel=1e-6)
+    # The 2^b levels tile [-kσ, kσ]: the lowest code sits on -kσ, the highest one step below +kσ.
+    grid = torch.tensor([-1.5, 1.5 - step])
+    assert q.codes(grid).tolist() == [-q.q_n, q.q_p]
+    torch.testing.assert_close(q(grid), grid)
+
+
+@pytest.mark.parametrize("role,signed,values,step", [
+    # range 1.0 -> 1.0 (a power of two already): 16 levels over [-1, 1) is 1/8; rounding 1/7 gave 1/4
+    ("weight", True, [-1.0, 1.0], 1 / 8),
+    # range 0.9 -> 1: 1/8; rounding 0.9/7 gave 1/4
+    ("weight", True, [-0.9, 0.9], 1 / 8),
+    # activations, y_max = 1.0 (percentile 100): unsigned 16 levels over [0, 1) is 1/16; rounding 1/15 gave 1/8
+    ("activation", False, [0.25, 1.0], 1 / 16),
+    # signed activations, y_max = 1.0: 16 levels over [-1, 1) is 1/8; rounding 1/7 gave 1/4
+    ("activation", True, [-1.0, 0.5], 1 / 8),
+])
+def test_faq_power_of_two_rounds_the_range_not_the_step(role, signed, values, step):
+    q = FaqQuantizer(4, signed, role=role, std_multiple=1.0, percentile=100.0, power_of_two=True)
+    q.init_from_(torch.tensor([values]))
+    assert q.scale.item() == step
+    rng = 2 ** math.ceil(math.log2(max(abs(v) for v in values)))
+    assert q.scale.item() * (q.q_p + 1) == rng  # the rounded range holds exactly the 2^b levels
+
+
+def test_faq_rescaled_step_keeps_the_range():
+    # Weights: the same [-kσ, kσ] in 16 instead of 256 levels.
+    q = FaqQuantizer(4, True)
+    q.init_from_step_(torch.tensor(0.01), 127)
+    assert q.scale.item() == pytest.approx(0.01 * 128 / 8)
+    # Fixed-point activations: range 1 was 2^-8 at 8 bits, and is 2^-4 at 4 bits (rounding 17 · 2^-8 gave 2^-3).
+    a = FaqQuantizer(4, False, role="activation", power_of_two=True)
+    a.init_from_step_(torch.tensor(2.0**-8), 255)
+    assert a.scale.item() == 2.0**-4
+    # Plain activations keep the top code on the percentile: the step scales by Q_P.
+    b = FaqQuantizer(4, False, role="activation")
+    b.init_from_step_(torch.tensor(0.01), 255)
+    assert b.scale.item() == pytest.approx(0.01 * 255 / 15)
 
 
 def test_minmax_init_and_mse():

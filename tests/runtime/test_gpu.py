@@ -189,14 +189,14 @@ def test_worst_case_weights_and_inputs(mixed):
     ref.params = {k: dict(v) for k, v in mixed.params.items()}
     g = torch.Generator().manual_seed(3)
     for node in ref.nodes:
-        if node["op"] in ("conv2d", "linear"):
-            p, b = ref.params[node["name"]], node["attrs"]["w_bits"]
+        if node.op in ("conv2d", "linear"):
+            p, b = ref.params[node.name], node.attrs["w_bits"]
             p["weight"] = torch.where(torch.rand(p["weight"].shape, generator=g) < 0.5,
                                       -(2 ** (b - 1)), 2 ** (b - 1) - 1).to(torch.int32)
     gpu = GpuModel(ref, emulate=True)
     want = _assert_trace_equal(gpu, ref, _images(4, seed=4))
-    narrow = [n for n in ref.nodes if n["op"] == "conv2d" and n["attrs"]["hi"] < 2**31 - 1]
-    assert narrow and all(int(want[n["outputs"][0]].max()) == n["attrs"]["hi"] for n in narrow)  # saturated
+    narrow = [n for n in ref.nodes if n.op == "conv2d" and n.attrs["hi"] < 2**31 - 1]
+    assert narrow and all(int(want[n.outputs[0]].max()) == n.attrs["hi"] for n in narrow)  # saturated
 
 
 def test_large_k_refuses_fp8_then_int8(tmp_path):

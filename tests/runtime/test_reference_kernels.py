@@ -9,16 +9,18 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowbit.runtime.dyadic import to_dyadic, to_dyadic_common
+from lowbit.ir.dyadic import to_dyadic, to_dyadic_common
 from lowbit.runtime.reference import (
     adaptive_avgpool_int,
     add_requant,
     avgpool_int,
+    clamp_int,
     conv2d_int,
     linear_int,
     maxpool_int,
     relu_int,
     sumpool_int,
+    upsample_nearest_int,
 )
 
 
@@ -148,3 +150,13 @@ def test_add_requant_rejects_overflow():
     big = torch.tensor([2**31])
     with pytest.raises(ValueError, match="overflow"):
         add_requant(big, big, 2**31 - 1, 2**31 - 1, 62, bias=2**32, lo=0, hi=1)
+
+
+def test_clamp_and_nearest_upsampling_move_codes_only():
+    x = torch.tensor([[[[-3, 0], [5, 9]]]], dtype=torch.int32)
+    assert clamp_int(x, -1, 6).tolist() == [[[[-1, 0], [5, 6]]]]
+    up = upsample_nearest_int(x, (2, 3))
+    assert up.shape == (1, 1, 4, 6) and up.dtype == torch.int32
+    assert torch.equal(up, F.interpolate(x.double(), scale_factor=(2, 3), mode="nearest").to(torch.int32))
+    with pytest.raises(ValueError, match="integer code tensors"):
+        clamp_int(x.float(), 0, 1)

@@ -22,6 +22,7 @@ from lowbit.cost import (
     weight_bytes,
 )
 from lowbit.errors import LowbitError
+from lowbit.quant import Plan
 from lowbit.search import select_plan
 
 torch.manual_seed(0)
@@ -35,12 +36,12 @@ MODEL = nn.Sequential(
 )
 LAYERS = profile_layers(MODEL, torch.randn(1, 3, 16, 16))
 BASE = w4a4_reference_plan(LAYERS)
-CANDIDATES = [n for n, bits in BASE.items() if bits == (4, 4)]
-ALL_LOW = {**BASE, **{n: (2, 2) for n in CANDIDATES}}
+CANDIDATES = [n for n, bits in BASE.layers.items() if bits == (4, 4)]
+ALL_LOW = Plan({**BASE.layers, **{n: (2, 2) for n in CANDIDATES}})
 
 
 def _plan(subset):
-    return {**BASE, **{n: (2, 2) for n in subset}}
+    return Plan({**BASE.layers, **{n: (2, 2) for n in subset}})
 
 
 def _meets(plan, candidates, budgets, profile="bits-proportional"):
@@ -48,7 +49,7 @@ def _meets(plan, candidates, budgets, profile="bits-proportional"):
     ok = True
     if "mac_fraction" in budgets:
         macs = {layer.name: layer.macs for layer in LAYERS}
-        low = sum(macs[n] for n in candidates if plan[n] == (2, 2))
+        low = sum(macs[n] for n in candidates if plan.layers[n] == (2, 2))
         ok &= low >= Fraction(budgets["mac_fraction"]) * sum(macs[n] for n in candidates)
     if "min_throughput" in budgets:
         t_ref, t_plan = (Fraction(plan_time(LAYERS, p, profile)) for p in (BASE, plan))
@@ -72,7 +73,7 @@ def _brute_force(scores, budgets, profile="bits-proportional"):
 
 
 def _check(plan, cost, sel, scores, budgets, profile="bits-proportional"):
-    assert plan == _plan(sel.chosen)
+    assert isinstance(plan, Plan) and plan == _plan(sel.chosen)
     assert _meets(plan, list(scores), budgets, profile)
     # the reported PlanCost agrees with the budgets (float rounding is monotone, so these hold too)
     if "mac_fraction" in budgets:
@@ -138,7 +139,7 @@ def test_mac_fraction_uses_the_dp_and_reports_the_fraction():
     plan, cost, sel = select_plan(LAYERS, BASE, scores, mac_fraction=0.5)
     assert sel.solver == "dp"
     assert cost.low_bit_mac_fraction == low_bit_mac_fraction(LAYERS, plan, CANDIDATES) >= 0.5
-    assert all(plan[n] == (2, 2) if n in sel.chosen else plan[n] == BASE[n] for n in BASE)
+    assert all(plan.layers[n] == (2, 2) if n in sel.chosen else plan.layers[n] == BASE.layers[n] for n in BASE.layers)
 
 
 def test_zero_budget_keeps_the_base_and_low_bits_three():
@@ -146,7 +147,7 @@ def test_zero_budget_keeps_the_base_and_low_bits_three():
     plan, cost, sel = select_plan(LAYERS, BASE, scores, mac_fraction=0.0)
     assert plan == BASE and cost.relative_throughput == 1.0 and sel.chosen == ()
     plan, _, sel = select_plan(LAYERS, BASE, scores, mac_fraction=1.0, low_bits=3)
-    assert {plan[n] for n in CANDIDATES} == {(3, 3)}
+    assert {plan.layers[n] for n in CANDIDATES} == {(3, 3)}
 
 
 def test_user_errors():

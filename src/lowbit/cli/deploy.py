@@ -17,7 +17,14 @@ from lowbit.errors import LowbitError
 def _export():
     def add(p):
         p.add_argument("--from", dest="source", required=True,
-                       help="quantized run directory (from `lowbit quantize`), or a .lowbit file with --format onnx")
+                       help="quantized run directory (from `lowbit quantize`), a frontier run with --point/--best, "
+                            "or a .lowbit file with --format onnx")
+        p.add_argument("--point", default=None, metavar="METHOD@BUDGET",
+                       help="with a frontier run: export this point's fine-tuned model (e.g. eagl@0.5, uniform-w4a4)")
+        p.add_argument("--best", action="store_true",
+                       help="with a frontier run: export the point with the best validation accuracy (or metric)")
+        p.add_argument("--min-throughput", type=float, default=None,
+                       help="with --best: only points at least this fast (relative throughput, W4A4 = 1.0)")
         p.add_argument("--out", default=None, help="file to write (default model.lowbit / model.onnx)")
         p.add_argument("--format", default="lowbit", choices=["lowbit", "onnx"],
                        help="lowbit: integer model (safetensors + manifest); onnx: QDQ ONNX for onnxruntime")
@@ -33,11 +40,22 @@ def _export():
 
     def run(a):
         from lowbit.export.exporter import export_run
-        from lowbit.export.format import read_model
+        from lowbit.ir.format import read_model
         from lowbit.runtime.engine import IntegerModel
 
         _set_threads(a)
         src = Path(a.source)
+        if a.point or a.best or (src / "frontier.json").exists() or (src / "points").is_dir():
+            from lowbit.frontier import point_checkpoint
+
+            src, point = point_checkpoint(src, a.point, best=a.best, min_throughput=a.min_throughput)
+            measured = (f"val {_pct(point.get('val_acc'))}, test {_pct(point.get('test_acc'))}"
+                        if point.get("val_metric") is None else
+                        f"val {point['val_metric']:.4g}, test {point.get('test_metric', float('nan')):.4g}")
+            print(f"frontier point {point['label']}: relative throughput {point['relative_throughput']:.3f}, "
+                  f"{point['n_low']} layer(s) at 2 bits, measured {measured}")
+        elif a.min_throughput is not None:
+            raise LowbitError("--min-throughput goes with --best on a frontier run")
         if src.is_file() and src.suffix == ".lowbit":
             if a.format != "onnx" or a.verify:
                 raise LowbitError(f"{src} is already a .lowbit file: use it with --format onnx (without --verify)")
@@ -63,7 +81,7 @@ def _export():
             from lowbit.export.simulate import Simulation
 
             lowered = result.lowered
-            images, labels = _test_set(a, runtime.manifest.get("data") or "fashion-mnist", a.limit)
+            images, labels = _test_set(a, runtime.manifest, a.limit)
             onnx = OnnxModel(path) if a.format == "onnx" else None
             _verify(a, runtime, images, labels, simulation=Simulation(lowered), fake_quant=lowered.model, onnx=onnx)
         return 0
@@ -75,8 +93,8 @@ def _infer():
     def add(p):
         p.add_argument("model", help=".lowbit file (from `lowbit export`)")
         p.add_argument("--backend", default="reference", choices=["reference", "fast", "onnx"],
-                       help="reference: the integer runtime (the definition); fast: oneDNN int8 kernels; "
-                            "onnx: the QDQ ONNX export in onnxruntime")
+                       help="reference: the integer runtime (the definition); fast: oneDNN int8 kernels and a "
+                            "compiled graph, bit-exact against the reference; onnx: the QDQ ONNX export in onnxruntime")
         p.add_argument("--images", default=None,
                        help="predict these images instead of the test set: .npy or IDX (.gz) of uint8 images, "
                             "N x 28 x 28 (or N x C x H x W)")
@@ -99,7 +117,7 @@ def _infer():
             images = _read_images(a.images, model)
             labels = _read_labels(a.labels, len(images)) if a.labels else None
         else:
-            images, labels = _test_set(a, model.manifest.get("data") or a.data, None)
+            images, labels = _test_set(a, model.manifest, None)
         if a.limit is not None:
             images, labels = images[:a.limit], None if labels is None else labels[:a.limit]
         preds = torch.cat([backend(images[i:i + a.batch_size]).argmax(1) for i in range(0, len(images), a.batch_size)])
@@ -120,7 +138,7 @@ def _infer():
 
 def _bench():
     def add(p):
-        p.add_argument("model", help=".lowbit file (from `lowbit export`)")
+        p.add_argument("file", metavar="model", help=".lowbit file (from `lowbit export`)")
         p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
         p.add_argument("--runs", type=int, default=30, help="timed runs per variant (median reported)")
         p.add_argument("--warmup", type=int, default=3)
@@ -132,11 +150,15 @@ def _bench():
                        help="also measure each layer at every bit width and save the table (JSON for "
                             "--cost measured) here")
         p.add_argument("--table-batch", type=int, default=8, help="batch size of the per-layer measurements")
+        p.add_argument("--model", default=None,
+                       help="float architecture of the fp32/bf16 rows: a registry name or package.module:factory "
+                            "(default: the one the export recorded)")
+        p.add_argument("--model-args", default=None, metavar="YAML", help="keyword arguments of --model")
         add_common(p, data=False)
 
     def run(a):
+        from lowbit.deploy.bench import benchmark, check_runs, format_table, latency_table
         from lowbit.io import save_json
-        from lowbit.runtime.bench import benchmark, check_runs, format_table, latency_table
 
         _set_threads(a)
         try:
@@ -145,14 +167,18 @@ def _bench():
             raise LowbitError(f"--batch takes comma-separated integers, got {a.batch!r}") from None
         if not batches or min(batches) < 1:
             raise LowbitError(f"--batch needs positive batch sizes, got {a.batch!r}")
-        res = benchmark(a.model, batches, runs=check_runs(a.runs), warmup=a.warmup, budget_s=a.budget, onnx=a.onnx,
-                        seed=a.seed, progress=None if a.quiet else lambda s: print(s, file=sys.stderr))
+        from lowbit.plugins import parse_args_option
+
+        kwargs = parse_args_option(a.model_args, "--model-args") if a.model_args else None
+        res = benchmark(a.file, batches, runs=check_runs(a.runs), warmup=a.warmup, budget_s=a.budget, onnx=a.onnx,
+                        seed=a.seed, progress=None if a.quiet else lambda s: print(s, file=sys.stderr),
+                        model_name=a.model, model_kwargs=kwargs)
         print(format_table(res))
         if a.out:
             save_json(a.out, res)
             print(f"saved {a.out}")
         if a.latency_table:
-            table = latency_table(a.model, batch=a.table_batch, runs=max(5, min(a.runs, 20)))
+            table = latency_table(a.file, batch=a.table_batch, runs=max(5, min(a.runs, 20)))
             save_json(a.latency_table, table)
             print(f"per-layer latency table ({len(table['layers'])} layers) saved to {a.latency_table}")
         return 0
@@ -165,6 +191,10 @@ def _onnx(model, out, int4: bool) -> Path:
     from lowbit.export.onnx_export import export_onnx
 
     return export_onnx(model, out, int4=int4)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
 
 
 def _size(n: int) -> str:
@@ -180,9 +210,7 @@ def _backend(model, name: str):
     if name == "reference":
         return model
     if name == "fast":
-        from lowbit.runtime.fastpath import FastModel
-
-        return FastModel(model)
+        return _fast(model) or model
     import tempfile
 
     from lowbit.export.onnx_export import OnnxModel
@@ -191,16 +219,54 @@ def _backend(model, name: str):
         return OnnxModel(_onnx(model, Path(tmp) / "model.onnx", True))
 
 
-def _test_set(a, data: str, limit: int | None):
-    """uint8 test images (N, C, H, W) and labels of the data set ``data``."""
-    from lowbit.data import get_data
+def _fast(model):
+    """The exact fast backend, or None (one warning line) when it cannot take the model; a node it has no kernel
+    for runs on the reference kernel (one warning line)."""
+    import warnings
 
-    if data == "imagefolder":
-        raise LowbitError("lowbit infer/export --verify read uint8 image sets (fashion-mnist, synthetic); "
-                          "give --images for other data")
-    ds = get_data(data, a.data_dir).test
-    n = len(ds) if limit is None else min(limit, len(ds))
-    return ds.images[:n], ds.labels[:n]
+    from lowbit.runtime.fastpath import FastModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fast = FastModel(model)
+        except LowbitError as e:
+            print(f"warning: {e}; running the reference runtime", file=sys.stderr)
+            return None
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return fast
+
+
+def _test_set(a, manifest: dict, limit: int | None):
+    """The test split of the run's data as the exported model takes it: uint8 pixels (N, C, H, W) for lowbit's
+    image sets, the float input tensors of a user's data (its recorded factory), and the labels (or None)."""
+    import torch
+
+    from lowbit.data import iterate, split_batch
+    from lowbit.data.datasets import TensorDataset
+    from lowbit.train.checkpoint import run_data
+
+    data_spec = manifest.get("data_spec") or {"data": manifest.get("data") or getattr(a, "data", None)
+                                              or "fashion-mnist"}
+    if data_spec["data"] == "imagefolder":
+        raise LowbitError("lowbit infer/export --verify read in-memory test sets; give --images for ImageFolder data")
+    ds = run_data(data_spec, getattr(a, "data", None), a.data_dir).test
+    if ds is None:
+        raise LowbitError(f"data {data_spec['data']} has no test split; give --images (and --labels)")
+    if isinstance(ds, TensorDataset):
+        n = len(ds) if limit is None else min(limit, len(ds))
+        return ds.images[:n], ds.labels[:n]
+    xs, ys = [], []
+    for batch in iterate(ds, 256, limit=limit, device=None):
+        x, y = split_batch(batch)
+        if not isinstance(x, torch.Tensor):
+            raise LowbitError("the exported model takes one input tensor; this data gives several inputs per batch")
+        xs.append(x.float())
+        ys.append(y if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.ndim == 1 else None)
+    x = torch.cat(xs)[:limit]
+    labels = None if any(y is None for y in ys) else torch.cat(ys)[:limit]
+    return x, labels
 
 
 def _read_array(path: str):
@@ -223,6 +289,14 @@ def _read_images(path: str, model):
     import torch
 
     arr = _read_array(path)
+    if not model.pixel_input:  # a model of a user's data takes float tensors
+        if arr.dtype.kind not in "fiu":
+            raise LowbitError(f"{path}: expected numbers, got {arr.dtype}")
+        x = torch.from_numpy(arr.astype("float32"))
+        if list(x.shape[1:]) != list(model.input_spec.get("shape", [])):
+            raise LowbitError(f"{path}: inputs of shape {tuple(x.shape[1:])} do not fit the model's input "
+                              f"{tuple(model.input_spec.get('shape', []))}")
+        return x
     if arr.dtype.name != "uint8":
         raise LowbitError(f"{path}: images must be uint8 pixels, got {arr.dtype}")
     shape = list(model.input_spec.get("shape", []))
@@ -246,11 +320,10 @@ def _read_labels(path: str, n: int):
 
 
 def _verify(a, runtime, images, labels, **impls) -> None:
-    from lowbit.export.verify import format_report, verify
+    from lowbit.deploy.verify import format_report, verify
     from lowbit.io import save_json
-    from lowbit.runtime.fastpath import FastModel, available
 
-    fast = FastModel(runtime) if available() else None
+    fast = _fast(runtime)
     report = verify(runtime, images, labels, fast=fast, batch_size=a.batch_size, **impls)
     print(format_report(report))
     if a.report:
@@ -265,10 +338,12 @@ COMMANDS = {
                "JSON manifest) or, with --format onnx, a QDQ ONNX model. Prints the size against the fp32 "
                "weights; --verify checks runtime, simulation, fake-quant model and fast path on the test set."),
     "infer": (_infer, "run a .lowbit model: test-set accuracy, or predictions for given images",
-              "Run an exported model with the integer reference runtime (default), the oneDNN int8 fast path or "
-              "onnxruntime, on the run's test set or on uint8 images from a .npy/IDX file."),
-    "bench": (_bench, "time a .lowbit model against fp32, channels-last and bf16 (and onnxruntime)",
-              "Median latency of fp32 eager, fp32 channels-last, bf16 autocast, the lowbit fast path and "
-              "onnxruntime, in one process, at each --batch, with speed-ups, peak memory, file sizes and CPU "
-              "flags; --latency-table also writes the per-layer table for --cost measured."),
+              "Run an exported model with the integer reference runtime (default), the bit-exact oneDNN int8 fast "
+              "path or onnxruntime, on the run's test set or on uint8 images from a .npy/IDX file."),
+    "bench": (_bench, "time a .lowbit model against fp32, bf16 and PyTorch's own int8 (and onnxruntime)",
+              "Median latency of fp32 eager, fp32 channels-last, fp32 torch.compile, bf16 autocast, PyTorch's own "
+              "int8 for the same architecture (PT2E x86 inductor with torchao, else eager torch.ao x86), the "
+              "lowbit fast path (bit-exact, compiled) and onnxruntime, in one process, at each --batch, with "
+              "speed-ups, peak memory, compile times, file sizes and CPU flags; --latency-table also writes the "
+              "per-layer table for --cost measured."),
 }

@@ -37,18 +37,38 @@ def add_common(p: argparse.ArgumentParser, out: str | None = None, data: bool = 
                         "runs several jobs; also the DataLoader's worker processes for imagefolder data")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     if data:
-        g.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "synthetic", "imagefolder"],
-                       help="data set (synthetic = a tiny generated set for smoke tests; imagefolder = "
-                            "ImageNet layout under --data-dir, needs torchvision)")
-        g.add_argument("--data-dir", default=None,
-                       help="folder with the four Fashion-MNIST IDX .gz files (default: $LOWBIT_DATA_DIR, "
-                            "then /usr/share/datasets/fashion-mnist), or the ImageFolder root (train/, val/)")
+        add_data(g, default_help="fashion-mnist for train; a run's own data for the later stages")
     if data and folder:
         g.add_argument("--val-fraction", type=float, default=None,
                        help="share of the training images held out for validation; None = the data set's "
                             "(5,000 of 60,000 for Fashion-MNIST, 0.02 for ImageFolder)")
         g.add_argument("--image-size", type=int, default=None,
                        help="ImageFolder crop size in pixels; None = 224 for train, the run's for quantize/eval")
+
+
+def add_data(g, default_help: str) -> None:
+    """``--data`` (a lowbit data set or the user's factory), ``--data-args`` and ``--data-dir``."""
+    g.add_argument("--data", default=None,
+                   help=f"fashion-mnist, synthetic (a tiny generated set for smoke tests), imagefolder (ImageNet "
+                        f"layout under --data-dir, needs torchvision), or your own factory package.module:function "
+                        f"(or file.py:function) returning (train, val, test) Datasets/DataLoaders (default: "
+                        f"{default_help})")
+    g.add_argument("--data-args", default=None, metavar="YAML",
+                   help="keyword arguments of your data factory, inline YAML/JSON ('{n: 1000}') or a .yaml file")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with the four Fashion-MNIST IDX .gz files (default: $LOWBIT_DATA_DIR, "
+                        "then /usr/share/datasets/fashion-mnist), or the ImageFolder root (train/, val/)")
+
+
+def add_loss(p: argparse.ArgumentParser, metric: bool = True) -> None:
+    g = p.add_argument_group("your loss and metric")
+    g.add_argument("--loss", default=None, metavar="PKG.MOD:FN",
+                   help="loss function fn(outputs, batch) -> scalar tensor (default: cross-entropy, or the loss "
+                        "the --from run recorded)")
+    if metric:
+        g.add_argument("--metric", default=None, metavar="NAME",
+                       help="validation metric to report per epoch (higher is better): top1, a registered name, or "
+                            "package.module:function taking (model, data)")
 
 
 def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", batch=128) -> None:
@@ -64,11 +84,14 @@ def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", ba
     g.add_argument("--lr-decay", type=float, default=0.936 if schedule else None,
                    help="per-epoch factor of the exp schedule")
     g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--augmentation", default="flip", choices=["flip", "crop+flip", "none"],
-                   help="training augmentation (random crop with 2-pixel padding, horizontal flip)")
+    g.add_argument("--augmentation", default=None, choices=["flip", "crop+flip", "none"],
+                   help="training augmentation of lowbit's image sets (random crop with 2-pixel padding, "
+                        "horizontal flip); default: the set's own (flip for Fashion-MNIST); never applied to "
+                        "your own data")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="keep NCHW memory format (channels-last is faster for convs on CPU)")
+    g.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for 4-D inputs (faster convs on CPU); default: on for lowbit's and "
+                        "torchvision/timm models, off for your own (whose forward may call x.view)")
     r = p.add_argument_group("run directory")
     r.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -97,16 +120,15 @@ def _amp(a: argparse.Namespace) -> dict:
     return {"amp": a.amp} if getattr(a, "amp", None) else {}
 
 
-def cli_data(a: argparse.Namespace, spec: dict | None = None):
-    """The data set the flags describe; split and image size default to the run's (``spec``)."""
-    from lowbit.data import get_data
-    from lowbit.train.checkpoint import spec_data_options
+def cli_data(a: argparse.Namespace, spec: dict | None = None, default: str = "fashion-mnist"):
+    """The data set the flags describe; by default the run's own (``spec``: factory, args, split, image size)."""
+    from lowbit.plugins import parse_args_option
+    from lowbit.train.checkpoint import run_data
 
-    run = spec_data_options(spec) if spec and spec.get("data") == a.data else {}
-    image_size = getattr(a, "image_size", None) or run.get("image_size")
-    val_fraction = getattr(a, "val_fraction", None) or run.get("val_fraction")
-    return get_data(a.data, a.data_dir, val_fraction=val_fraction, image_size=image_size,
-                    workers=getattr(a, "workers", 0))
+    spec = spec or {"data": default}
+    return run_data(spec, a.data, a.data_dir, val_fraction=getattr(a, "val_fraction", None),
+                    image_size=getattr(a, "image_size", None), workers=getattr(a, "workers", 0) or None,
+                    data_args=parse_args_option(getattr(a, "data_args", None), "--data-args") or None)
 
 
 def _set_threads(a: argparse.Namespace) -> None:
@@ -120,51 +142,83 @@ def _set_threads(a: argparse.Namespace) -> None:
 def _train():
     def add(p):
         p.add_argument("--model", default="resnet8",
-                       help="registry name (see `lowbit models`), tv:<torchvision name> or timm:<timm name>")
+                       help="registry name (see `lowbit models`), tv:<torchvision name>, timm:<timm name>, or your "
+                            "own factory package.module:function (or file.py:function) returning an nn.Module")
+        p.add_argument("--model-args", default=None, metavar="YAML",
+                       help="keyword arguments of the model factory, inline YAML/JSON ('{hidden: 64}') or a file")
         p.add_argument("--width", type=float, default=None, help="width multiplier of the ResNets")
         p.add_argument("--weights", default=None, metavar="FILE",
                        help="start from this local .safetensors or torch.save'd state dict instead of random "
                             "init (nothing is downloaded; --epochs 0 just evaluates and saves the run)")
         add_fit(p, epochs=10, lr=0.1, wd=5e-4)
         _add_amp(p)
+        add_loss(p)
         add_common(p, out="runs/train", folder=True)
 
     def run(a):
+        from lowbit.plugins import parse_args_option
         from lowbit.train import TrainConfig, train
 
         _set_threads(a)
-        cfg = TrainConfig(model=a.model, width=a.width, data=a.data, data_dir=a.data_dir, out=a.out,
-                          fit=fit_config(a), workers=a.workers, weights=a.weights, val_fraction=a.val_fraction,
-                          image_size=a.image_size)
+        cfg = TrainConfig(model=a.model, width=a.width, data=a.data or "fashion-mnist", data_dir=a.data_dir,
+                          out=a.out, fit=fit_config(a), workers=a.workers, weights=a.weights,
+                          val_fraction=a.val_fraction, image_size=a.image_size,
+                          model_args=parse_args_option(a.model_args, "--model-args") or None,
+                          data_args=parse_args_option(a.data_args, "--data-args") or None, loss=a.loss,
+                          metric=a.metric)
         s = train(cfg, resume=a.resume, overwrite=a.overwrite)
         if is_main():  # under torchrun one summary line, not one per rank
-            print(f"{a.model}: val {100 * s['val_acc']:.2f}%  test {100 * s['test_acc']:.2f}%  "
-                  f"({s['epochs']} epochs, {s['train_seconds']:.0f} s)  -> {a.out}")
+            print(f"{a.model}: {result_line(s)}  ({s['epochs']} epochs, {s['train_seconds']:.0f} s)  -> {a.out}")
         return 0
 
     return add, run
+
+
+def result_line(s: dict) -> str:
+    """``val 91.23%  test 90.87%``, or the loss and metric where accuracy does not apply."""
+    parts = []
+    for split in ("val", "test"):
+        if s.get(f"{split}_loss") is None:
+            continue
+        if s.get(f"{split}_metric") is not None:
+            parts.append(f"{split} {s['metric']} {s[f'{split}_metric']:.4f}")
+        elif s.get(f"{split}_acc") is not None:
+            parts.append(f"{split} {100 * s[f'{split}_acc']:.2f}%")
+        else:
+            parts.append(f"{split} loss {s[f'{split}_loss']:.4f}")
+    return "  ".join(parts)
 
 
 def _eval():
     def add(p):
         p.add_argument("--from", dest="source", required=True, help="run directory (or checkpoint file)")
         p.add_argument("--batch-size", type=int, default=512)
+        add_loss(p)
         add_common(p, folder=True)
 
     def run(a):
+        from lowbit.data import num_examples
         from lowbit.train import evaluate, load_run_model
+        from lowbit.train.checkpoint import resolve_loss
 
         _set_threads(a)
         model, ckpt = load_run_model(a.source)
         data = cli_data(a, ckpt.get("spec"))
         _check_shape(ckpt, data)
+        loss_fn = resolve_loss(a.loss or ckpt.get("spec", {}).get("loss"))
         model.to(a.device)
-        out = {}
         for split in ("val", "test"):
-            loss, acc = evaluate(model, getattr(data, split), a.batch_size, a.device, quiet=a.quiet,
-                                 desc=split)
-            out[split] = acc
-            print(f"{split:5s} accuracy {100 * acc:.2f}%  loss {loss:.4f}  ({len(getattr(data, split))} images)")
+            ds = getattr(data, split)
+            if ds is None:
+                continue
+            loss, acc = evaluate(model, ds, a.batch_size, a.device, quiet=a.quiet, desc=split, loss_fn=loss_fn)
+            shown = "" if acc != acc else f"accuracy {100 * acc:.2f}%  "
+            line = f"{split:5s} {shown}loss {loss:.4f}"
+            if a.metric:
+                from lowbit.metrics import measure
+
+                line += f"  {a.metric} {measure(a.metric, model, ds, batch_size=a.batch_size, device=a.device):.4f}"
+            print(f"{line}  ({num_examples(ds)} examples)")
         return 0
 
     return add, run
@@ -173,7 +227,7 @@ def _eval():
 def _check_shape(ckpt, data) -> None:
     spec = ckpt.get("spec", {})
     shape = spec.get("input_shape")
-    if shape and list(shape) != list(data.input_shape):
+    if shape and data.input_shape is not None and list(shape) != list(data.input_shape):
         hint = f"; pass the run's data set (--data {spec['data']})" if spec.get("data", data.name) != data.name else ""
         raise LowbitError(f"the model expects inputs {tuple(shape)} but data set {data.name} gives "
                           f"{tuple(data.input_shape)}{hint}")
@@ -198,14 +252,16 @@ def _demo():
     def add(p):
         p.add_argument("--fast", action="store_true", help="a few-minute smoke version (fewer epochs)")
         p.add_argument("--overwrite", action="store_true", help="redo stages that already finished")
+        p.add_argument("--train-fp32", action="store_true",
+                       help="train the fp32 resnet8 here (10 epochs) instead of starting from the one lowbit ships")
         add_common(p, out="runs/demo")
 
     def run(a):
         from lowbit.demo import demo
 
         _set_threads(a)
-        demo(a.out, data=a.data, data_dir=a.data_dir, device=a.device, seed=a.seed, fast=a.fast,
-             quiet=a.quiet, overwrite=a.overwrite)
+        demo(a.out, data=a.data or "fashion-mnist", data_dir=a.data_dir, device=a.device, seed=a.seed, fast=a.fast,
+             quiet=a.quiet, overwrite=a.overwrite, train_fp32=a.train_fp32)
         return 0
 
     return add, run
@@ -223,11 +279,15 @@ def _quantize():
         p.add_argument("--method", default=None, choices=["lsq", "faq", "minmax"],
                        help="quantizer (default: the recipe's; minmax = plain post-training calibrator)")
         p.add_argument("--distill", action="store_true", help="distil from the frozen fp32 teacher (LSQ+KD)")
+        p.add_argument("--distill-loss", default=None, choices=["kl", "mse", "cosine"],
+                       help="distillation loss: kl on logits (classification, default), mse or cosine on the "
+                            "outputs (embeddings, regression)")
         p.add_argument("--per-channel", action="store_true", help="one weight step per output channel")
         p.add_argument("--first-last-bits", type=_bits_or_float, default=8,
                        help="bits of the first and last layers in presets ('float' keeps them fp32)")
         add_fit(p, epochs=None, lr=None, wd=None, schedule=None)
         _add_amp(p)
+        add_loss(p)
         add_common(p, out="runs/quantize", folder=True)
 
     def run(a):
@@ -238,21 +298,22 @@ def _quantize():
         over = dict(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, schedule=a.schedule,
                     batch_size=a.batch_size, momentum=a.momentum, warmup_epochs=a.warmup_epochs,
                     label_smoothing=a.label_smoothing, seed=a.seed, device=a.device,
-                    augmentation=a.augmentation, channels_last=a.channels_last, compile=a.compile, quiet=a.quiet)
+                    augmentation=a.augmentation, channels_last=a.channels_last, compile=a.compile, quiet=a.quiet,
+                    distill_loss=a.distill_loss)
         if a.lr_decay is not None:
             over["lr_decay"] = a.lr_decay
         over.update(_amp(a))
-        data = None  # quantize_run reads Fashion-MNIST / synthetic itself; ImageFolder needs the flags here
-        if a.data == "imagefolder" or a.val_fraction is not None or a.image_size is not None:
+        data = None  # quantize_run reads the run's own data itself; other flags are resolved here
+        if a.data or a.data_args or a.val_fraction is not None or a.image_size is not None:
             data = cli_data(a, load_checkpoint(checkpoint_path(a.source)).get("spec"))
         cfg = QuantizeConfig(source=a.source, out=a.out, bits=None if a.plan_file else a.bits,
                              plan_file=a.plan_file, recipe=a.recipe, method=a.method, per_channel=a.per_channel,
                              first_last_bits=a.first_last_bits, distill=a.distill, data=a.data,
-                             data_dir=a.data_dir)
+                             data_dir=a.data_dir, loss=a.loss, metric=a.metric)
         s = quantize_run(cfg, resume=a.resume, overwrite=a.overwrite, fit_overrides=over, data=data)
         if is_main():
-            print(f"{s['model']} {s['bits']} ({s['recipe']}): val {100 * s['val_acc']:.2f}%  "
-                  f"test {100 * s['test_acc']:.2f}%  ({s['epochs']} epochs, {s['train_seconds']:.0f} s)  -> {a.out}")
+            print(f"{s['model']} {s['bits']} ({s['recipe']}): {result_line(s)}  ({s['epochs']} epochs, "
+                  f"{s['train_seconds']:.0f} s)  -> {a.out}")
         return 0
 
     return add, run
@@ -264,7 +325,10 @@ def _bits_or_float(v: str):
     try:
         return int(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 2, 3, 4, 8 or float, got {v!r}") from None
+        from lowbit.quant.bits import SUPPORTED_BITS
+
+        bits = ", ".join(map(str, SUPPORTED_BITS))
+        raise argparse.ArgumentTypeError(f"expected {bits} or float, got {v!r}") from None
 
 
 SUBCOMMANDS = {
@@ -289,9 +353,9 @@ def register(name: str, factory, help: str, description: str | None = None) -> N
 
 def _stage_commands() -> dict:
     """Commands of the later stages live beside their stage; imported here, lazily (they import this module)."""
-    from lowbit.cli import deploy, mixed
+    from lowbit.cli import deploy, mixed, walk
 
-    return {**SUBCOMMANDS, **mixed.COMMANDS, **deploy.COMMANDS}
+    return {**SUBCOMMANDS, **mixed.COMMANDS, **deploy.COMMANDS, **walk.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_cli() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a log file shows each line as it is printed
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     sys.exit(main())
 
 

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import argparse
 
-from lowbit.cli.main import add_common, add_fit
+from lowbit.cli.main import add_common, add_data, add_fit
 from lowbit.distributed import is_main
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, choices=["fashion-mnist", "synthetic", "imagefolder"],
-                   help="data set (default: the one the run was trained on)")
-    g.add_argument("--data-dir", default=None, help="data folder (default: $LOWBIT_DATA_DIR, then the system copy)")
+    add_data(g, default_help="the run's own data: its factory, arguments and split")
+    g.add_argument("--loss", default=None, metavar="PKG.MOD:FN",
+                   help="loss fn(outputs, batch) of the fine-tunes and the Hessian (default: the run's own)")
+
+
+def _data_options(a: argparse.Namespace) -> dict:
+    from lowbit.plugins import parse_args_option
+
+    return {"data": a.data, "data_dir": a.data_dir, "data_args": parse_args_option(a.data_args, "--data-args")}
 
 
 def _candidate_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +60,9 @@ def _method_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument("--tol", type=float, default=None,
                    help="stop when the total trace estimate changes by less than this, relatively (default 0.01)")
     g.add_argument("--max-iter", type=int, default=None, help="most Hutchinson iterations (default 100)")
+    g.add_argument("--rse", type=float, default=None,
+                   help="stop when every layer's trace has a relative standard error below this (e.g. 0.1) "
+                        "instead of on --tol; the table reports each layer's error")
     g.add_argument("--hessian-examples", type=int, default=None,
                    help="validation examples for the Hessian (default 1024)")
 
@@ -63,7 +72,8 @@ def _options(a: argparse.Namespace, method: str, batch_size: int | None = None) 
         "eagl": {"variant": a.variant},
         "alps": {"epochs": a.alps_epochs, "examples_per_epoch": a.alps_examples, "lr": a.alps_lr,
                  "reference": a.reference, "batch_size": batch_size, "amp": getattr(a, "amp", None)},
-        "hessian": {"tol": a.tol, "max_iter": a.max_iter, "examples": a.hessian_examples, "batch_size": batch_size},
+        "hessian": {"tol": a.tol, "max_iter": a.max_iter, "examples": a.hessian_examples, "batch_size": batch_size,
+                    "rse": a.rse},
         "random": {},
     }[method]
 
@@ -103,7 +113,7 @@ def _sensitivity():
     def run(a):
         from lowbit.sensitivity import sensitivity
 
-        table = sensitivity(a.source, a.method, a.out, data=a.data, data_dir=a.data_dir, candidates=a.candidates,
+        table = sensitivity(a.source, a.method, a.out, **_data_options(a), loss=a.loss, candidates=a.candidates,
                             include_first_last=a.include_first_last, seed=a.seed, workers=a.workers,
                             device=a.device, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet,
                             options=_options(a, a.method, a.batch_size), metric=a.metric)
@@ -166,6 +176,9 @@ def _frontier():
                        help="skip the uniform W4A4 and W2A2 points")
         p.add_argument("--examples", type=int, default=None,
                        help="training examples per fine-tune epoch of each point (default: the whole split)")
+        p.add_argument("--distill", action="store_true",
+                       help="fine-tune every point with distillation from the fp32 run the W4A4 run came from "
+                            "(LSQ+KD)")
         _budget_args(p, many=True)
         _method_args(p, prefix="alps-")
         _candidate_args(p)
@@ -184,7 +197,7 @@ def _frontier():
                     schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing,
                     lr_decay=a.lr_decay, seed=a.seed, device=a.device, channels_last=a.channels_last,
                     compile=a.compile, examples_per_epoch=a.examples, quiet=True,
-                    augmentation=getattr(a, "augmentation", None), amp=a.amp)
+                    augmentation=getattr(a, "augmentation", None), amp=a.amp, distill=a.distill or None)
         fit = recipe_fit_config("lsq", 2, epochs=a.epochs, **over)
         tables = {}
         for path in a.sensitivity or []:
@@ -196,18 +209,22 @@ def _frontier():
                              latency_table=a.latency_table, fit=fit, seed=a.seed, workers=a.workers,
                              options=options, candidates=None if a.candidates is None else a.candidates.split(","),
                              include_first_last=a.include_first_last, clip_negative=a.clip_negative,
-                             endpoints=a.endpoints, device=a.device, quiet=a.quiet, metric=a.metric)
-        payload = frontier(a.source, a.out, cfg, data=a.data, data_dir=a.data_dir, tables=tables,
-                           resume=a.resume, overwrite=a.overwrite)
+                             endpoints=a.endpoints, device=a.device, quiet=a.quiet, metric=a.metric, loss=a.loss)
+        payload = frontier(a.source, a.out, cfg, **_data_options(a), tables=tables, resume=a.resume,
+                           overwrite=a.overwrite)
         if not is_main():
             return 0
         val, test = ("val_acc", "test_acc") if a.metric == "top1" else ("val_metric", "test_metric")
-        print(f"{'method':14s} {'budget':>6s} {'2-bit':>5s} {'throughput':>10s} {'val %':>7s} {'test %':>7s}"
+
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.2f}" if a.metric == "top1" else f"{v:.4g}"
+
+        print(f"{'method':14s} {'budget':>6s} {'2-bit':>5s} {'throughput':>10s} {'val':>7s} {'test':>7s}"
               + ("" if a.metric == "top1" else f"   ({a.metric})"))
         for pt in payload["points"]:
             budget = "-" if pt["budget"] is None else f"{pt['budget']:g}"
             print(f"{pt['method']:14s} {budget:>6s} {pt['n_low']:5d} {pt['relative_throughput']:10.3f} "
-                  f"{100 * pt[val]:7.2f} {100 * pt[test]:7.2f}")
+                  f"{pct(pt.get(val)):>7s} {pct(pt.get(test)):>7s}")
         print(f"-> {a.out}/report.html, frontier.json, frontier.csv, frontier.png")
         return 0
 

@@ -32,13 +32,13 @@ from typing import ClassVar
 from lowbit.cost.layers import LayerInfo
 from lowbit.errors import LowbitError
 from lowbit.io import load_json
+from lowbit.quant.bits import FLOAT_BITS, SUPPORTED_BITS
 
-VALID_BITS = (2, 3, 4, 8)
-FLOAT_BITS = 32  # an unquantized (fp32) weight or activation
+VALID_BITS = SUPPORTED_BITS  # the name cost code has always used; the widths are defined in lowbit.quant.bits
 
 
 def effective_bits(bits: int | None) -> int:
-    """Bits one value occupies: an int from :data:`VALID_BITS`, or 32 for float (``None``)."""
+    """Bits one value occupies: an int from ``SUPPORTED_BITS``, or :data:`FLOAT_BITS` for float (``None``)."""
     return FLOAT_BITS if bits is None else bits
 
 

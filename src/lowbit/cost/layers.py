@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.data.protocol import call_model, first_tensor
 from lowbit.errors import LowbitError
 
 
@@ -61,26 +62,6 @@ def _macs_per_output_element(module: nn.Module) -> int:
     return module.in_features
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    for item in items:
-        t = _first_tensor(item)
-        if t is not None:
-            return t
-    return None
-
-
-def _run(model: nn.Module, example_input: Any) -> None:
-    if isinstance(example_input, dict):
-        model(**example_input)
-    elif isinstance(example_input, (list, tuple)):
-        model(*example_input)
-    else:
-        model(example_input)
-
-
 def profile_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     """Trace ``example_input`` through ``model`` and return one :class:`LayerInfo` per conv/linear module.
 
@@ -95,7 +76,7 @@ def profile_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
 
     The pass runs in eval mode under ``torch.no_grad()``; every module's train/eval flag is restored.
     """
-    first = _first_tensor(example_input)
+    first = first_tensor(example_input)
     if first is None or first.dim() == 0:
         raise LowbitError("example_input must contain a tensor with a leading batch dimension")
     batch = first.shape[0]
@@ -126,7 +107,7 @@ def profile_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     try:
         model.eval()
         with torch.no_grad():
-            _run(model, example_input)
+            call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()

@@ -13,12 +13,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lowbit.data.idx import read_idx
+from lowbit.data.protocol import check_source, head, is_builtin, split_batch, user_batches, user_num_batches
 from lowbit.errors import LowbitError
 
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -38,19 +40,26 @@ SPLIT_SEED = 20230131  # fixed: every stage of every run selects on the same val
 
 @dataclass
 class TensorDataset:
-    """Images (N, C, H, W) uint8 and labels (N,) int64, plus how to normalise them."""
+    """Images (N, C, H, W) uint8 and labels (N,) int64, plus how to normalise and augment them.
+
+    ``augmentation`` is this set's own training augmentation (``FitConfig.augmentation=None`` uses it):
+    flips for Fashion-MNIST and the synthetic set, none for anything else, so a user's data is never flipped
+    unless asked.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     mean: float
     std: float
     num_classes: int
+    augmentation: str = "none"
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> TensorDataset:
-        return TensorDataset(self.images[index], self.labels[index], self.mean, self.std, self.num_classes)
+        return TensorDataset(self.images[index], self.labels[index], self.mean, self.std, self.num_classes,
+                             self.augmentation)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -59,18 +68,38 @@ class TensorDataset:
 
 @dataclass
 class DataSplits:
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
-    name: str
+    """Train, validation and (optional, report-only) test splits; each any source of :mod:`.protocol`."""
+
+    train: Any
+    val: Any
+    test: Any = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        for split in ("train", "val"):
+            check_source(getattr(self, split), split)
+        if self.test is not None:
+            check_source(self.test, "test")
 
     @property
-    def num_classes(self) -> int:
-        return self.train.num_classes
+    def num_classes(self) -> int | None:
+        return getattr(self.train, "num_classes", None)
+
+    def example(self, n: int = 1) -> Any:
+        """The inputs of the first ``n`` validation examples (a tensor, tuple or dict), to trace or profile."""
+        batch = next(iter(iterate(self.val, n, limit=n, device=None)), None)
+        if batch is None:
+            raise LowbitError("the validation split is empty")
+        return head(split_batch(batch)[0], n)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.train.input_shape
+    def input_shape(self) -> tuple[int, ...] | None:
+        """Per-example input shape: the set's own, else the first validation batch's (tensor inputs only)."""
+        shape = getattr(self.train, "input_shape", None)
+        if shape is not None:
+            return tuple(shape)
+        inputs, _ = split_batch(next(iter(iterate(self.val, 1, limit=1, device=None))))
+        return tuple(inputs.shape[1:]) if isinstance(inputs, torch.Tensor) else None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -114,7 +143,9 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, val_size: int = VAL
     test = TensorDataset(torch.from_numpy(a["test_images"].copy()).unsqueeze(1),
                          torch.from_numpy(a["test_labels"].astype(np.int64)), FMNIST_MEAN, FMNIST_STD, 10)
     tr, va = split_train_val(len(full), val_size)
-    return DataSplits(full.subset(tr), full.subset(va), test, "fashion-mnist")
+    train = full.subset(tr)
+    train.augmentation = "flip"  # see the README: flips help at our budget, crops do not
+    return DataSplits(train, full.subset(va), test, "fashion-mnist")
 
 
 def synthetic(n_train: int = 512, n_val: int = 128, n_test: int = 128, num_classes: int = 10,
@@ -136,7 +167,9 @@ def synthetic(n_train: int = 512, n_val: int = 128, n_test: int = 128, num_class
         x = x.clamp(0, 255).round().to(torch.uint8)
         return TensorDataset(x, y, 0.5, 0.25, num_classes)
 
-    return DataSplits(make(n_train), make(n_val), make(n_test), "synthetic")
+    train = make(n_train)
+    train.augmentation = "flip"
+    return DataSplits(train, make(n_val), make(n_test), "synthetic")
 
 
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -162,10 +195,14 @@ def augment(x: torch.Tensor, g: torch.Generator, pad: int = 2, flip: bool = True
 AUGMENTATIONS = ("crop+flip", "flip", "none")
 
 
-def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: int = 0, epoch: int = 0,
-            device: str | torch.device = "cpu", limit: int | None = None, augmentation: str = "crop+flip",
-            shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised (x, y) batches. Training order and augmentation depend only on (seed, epoch).
+def iterate(ds: Any, batch_size: int, *, train: bool = False, seed: int = 0, epoch: int = 0,
+            device: str | torch.device | None = "cpu", limit: int | None = None, augmentation: str | None = None,
+            shard: tuple[int, int] | None = None) -> Iterator[Any]:
+    """Yield batches of any source (:mod:`lowbit.data.protocol`); lowbit's image sets give normalised (x, y).
+
+    Training order and augmentation depend only on (seed, epoch). ``augmentation`` (None: the set's own)
+    applies to lowbit's in-memory image sets only; asking for it on other data is an error, never a silent
+    change to a user's inputs.
 
     ``limit`` caps the number of examples (a fraction of an epoch, e.g. for ALPS or calibration). ``shard=(rank,
     world)`` keeps ``order[rank::world]`` of those examples: every rank draws the same order, so the shards are
@@ -177,6 +214,13 @@ def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: in
         r, w = shard
         if not 0 <= r < w:
             raise LowbitError(f"shard {shard}: need 0 <= rank < world size")
+    if not is_builtin(ds):
+        if train and augmentation not in (None, "none"):
+            raise LowbitError(f"augmentation {augmentation!r} applies to lowbit's image sets; augment your own "
+                              "data in its Dataset (or leave augmentation unset)")
+        yield from user_batches(ds, batch_size, train=train, seed=seed, epoch=epoch, device=device, limit=limit,
+                                shard=shard)
+        return
     if hasattr(ds, "batches"):
         kw = {}
         if shard is not None and shard[1] > 1:
@@ -186,6 +230,9 @@ def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: in
             kw["shard"] = shard
         yield from ds.batches(batch_size, train=train, seed=seed, epoch=epoch, device=device, limit=limit, **kw)
         return
+    augmentation = ds.augmentation if augmentation is None else augmentation
+    if augmentation not in AUGMENTATIONS:
+        raise LowbitError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if train and augmentation != "none" and ds.labels.ndim > 1:
         raise LowbitError(f"augmentation {augmentation!r} moves pixels but not per-pixel labels "
                           f"{tuple(ds.labels.shape[1:])}; use augmentation='none' for dense targets")
@@ -201,9 +248,12 @@ def iterate(ds: TensorDataset, batch_size: int, *, train: bool = False, seed: in
         if train and augmentation != "none":  # in pixel space, so crop padding is black like the background
             x = augment(x, g, pad=2 if augmentation == "crop+flip" else 0)
         x = (x - ds.mean) / ds.std
-        yield x.to(device, non_blocking=True), ds.labels[idx].to(device, non_blocking=True)
+        y = ds.labels[idx]
+        yield (x, y) if device is None else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
 
-def num_batches(ds: TensorDataset, batch_size: int, limit: int | None = None) -> int:
+def num_batches(ds: Any, batch_size: int, limit: int | None = None) -> int:
+    if not is_builtin(ds):
+        return user_num_batches(ds, batch_size, limit)
     n = len(ds) if limit is None else min(limit, len(ds))
     return (n + batch_size - 1) // batch_size

@@ -4,8 +4,9 @@
     result = export_run("runs/w4a4", "model.lowbit")      # model, plan and normalisation from the run
 
 The model is captured with torch.fx (:mod:`lowbit.export.capture`), lowered to integer nodes with dyadic
-requantization (:mod:`lowbit.export.lower`) and written with the validating writer of
-:mod:`lowbit.export.format`. What the written file computes is defined by :mod:`lowbit.runtime.engine`.
+requantization (:mod:`lowbit.export.lower`) and written as the integer IR with the validating writer of
+:mod:`lowbit.ir.format`. What the written file computes is defined by the op table (:mod:`lowbit.ir.ops`) and
+the reference backend's kernels.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.capture import FNode, capture
-from lowbit.export.format import FORMAT_NAME, FORMAT_VERSION, write_model
 from lowbit.export.lower import WIDE_FRAC_BITS, Program, lower
+from lowbit.ir.format import FORMAT_NAME, FORMAT_VERSION, write_model
 
 ROUNDING = "half_to_even"
 
@@ -40,7 +41,7 @@ class Lowered:
         """The JSON manifest: graph, declared tensors, input description, rounding rule and ``extra``."""
         return {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "inputs": ["input"], "outputs": ["logits"],
-            "graph": self.program.graph, "tensors": self.program.entries, "input": self.input,
+            "graph": [n.to_json() for n in self.program.graph], "tensors": self.program.entries, "input": self.input,
             "rounding": ROUNDING, "wide_frac_bits": WIDE_FRAC_BITS, "layers": self.program.layers,
             **(extra or {}),
         }
@@ -107,12 +108,19 @@ def fp32_weight_bytes(model: nn.Module) -> int:
 
 
 def run_input_spec(ckpt: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, Any] | None]:
-    """Input shape and pixel normalisation of a run's data set (images are uint8 pixels for all of ours)."""
+    """Input shape and pixel normalisation of a run's data set: uint8 pixels for lowbit's image sets, the float
+    tensor the model takes for a user's data."""
     spec = ckpt.get("spec", {})
     shape = tuple(spec.get("input_shape") or ())
-    if not shape:
-        raise LowbitError("the run's checkpoint does not record its input shape")
     data = spec.get("data", "fashion-mnist")
+    if not shape:
+        if ":" in str(data):
+            raise LowbitError("the exported integer model takes one input tensor, but this run's model is called "
+                              "with several inputs (e.g. a dict); export it with lowbit.export.export_model and "
+                              "its own example input")
+        raise LowbitError("the run's checkpoint does not record its input shape")
+    if ":" in str(data) and not str(data).startswith(("tv:", "timm:")):  # the user's own data: float input
+        return shape, None
     if data in ("fashion-mnist", "fmnist"):
         from lowbit.data.datasets import FMNIST_MEAN, FMNIST_STD
 
@@ -140,6 +148,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
     meta = {"model": {"name": spec["model"], "kwargs": spec.get("model_kwargs", {}),
                       "num_classes": spec["num_classes"]},
             "data": spec.get("data"), "plan": ckpt.get("plan"), "quant_config": ckpt.get("quant_config"),
+            "data_spec": {k: spec[k] for k in ("data", "data_args", "val_fraction") if spec.get(k) is not None},
             "source": {"quantized_run": str(run), "fp32_run": ckpt.get("source")}}
     result = export_model(model, out, input_shape=shape, pixels=pixels, metadata=meta)
     fp32_ckpt = Path(ckpt["source"]) / CHECKPOINT_NAME if ckpt.get("source") else None

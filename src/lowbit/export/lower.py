@@ -25,8 +25,20 @@ Each producer is one requantization ``clamp(round_half_even((acc*m_c + b_c) * 2^
   differs only through the 31-bit multiplier (relative error <= 2^-31) and the 2^-k_c bias grid, i.e. only
   for values within ~2^-20 of a rounding tie. A negative ``gamma`` simply gives a negative ``m_c``.
 * residual add: ``a*m_a + b*m_b`` on one common shift (``s_a/s_out``, ``s_b/s_out``), rounded once.
-* average pool: exact window sum times ``s_in / (K * s_out)``.
+* average pool (``avg_pool2d``, adaptive, ``x.mean((2, 3))``): the exact integer window sum times
+  ``s_in / (D * s_out)``, rounded once, where ``D`` is the divisor (the window size, or ``divisor_override``).
+  Its input is a wide value (16 fractional bits below the step of its output codes), so the result is the
+  fake-quant model's ``round(mean / s_out)`` except within ~2^-16 of a rounding tie. Padding counts as zeros.
 * requantize (wide -> a layer's codes): ``s_in / s_x``.
+
+Ops that move values keep their input's representation: max pool, flatten (any view/reshape of trailing
+dims), nearest upsampling by integer factors (each value repeated), ReLU and clamps. A clamp to real bounds
+``[a, b]`` (ReLU6, hardtanh, ``clamp``) is a clamp of the integers to ``[round(a/s), round(b/s)]``, exact
+because rounding is monotone: ``round(clamp(y, a, b) / s) = clamp(round(y / s), round(a / s), round(b / s))``
+(narrow bounds rounded as the quantizer rounds a value, in float32). Folded into a producer it narrows the
+producer's ``[lo, hi]``, so it costs nothing. ``torch.cat`` along channels joins values of one
+representation: each input's producer requantizes to the codes (or wide scale) the concatenation's readers
+need, or, where an input is read elsewhere too, one requantize node converts it first.
 
 Batch norm is folded into the requantization, not into the weights: our models are fine-tuned with BN after
 the quantized conv (the weight quantizer sees the unfolded weights), so the trained integer weight codes are
@@ -44,14 +56,15 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.capture import PRODUCERS, TRANSPARENT, FNode, users
-from lowbit.export.format import pack_tensor
+from lowbit.export.capture import JOINS, PRODUCERS, TRANSPARENT, FNode, users
+from lowbit.ir.dyadic import INT32_MAX, INT32_MIN, MAX_SHIFT, to_dyadic, to_dyadic_common, to_fixed
+from lowbit.ir.format import pack_tensor
+from lowbit.ir.graph import Node
+from lowbit.ir.ops import op_spec
 from lowbit.quant.modules import QuantConv2d
-from lowbit.runtime.dyadic import MAX_SHIFT, to_dyadic, to_dyadic_common, to_fixed
 
 WIDE_FRAC_BITS = 16  # fractional bits of a wide value below the step of the codes made from it
 LOGIT_BITS = 30  # logits use |value| <= 2^30 for the largest logit the last layer can produce
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,20 @@ class Rep:
     def with_relu(self) -> Rep:
         return Rep(self.scale, max(self.lo, 0), self.hi, self.bits)
 
+    def clamped(self, lo: float | None, hi: float | None) -> Rep:
+        """The representation of ``clamp(x, lo, hi)`` (real bounds, None: unbounded): the integer range
+        narrowed to the codes of the bounds, rounded half to even as the quantizer rounds (float32 division for
+        narrow codes), so a clamped value gets exactly the code the fake-quant model gives it."""
+
+        def code(v: float) -> int:
+            if self.wide:
+                q = v / self.scale
+            else:
+                q = float(torch.tensor(v, dtype=torch.float32) / torch.tensor(self.scale, dtype=torch.float32))
+            return min(max(round(q), self.lo), self.hi)  # round(): half to even
+
+        return Rep(self.scale, self.lo if lo is None else code(lo), self.hi if hi is None else code(hi), self.bits)
+
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "lo": self.lo, "hi": self.hi, "bits": self.bits}
 
@@ -87,14 +114,14 @@ class Requant:
 
 @dataclass
 class Program:
-    """The lowered model: manifest graph + tensors, and what the simulation needs to replay it.
+    """The lowered model: IR nodes + tensors, and what the simulation needs to replay it.
 
     ``value_of`` maps each FNode to the integer value holding its output; ``reps`` gives every integer
     value's representation; ``consts`` holds each producer's requantization (adds: ``(m_a, m_b, k)``
     attributes in ``attrs``) and ``edges[(source, reader)]`` the requantization inserted between them.
     """
 
-    graph: list[dict[str, Any]] = field(default_factory=list)
+    graph: list[Node] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     reps: dict[str, Rep] = field(default_factory=dict)
@@ -156,6 +183,8 @@ def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None) -> Program:
             _emit_add(p, n, reps[n.name])
         elif n.kind == "avgpool":
             _emit_avgpool(p, n, reps[n.name], byname)
+        elif n.kind == "concat":
+            _emit_concat(p, n, _concat_target(n, byname, readers, reps))
         elif n.kind in TRANSPARENT:
             _emit_transparent(p, n)
         elif n.kind == "output":
@@ -167,11 +196,12 @@ def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None) -> Program:
 
 # ------------------------------------------------------------------------------------- representations
 def _sinks(name: str, byname: dict[str, FNode], readers: dict[str, list[str]]) -> list[FNode]:
-    """The non-transparent readers of ``name``'s value, looking through pools, flattens and ReLUs."""
+    """The non-transparent readers of ``name``'s value, looking through pools, flattens, clamps, upsampling and
+    concatenations."""
     out = []
     for r in readers[name]:
         node = byname[r]
-        out.extend(_sinks(r, byname, readers) if node.kind in TRANSPARENT else [node])
+        out.extend(_sinks(r, byname, readers) if node.kind in TRANSPARENT or node.kind in JOINS else [node])
     return out
 
 
@@ -184,7 +214,7 @@ def _choose_reps(fnodes: list[FNode], byname: dict[str, FNode], readers: dict[st
         sinks = _sinks(n.name, byname, readers)
         codes = {quantizer_rep(s.module) for s in sinks if s.kind == "qlayer"}
         if not sinks:
-            raise LowbitError(f"the output of {n.name!r} is never used")
+            raise LowbitError(f"the output of {n.name!r} is never used{n.where}")
         if all(s.kind == "qlayer" for s in sinks) and len(codes) == 1:
             rep = next(iter(codes))
         elif n.kind == "input":
@@ -193,11 +223,11 @@ def _choose_reps(fnodes: list[FNode], byname: dict[str, FNode], readers: dict[st
         elif sinks[0].kind == "output":
             if n.kind != "qlayer" or len(sinks) > 1:
                 raise LowbitError(f"the model output must come straight from a quantized conv/linear layer, "
-                                  f"found {n.kind} {n.name!r}")
+                                  f"found {n.kind} {n.name!r}{n.where}")
             rep = Rep(_logit_scale(n), INT32_MIN, INT32_MAX)
         else:
             rep = Rep(_wide_scale(sinks[0], reps), INT32_MIN, INT32_MAX)
-        reps[n.name] = rep.with_relu() if n.relu else rep
+        reps[n.name] = rep.clamped(*n.bounds) if n.bounds is not None else rep
     return reps
 
 
@@ -214,8 +244,9 @@ def _share_shortcut_scales(fnodes: list[FNode], byname: dict[str, FNode], reader
             if reps[shortcut.name].wide and len(_sinks(shortcut.name, byname, readers)) > 1 \
                     and branch.kind == "qlayer" and readers[branch.name] == [n.name]:
                 scale = reps[shortcut.name].scale
-                reps[n.name] = Rep(scale, reps[n.name].lo, reps[n.name].hi)
-                reps[branch.name] = Rep(scale, reps[branch.name].lo, reps[branch.name].hi)
+                for node in (n, branch):  # folded clamps in units of the new scale
+                    wide = Rep(scale, INT32_MIN, INT32_MAX)
+                    reps[node.name] = wide.clamped(*node.bounds) if node.bounds is not None else wide
                 break
 
 
@@ -263,14 +294,14 @@ def _logit_scale(n: FNode) -> float:
 def _add_node(p: Program, op: str, name: str, inputs: list[str], rep: Rep | None, attrs: dict[str, Any],
               params: dict[str, tuple[torch.Tensor, dict[str, Any]]] | None = None, output: str | None = None
               ) -> str:
+    """Append an IR node of a registered op (its tensors stored as ``name.role``); returns its output value."""
+    op_spec(op)
     out = output or name
-    node = {"op": op, "name": name, "inputs": inputs, "outputs": [out], "attrs": attrs}
-    if params:
-        node["params"] = {}
-        for role, (tensor, entry) in params.items():
-            key = f"{name}.{role}"
-            p.tensors[key], p.entries[key] = tensor, entry
-            node["params"][role] = key
+    node = Node(op, name, inputs, [out], attrs)
+    for role, (tensor, entry) in (params or {}).items():
+        key = f"{name}.{role}"
+        p.tensors[key], p.entries[key] = tensor, entry
+        node.params[role] = key
     p.graph.append(node)
     if rep is not None:
         p.reps[out] = rep
@@ -316,20 +347,21 @@ def _per_channel(v, channels: int, what: str) -> list[float]:
     return v
 
 
-def _needed(p: Program, source: str, target: Rep, reader: str) -> str:
-    """The integer value of FNode ``source`` in representation ``target``, requantizing if needed."""
+def _needed(p: Program, source: str, target: Rep, reader: str, name: str | None = None) -> str:
+    """The integer value of FNode ``source`` in representation ``target``, requantizing if needed.
+
+    Only wide values are requantized for a layer (codes made for another quantizer would be rounded twice);
+    a concatenation (``name`` given) may also convert codes into a wide value."""
     value = p.value_of[source]
     rep = p.reps[value]
-    if not rep.wide and (rep.bits, rep.scale) == (target.bits, target.scale) and target.lo <= rep.lo <= rep.hi \
-            <= target.hi:
+    if (rep.bits, rep.scale) == (target.bits, target.scale) and target.lo <= rep.lo <= rep.hi <= target.hi:
         return value  # already these codes (a folded ReLU may have narrowed the range)
-    if not rep.wide:
+    if not rep.wide and name is None:
         raise LowbitError(f"internal: {reader!r} reads codes of {source!r} made for another quantizer")
     m, k = to_dyadic(rep.scale / target.scale)
     rq = Requant(m, k, 0, target.lo, target.hi)
     p.edges[(source, reader)] = rq
-    name = f"{reader}.requantize"
-    return _add_node(p, "requantize", name, [value], target,
+    return _add_node(p, "requantize", name or f"{reader}.requantize", [value], target,
                      {"multiplier": m, "shift": k, "bias": 0, **_range_attrs(target)})
 
 
@@ -376,13 +408,16 @@ def _emit_avgpool(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode]) -> N
         oh, ow = (d if d is not None else s for d, s in zip(n.attrs["output_size"], (h, w)))
         if h % oh or w % ow:
             raise LowbitError(f"adaptive pool {n.name!r}: output {oh}x{ow} does not divide the input {h}x{w} "
-                              f"(uneven windows have several divisors; one requantization cannot express them)")
+                              f"(uneven windows have several divisors; one requantization cannot express them)"
+                              f"{n.where}")
         op, geometry, window = "adaptive_avgpool", {"output_size": [oh, ow]}, (h // oh) * (w // ow)
     else:
-        op, geometry = "avgpool2d", dict(n.attrs)
+        op = "avgpool2d"
+        geometry = {key: n.attrs[key] for key in ("kernel_size", "stride", "padding")}
         window = geometry["kernel_size"][0] * geometry["kernel_size"][1]
+    divisor = n.attrs.get("divisor", window)
     bits = 31 - max(0, math.ceil(math.log2(window)))  # |sum| <= window * 2^31, so |sum * m| < 2^62
-    m, k = to_dyadic(r_in.scale / (window * rep.scale), bits=bits)
+    m, k = to_dyadic(r_in.scale / (divisor * rep.scale), bits=bits)
     p.consts[n.name] = Requant(m, k, 0, rep.lo, rep.hi)
     attrs = {**geometry, "multiplier": m, "shift": k, "bias": 0, **_range_attrs(rep)}
     p.value_of[n.name] = _add_node(p, op, n.name, [x], rep, attrs)
@@ -397,8 +432,40 @@ def _emit_transparent(p: Program, n: FNode) -> None:
         p.value_of[n.name] = _add_node(p, "flatten", n.name, [x], rep, dict(n.attrs))
     elif n.kind == "relu":
         p.value_of[n.name] = _add_node(p, "relu", n.name, [x], rep.with_relu(), {})
+    elif n.kind == "clamp":
+        out = rep.clamped(n.attrs["min"], n.attrs["max"])
+        p.attrs[n.name] = {"lo": out.lo, "hi": out.hi}
+        p.value_of[n.name] = _add_node(p, "clamp", n.name, [x], out, {"lo": out.lo, "hi": out.hi})
+    elif n.kind == "upsample":
+        p.value_of[n.name] = _add_node(p, "upsample_nearest", n.name, [x], rep, {"scale": list(n.attrs["scale"])})
     else:
         p.value_of[n.name] = x
+
+
+def _concat_target(n: FNode, byname: dict[str, FNode], readers: dict[str, list[str]], reps: dict[str, Rep]
+                   ) -> Rep:
+    """The representation a concatenation's readers need: their codes, or a wide value at their fine scale."""
+    sinks = _sinks(n.name, byname, readers)
+    if not sinks:
+        raise LowbitError(f"the output of {n.name!r} is never used{n.where}")
+    codes = {quantizer_rep(s.module) for s in sinks if s.kind == "qlayer"}
+    if all(s.kind == "qlayer" for s in sinks) and len(codes) == 1:
+        return next(iter(codes))
+    if sinks[0].kind == "output":
+        raise LowbitError(f"the model output must come straight from a quantized conv/linear layer, found "
+                          f"concat {n.name!r}{n.where}")
+    return Rep(_wide_scale(sinks[0], reps), INT32_MIN, INT32_MAX)
+
+
+def _emit_concat(p: Program, n: FNode, target: Rep) -> None:
+    """Join the inputs along channels; an input in another representation is requantized to ``target`` first
+    (normally every input's producer already made ``target``, having looked through the concatenation)."""
+    values = [p.value_of[i] for i in n.inputs]
+    if len({(p.reps[v].scale, p.reps[v].bits) for v in values}) > 1:
+        values = [_needed(p, src, target, n.name, name=f"{n.name}.requantize{j}") for j, src in enumerate(n.inputs)]
+    reps = [p.reps[v] for v in values]
+    rep = Rep(reps[0].scale, min(r.lo for r in reps), max(r.hi for r in reps), reps[0].bits)
+    p.value_of[n.name] = _add_node(p, "concat", n.name, values, rep, {"axis": 1, **_range_attrs(rep)})
 
 
 def _emit_output(p: Program, n: FNode) -> None:

@@ -1,6 +1,6 @@
 """QDQ ONNX export of a ``.lowbit`` model, runnable by onnxruntime.
 
-The ONNX graph mirrors the fast path (:mod:`lowbit.runtime.fastpath`): activation codes travel as uint8
+The ONNX graph mirrors the CPU fast path of the runtime: activation codes travel as uint8
 (``code + zero point``), every conv/linear is ``DequantizeLinear(x) -> Conv/Gemm(DequantizeLinear(w)) ->
 QuantizeLinear`` with per-channel weight scales ``|m_c| * 2^-k_c`` (the sign of a folded BN gamma is in the
 weight codes) and input/output scale 1, so onnxruntime can fuse it into an integer ``QLinearConv``. Weights
@@ -25,10 +25,12 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_write_bytes
-from lowbit.runtime.engine import IntegerModel
+from lowbit.ir.graph import Graph, Node
+from lowbit.ir.kernels import kernel, require_kernels
 
 OPSET = 21  # INT4 in DequantizeLinear
 INT16_MAX = 32767
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _onnx():
@@ -41,9 +43,10 @@ def _onnx():
 
 
 class _Builder:
-    def __init__(self, model: IntegerModel, int4: bool):
+    def __init__(self, model: Graph, int4: bool):
         self.onnx, self.TP, self.helper, self.nh = _onnx()
         self.model, self.int4 = model, int4
+        self.kernels = require_kernels("onnx", {n.op for n in model.nodes}, f"ONNX export of {model.source}")
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.zp: dict[str, int | None] = {}  # value -> zero point (narrow uint8) or None (float)
@@ -86,9 +89,14 @@ class _Builder:
         return self.op("QuantizeLinear", [v, self.scalar(1.0), self.const("zp", np.array(zp, np.uint8))], hint)
 
     def finish(self, v: str, a: dict[str, Any], zp: int | None, hint: str) -> str:
-        if zp is None:
-            return self.op("Relu", [v], hint) if a["lo"] >= 0 else v
-        return self.to_codes(v, a["lo"], a["hi"], zp, hint)
+        """Codes for a narrow output; for a wide one the folded ReLU, or Clip for a narrower range (ReLU6)."""
+        if zp is not None:
+            return self.to_codes(v, a["lo"], a["hi"], zp, hint)
+        lo, hi = (a["lo"] if a["lo"] > INT32_MIN else None), (a["hi"] if a["hi"] < INT32_MAX else None)
+        if hi is None:
+            return v if lo is None else self.op("Relu", [v], hint) if lo == 0 else \
+                self.op("Max", [v, self.scalar(float(lo))], hint)
+        return self.op("Clip", [v, "" if lo is None else self.scalar(float(lo)), self.scalar(float(hi))], hint)
 
 
 def _out_zp(a: dict[str, Any]) -> int | None:
@@ -96,8 +104,10 @@ def _out_zp(a: dict[str, Any]) -> int | None:
     return zp if a["hi"] + zp <= 255 else None
 
 
-def export_onnx(model: IntegerModel, path: str | os.PathLike, int4: bool = True) -> Path:
-    """Write ``model`` as a QDQ ONNX file (opset 21) at ``path``; returns the path."""
+def export_onnx(model: Graph | Any, path: str | os.PathLike, int4: bool = True) -> Path:
+    """Write ``model`` (a :class:`~lowbit.ir.Graph`, or a loaded runtime model holding one as ``.graph``) as a
+    QDQ ONNX file (opset 21) at ``path``; returns the path."""
+    model = model if isinstance(model, Graph) else model.graph
     b = _Builder(model, int4)
     spec = model.input_spec
     shape = ["N", *spec["shape"]]
@@ -105,7 +115,7 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, int4: bool = True)
     x_in = b.helper.make_tensor_value_info("input", b.TP.UINT8 if pixel else b.TP.FLOAT, shape)
     b.zp["input"] = None
     for node in model.nodes:
-        _emit(b, node, model.params[node["name"]])
+        _emit(b, node, model.params[node.name])
     out = b.nodes[-1].output[0]
     y = b.helper.make_tensor_value_info(out, b.TP.FLOAT, ["N", None])
     graph = b.helper.make_graph(b.nodes, "lowbit", [x_in], [y], b.inits)
@@ -116,84 +126,156 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, int4: bool = True)
     return atomic_write_bytes(Path(path), onnx_model.SerializeToString())
 
 
-def _emit(b: _Builder, node: dict[str, Any], p: dict[str, torch.Tensor]) -> None:
-    op, a, name = node["op"], node.get("attrs", {}), node["name"]
-    xs = node["inputs"]
-    out = node["outputs"][0]
-    if op == "quantize_input":
-        zp = _out_zp(a)
-        if "lut" in p:
-            lut = (p["lut"] + zp).to(torch.uint8).numpy().reshape(-1)
-            idx = b.op("Cast", [xs[0]], "idx", to=b.TP.INT64)
-            c = p["lut"].shape[0]
-            if c > 1:
-                offs = (np.arange(c, dtype=np.int64) * 256).reshape(1, c, 1, 1)
-                idx = b.op("Add", [idx, b.const("offs", offs)], "idx")
-            v = b.op("Gather", [b.const("lut", lut), idx], "codes", axis=0)
-        else:
-            v = b.op("Div", [xs[0], b.scalar(a["scale"])], "x")
-            v = b.to_codes(b.op("Round", [v], "x"), a["lo"], a["hi"], zp, "codes")
-        _bind(b, v, out, zp)
-    elif op in ("conv2d", "linear"):
-        _emit_layer(b, node, a, p)
-    elif op == "requantize":
-        zp = _out_zp(a)
-        v = b.op("Mul", [b.to_float(xs[0]), b.scalar(a["multiplier"] * 2.0 ** -a["shift"])], "rq")
-        if a["bias"]:
-            v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "rq")
-        _bind(b, b.finish(v, a, zp, "rq"), out, zp)
-    elif op == "add":
-        zp = _out_zp(a)
-        k = 2.0 ** -a["shift"]
-        va = b.op("Mul", [b.to_float(xs[0]), b.scalar(a["multiplier_a"] * k)], "a")
-        vb = b.op("Mul", [b.to_float(xs[1]), b.scalar(a["multiplier_b"] * k)], "b")
-        v = b.op("Add", [va, vb], "sum")
-        if a["bias"]:
-            v = b.op("Add", [v, b.scalar(a["bias"] * k)], "sum")
-        _bind(b, b.finish(v, a, zp, "add"), out, zp)
-    elif op == "relu":
-        zp = b.zp[xs[0]]
-        v = b.op("Relu", [xs[0]], "relu") if zp is None else \
-            b.op("Max", [xs[0], b.const("zp", np.array(zp, np.uint8))], "relu")
-        _bind(b, v, out, zp)
-    elif op == "maxpool2d":
-        pads = list(a["padding"]) * 2
-        v = b.op("MaxPool", [xs[0]], "maxpool", kernel_shape=a["kernel_size"], strides=a["stride"], pads=pads,
-                 dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
-        _bind(b, v, out, b.zp[xs[0]])
-    elif op in ("avgpool2d", "adaptive_avgpool"):
-        zp = _out_zp(a)
-        x = b.to_float(xs[0])
-        factor = a["multiplier"] * 2.0 ** -a["shift"]
-        if op == "avgpool2d":
-            kh, kw = a["kernel_size"]
-            v = b.op("AveragePool", [x], "pool", kernel_shape=[kh, kw], strides=a["stride"],
-                     pads=list(a["padding"]) * 2, count_include_pad=1)
-        else:
-            oh, ow = a["output_size"]
-            if (oh, ow) != (1, 1):
-                raise LowbitError(f"ONNX export: adaptive pool {name!r} to {oh}x{ow} is not supported (only 1x1)")
-            kh, kw = b.model.shapes[xs[0]][-2:]
-            v = b.op("GlobalAveragePool", [x], "pool")
-        v = b.op("Mul", [v, b.scalar(factor * kh * kw)], "pool")
-        if a["bias"]:
-            v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "pool")
-        _bind(b, b.finish(v, a, zp, "pool"), out, zp)
-    elif op == "flatten":
-        if a["start_dim"] != 1:
-            raise LowbitError(f"ONNX export: flatten {name!r} from dim {a['start_dim']} is not supported (only 1)")
-        _bind(b, b.op("Flatten", [xs[0]], "flat", axis=1), out, b.zp[xs[0]])
-    elif op == "dequantize_output":
-        b.nodes.append(b.helper.make_node("Mul", [b.to_float(xs[0]), b.scalar(a["scale"])], [out], name=out))
+def _emit(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    b.kernels[node.op](b, node, p)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+# An onnx kernel emits a node's ONNX nodes: ``kernel(builder, node, params)``; an op without one is refused
+# by export_onnx, naming it.
+
+
+@kernel("quantize_input", backend="onnx")
+def _onnx_input(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    zp = _out_zp(a)
+    if "lut" in p:
+        lut = (p["lut"] + zp).to(torch.uint8).numpy().reshape(-1)
+        idx = b.op("Cast", [xs[0]], "idx", to=b.TP.INT64)
+        c = p["lut"].shape[0]
+        if c > 1:
+            offs = (np.arange(c, dtype=np.int64) * 256).reshape(1, c, 1, 1)
+            idx = b.op("Add", [idx, b.const("offs", offs)], "idx")
+        v = b.op("Gather", [b.const("lut", lut), idx], "codes", axis=0)
     else:
-        raise LowbitError(f"ONNX export: op {op!r} of node {name!r} is not supported")
+        v = b.op("Div", [xs[0], b.scalar(a["scale"])], "x")
+        v = b.to_codes(b.op("Round", [v], "x"), a["lo"], a["hi"], zp, "codes")
+    _bind(b, v, out, zp)
 
 
-def _emit_layer(b: _Builder, node: dict[str, Any], a: dict[str, Any], p: dict[str, torch.Tensor]) -> None:
-    x, out = node["inputs"][0], node["outputs"][0]
+@kernel("conv2d", backend="onnx")
+@kernel("linear", backend="onnx")
+def _onnx_layer(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    _emit_layer(b, node, node.attrs, p)
+
+
+@kernel("requantize", backend="onnx")
+def _onnx_requantize(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    zp = _out_zp(a)
+    v = b.op("Mul", [b.to_float(xs[0]), b.scalar(a["multiplier"] * 2.0 ** -a["shift"])], "rq")
+    if a["bias"]:
+        v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "rq")
+    _bind(b, b.finish(v, a, zp, "rq"), out, zp)
+
+
+@kernel("add", backend="onnx")
+def _onnx_add(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    zp = _out_zp(a)
+    k = 2.0 ** -a["shift"]
+    va = b.op("Mul", [b.to_float(xs[0]), b.scalar(a["multiplier_a"] * k)], "a")
+    vb = b.op("Mul", [b.to_float(xs[1]), b.scalar(a["multiplier_b"] * k)], "b")
+    v = b.op("Add", [va, vb], "sum")
+    if a["bias"]:
+        v = b.op("Add", [v, b.scalar(a["bias"] * k)], "sum")
+    _bind(b, b.finish(v, a, zp, "add"), out, zp)
+
+
+@kernel("relu", backend="onnx")
+def _onnx_relu(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    xs, out = node.inputs, node.output
+    zp = b.zp[xs[0]]
+    v = b.op("Relu", [xs[0]], "relu") if zp is None else \
+        b.op("Max", [xs[0], b.const("zp", np.array(zp, np.uint8))], "relu")
+    _bind(b, v, out, zp)
+
+
+@kernel("maxpool2d", backend="onnx")
+def _onnx_maxpool(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    pads = list(a["padding"]) * 2
+    v = b.op("MaxPool", [xs[0]], "maxpool", kernel_shape=a["kernel_size"], strides=a["stride"], pads=pads,
+             dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
+    _bind(b, v, out, b.zp[xs[0]])
+
+
+@kernel("avgpool2d", backend="onnx")
+@kernel("adaptive_avgpool", backend="onnx")
+def _onnx_pool(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out, op = node.attrs, node.inputs, node.output, node.op
+    zp = _out_zp(a)
+    x = b.to_float(xs[0])
+    factor = a["multiplier"] * 2.0 ** -a["shift"]
+    if op == "avgpool2d":
+        kh, kw = a["kernel_size"]
+        v = b.op("AveragePool", [x], "pool", kernel_shape=[kh, kw], strides=a["stride"],
+                 pads=list(a["padding"]) * 2, count_include_pad=1)
+    elif tuple(a["output_size"]) == (1, 1):
+        kh, kw = b.model.shapes[xs[0]][-2:]
+        v = b.op("GlobalAveragePool", [x], "pool")
+    else:  # even windows (the runtime checks): a plain average pool with stride = kernel
+        h, w = b.model.shapes[xs[0]][-2:]
+        kh, kw = h // a["output_size"][0], w // a["output_size"][1]
+        v = b.op("AveragePool", [x], "pool", kernel_shape=[kh, kw], strides=[kh, kw])
+    v = b.op("Mul", [v, b.scalar(factor * kh * kw)], "pool")
+    if a["bias"]:
+        v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "pool")
+    _bind(b, b.finish(v, a, zp, "pool"), out, zp)
+
+
+@kernel("clamp", backend="onnx")
+def _onnx_clamp(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    zp = b.zp[xs[0]]
+    if zp is None:
+        v = b.op("Clip", [xs[0], b.scalar(float(a["lo"])), b.scalar(float(a["hi"]))], "clamp")
+    else:  # codes keep their zero point; lo/hi lie within the input's range
+        lo, hi = (b.const("bound", np.array(v + zp, np.uint8)) for v in (a["lo"], a["hi"]))
+        v = b.op("Clip", [xs[0], lo, hi], "clamp")
+    _bind(b, v, out, zp)
+
+
+@kernel("concat", backend="onnx")
+def _onnx_concat(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    zp = _out_zp(a)
+    zps = {b.zp[x] for x in xs}
+    if zps == {zp} and zp is not None:
+        v = b.op("Concat", list(xs), "cat", axis=1)
+    else:  # zero points differ, or wide values: join float units, then round to the output's codes
+        v = b.finish(b.op("Concat", [b.to_float(x) for x in xs], "cat", axis=1), a, zp, "cat")
+    _bind(b, v, out, zp)
+
+
+@kernel("upsample_nearest", backend="onnx")
+def _onnx_upsample(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    scales = b.const("scales", np.array([1.0, 1.0, *a["scale"]], np.float32))
+    v = b.op("Resize", [xs[0], "", scales], "up", mode="nearest", nearest_mode="floor",
+             coordinate_transformation_mode="asymmetric")
+    _bind(b, v, out, b.zp[xs[0]])
+
+
+@kernel("flatten", backend="onnx")
+def _onnx_flatten(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out, name = node.attrs, node.inputs, node.output, node.name
+    if a["start_dim"] != 1:
+        raise LowbitError(f"ONNX export: flatten {name!r} from dim {a['start_dim']} is not supported (only 1)")
+    _bind(b, b.op("Flatten", [xs[0]], "flat", axis=1), out, b.zp[xs[0]])
+
+
+@kernel("dequantize_output", backend="onnx")
+def _onnx_output(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs, out = node.attrs, node.inputs, node.output
+    b.nodes.append(b.helper.make_node("Mul", [b.to_float(xs[0]), b.scalar(a["scale"])], [out], name=out))
+
+
+def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.Tensor]) -> None:
+    x, out = node.inputs[0], node.outputs[0]
     zp_in, zp = b.zp[x], _out_zp(a)
     if zp_in is None:
-        raise LowbitError(f"ONNX export: layer {node['name']!r} reads a value that is not uint8 codes")
+        raise LowbitError(f"ONNX export: layer {node.name!r} reads a value that is not uint8 codes")
     pow2 = torch.pow(2.0, -p["shift"].double())
     mult, bias = p["multiplier"].double() * pow2, p["bias"].double() * pow2
     w = p["weight"].to(torch.int64)
@@ -203,7 +285,7 @@ def _emit_layer(b: _Builder, node: dict[str, Any], a: dict[str, Any], p: dict[st
     scale = torch.where(zero, 1.0, mult.abs())
     lo_x, hi_x = b.ranges[x]
     w_max = int(w.abs().max()) if w.numel() else 0
-    conv = node["op"] == "conv2d"
+    conv = node.op == "conv2d"
     shape = [1, -1, 1, 1] if conv else [1, -1]
     if 2 * (hi_x + zp_in) * w_max > INT16_MAX and w[0].numel() * max(abs(lo_x), abs(hi_x)) * w_max < 2**24:
         # u8 x s8 pairs could saturate int16 in int8 kernels without VNNI (onnxruntime's included): run the

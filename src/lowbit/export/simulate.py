@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.export.capture import FNode
+from lowbit.export.capture import JOINS, TRANSPARENT, FNode
 from lowbit.export.exporter import Lowered
 from lowbit.export.lower import Requant
 from lowbit.quant.modules import QuantConv2d
@@ -91,6 +91,9 @@ class Simulation:
                 sums = F.avg_pool2d(v, n.attrs["kernel_size"], n.attrs["stride"], n.attrs["padding"],
                                     divisor_override=1)
             return apply(sums.to(torch.int64), p.consts[n.name])
+        if n.kind == "concat":
+            parts = [apply(env[i], p.edges[(i, n.name)]) if (i, n.name) in p.edges else env[i] for i in n.inputs]
+            return torch.cat([v.to(torch.int64) for v in parts], dim=1)
         v = env[n.inputs[0]]
         if n.kind == "maxpool":
             a = n.attrs
@@ -100,6 +103,13 @@ class Simulation:
             return torch.flatten(v, n.attrs["start_dim"])
         if n.kind == "relu":
             return v.clamp_min(0)
+        if n.kind == "clamp":
+            return v.clamp(p.attrs[n.name]["lo"], p.attrs[n.name]["hi"])
+        if n.kind == "upsample":  # output pixel (i, j) is input pixel (i // sh, j // sw)
+            sh, sw = n.attrs["scale"]
+            rows = torch.arange(v.shape[-2] * sh) // sh
+            cols = torch.arange(v.shape[-1] * sw) // sw
+            return v[..., rows, :][..., cols]
         raise LowbitError(f"internal: cannot simulate {n.kind} {n.name!r}")  # pragma: no cover
 
     def _quantize_input(self, n: FNode, x: torch.Tensor) -> torch.Tensor:
@@ -119,13 +129,13 @@ def normalize_pixels(x: torch.Tensor, mean: list[float], std: list[float]) -> to
 
 
 def _reads(fnodes: list[FNode], node: FNode, source: str) -> bool:
-    """Does ``node`` read ``source``, directly or through transparent nodes (flatten, pools, ReLU)?"""
+    """Does ``node`` read ``source``, directly or through transparent nodes (flatten, pools, clamps, concat)?"""
     byname = {f.name: f for f in fnodes}
     todo = list(node.inputs)
     while todo:
         name = todo.pop()
         if name == source:
             return True
-        if byname[name].kind in ("maxpool", "flatten", "relu"):
+        if byname[name].kind in TRANSPARENT or byname[name].kind in JOINS:
             todo.extend(byname[name].inputs)
     return False

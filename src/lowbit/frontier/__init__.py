@@ -15,10 +15,10 @@ from lowbit.frontier.select import (
     select,
     select_layers,
 )
-from lowbit.frontier.sweep import ENDPOINTS, FrontierConfig, frontier, load_points
+from lowbit.frontier.sweep import ENDPOINTS, FrontierConfig, frontier, load_points, point_checkpoint
 
 __all__ = [
     "BUDGET_KINDS", "COSTS", "ENDPOINTS", "FrontierConfig", "PrecisionSelector", "SelectResult", "check_budget",
-    "frontier", "load_points", "parse_budgets", "plot_frontier", "select", "select_layers", "spearman",
-    "spearman_vs",
+    "frontier", "load_points", "parse_budgets", "plot_frontier", "point_checkpoint", "select", "select_layers",
+    "spearman", "spearman_vs",
 ]

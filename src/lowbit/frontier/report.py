@@ -6,9 +6,7 @@ say the same thing; the HTML embeds the PNG as base64 and can be mailed as one f
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import math
@@ -18,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.io import atomic_write_bytes, atomic_write_text, save_json
+from lowbit.reports import Block, render_html, render_markdown
 from lowbit.sensitivity.table import SensitivityTable
 
 CSV_COLUMNS = ("method", "budget", "budget_kind", "plan", "low_layers", "n_low", "low_bit_mac_fraction", "bops",
                "weight_bytes", "relative_throughput", "val_acc", "test_acc", "finetune_seconds",
                "time_to_plan_seconds", "reused_from")
 METRIC_COLUMNS = ("val_metric", "test_metric")  # added when the frontier measured a task metric other than top1
-Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", file name, alt text)
 
 
 def spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float | None:
@@ -77,7 +75,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], fp32_acc: float | None = 
     for m in methods:
         mine = sorted((p for p in points if p["method"] == m), key=lambda p: p["relative_throughput"])
         xs = [p["relative_throughput"] for p in mine]
-        ys = [100 * p[metric] for p in mine]
+        ys = [100 * (p.get(metric) if p.get(metric) is not None else float("nan")) for p in mine]
         err = [100 * p.get(f"{metric}_std", 0.0) for p in mine]
         if m.startswith("uniform"):
             ax.errorbar(xs, ys, yerr=err if any(err) else None, fmt="s", color="black", zorder=3)
@@ -101,47 +99,6 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], fp32_acc: float | None = 
 
 
 # --- rendering -------------------------------------------------------------------------------------
-def render_markdown(blocks: Sequence[Block]) -> str:
-    out = []
-    for b in blocks:
-        if b[0] in ("h1", "h2"):
-            out += [("# " if b[0] == "h1" else "## ") + b[1], ""]
-        elif b[0] == "p":
-            out += [b[1], ""]
-        elif b[0] == "table":
-            _, header, rows = b
-            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-            out.append("")
-        elif b[0] == "img":
-            out += [f"![{b[2]}]({b[1]})", ""]
-    return "\n".join(out)
-
-
-def render_html(blocks: Sequence[Block], images: Mapping[str, bytes]) -> str:
-    """One self-contained page: styles inline, figures as base64 data URIs."""
-    body = []
-    for b in blocks:
-        if b[0] in ("h1", "h2"):
-            body.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
-        elif b[0] == "p":
-            body.append(f"<p>{html.escape(b[1]).replace('`', '')}</p>")
-        elif b[0] == "table":
-            _, header, rows = b
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-            trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
-        elif b[0] == "img":
-            data = base64.b64encode(images[b[1]]).decode("ascii")
-            body.append(f'<img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}">')
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-             "th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lowbit frontier</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
 def report_blocks(payload: Mapping[str, Any], figure: str = "frontier.png") -> list[Block]:
     """The frontier report of one run as blocks (see :func:`render_markdown`, :func:`render_html`)."""
     cfg = payload["config"]
@@ -172,8 +129,8 @@ def report_blocks(payload: Mapping[str, Any], figure: str = "frontier.png") -> l
                ("table", ["method", "budget", "2-bit layers", "2-bit MAC share", "rel. throughput", "BOPs",
                           "weight bytes", f"val {name}", f"test {name}", "fine-tune s"],
                 [[p["method"], _budget(p), p["n_low"], f"{p['low_bit_mac_fraction']:.3f}",
-                  f"{p['relative_throughput']:.3f}", f"{p['bops']:,}", f"{p['weight_bytes']:,}", _pct(p[val]),
-                  _pct(p[test]), f"{p['finetune_seconds']:.1f}" + (" (shared)" if p.get("reused_from") else "")]
+                  f"{p['relative_throughput']:.3f}", f"{p['bops']:,}", f"{p['weight_bytes']:,}", _pct(p.get(val)),
+                  _pct(p.get(test)), f"{p['finetune_seconds']:.1f}" + (" (shared)" if p.get("reused_from") else "")]
                  for p in points])]
     tts = payload["time_to_solution"]
     blocks += [("h2", "Time to solution"),
@@ -202,7 +159,10 @@ def report_blocks(payload: Mapping[str, Any], figure: str = "frontier.png") -> l
 def _measured(payload: Mapping[str, Any]) -> tuple[str, str, str]:
     """(label, val key, test key): accuracy for top1 (and files from before metrics), else the task metric."""
     metric = payload.get("metric", "top1")
-    return ("acc", "val_acc", "test_acc") if metric == "top1" else (metric, "val_metric", "test_metric")
+    label, val, test = ("acc", "val_acc", "test_acc") if metric == "top1" else (metric, "val_metric", "test_metric")
+    if not any(p.get(test) is not None for p in payload.get("points", ())):  # data without a test split
+        test = val
+    return label, val, test
 
 
 def _per_layer_note(cfg: Mapping[str, Any]) -> str:
@@ -248,7 +208,7 @@ def write_outputs(folder: str | Path, payload: Mapping[str, Any]) -> None:
     atomic_write_bytes(folder / "frontier.png", png)
     blocks = report_blocks(payload)
     atomic_write_text(folder / "report.md", render_markdown(blocks))
-    atomic_write_text(folder / "report.html", render_html(blocks, {"frontier.png": png}))
+    atomic_write_text(folder / "report.html", render_html(blocks, {"frontier.png": png}, title="lowbit frontier"))
 
 
 __all__ = ["CSV_COLUMNS", "fmt_rho", "frontier_csv", "plot_frontier", "render_html", "render_markdown",

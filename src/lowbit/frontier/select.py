@@ -87,11 +87,9 @@ def select_layers(layers: list[LayerInfo], base_plan: Mapping | Plan, scores: Ma
     the base plan (the W4A4 network: 1.0). An unreachable budget is a LowbitError.
     """
     budget = check_budget(budget, budget_kind)
-    base = base_plan.layers if isinstance(base_plan, Plan) else dict(base_plan)
     kw = {"mac_fraction": budget} if budget_kind == "mac-fraction" else {"min_throughput": budget}
-    plan, cost, selection = select_plan(layers, base, selection_scores(scores, layers, clip_negative),
-                                        profile=profile, low_bits=low_bits, method=solver, **kw)
-    return Plan({n: plan[n] for n in base}), cost, selection
+    return select_plan(layers, base_plan, selection_scores(scores, layers, clip_negative),
+                       profile=profile, low_bits=low_bits, method=solver, **kw)
 
 
 class PrecisionSelector:

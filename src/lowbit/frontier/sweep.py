@@ -26,6 +26,7 @@ same way. Rank 0 writes the shared files (tables, end results, reports); each ra
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from torch import nn
 
 from lowbit import distributed as dist
 from lowbit.cost import plan_cost, profile_layers
-from lowbit.data import DataSplits
+from lowbit.data import DataSplits, num_examples, to_device
 from lowbit.errors import LowbitError
 from lowbit.frontier.select import BUDGET_KINDS, parse_budgets, resolve_profile, select_layers
 from lowbit.io import load_json, save_json
@@ -44,11 +45,13 @@ from lowbit.metrics import DEFAULT as TOP1
 from lowbit.metrics import get_metric, measure
 from lowbit.quant import Plan, plan_of
 from lowbit.runs import RunDir
+from lowbit.sensitivity.alps import check_top1
 from lowbit.sensitivity.api import METHODS, load_data, load_w4a4_run, method_options, score_layers
 from lowbit.sensitivity.candidates import candidate_layers, example_input
 from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, gather_results, my_share, run_jobs
 from lowbit.sensitivity.table import SensitivityTable
 from lowbit.train import FitConfig, evaluate, load_run_model, recipe_fit_config
+from lowbit.train.checkpoint import resolve_loss
 
 FRONTIER_VERSION = 1
 LOW_BITS = 2
@@ -73,6 +76,7 @@ class FrontierConfig:
         clip_negative: floor scores at 0 for selection (see :mod:`lowbit.frontier.select`).
         endpoints: also fine-tune the uniform W4A4 and W2A2 plans.
         metric: what points and ALPS measure (:mod:`lowbit.metrics`: a registered name or "module:function").
+        loss: what points and ALPS fine-tune on and the Hessian differentiates (``fn(outputs, batch)``).
     """
 
     methods: tuple[str, ...] = METHODS
@@ -92,6 +96,7 @@ class FrontierConfig:
     device: str = "cpu"
     quiet: bool = True
     metric: str = TOP1
+    loss: str | None = None  # "package.module:function"; None = the W4A4 run's loss (cross-entropy by default)
 
     def __post_init__(self):
         methods = self.methods.split(",") if isinstance(self.methods, str) else self.methods
@@ -123,6 +128,8 @@ class FrontierConfig:
         d = dataclasses.asdict(self)
         d.update(fit=self.resolved_fit().to_dict(), methods=list(self.methods), budgets=list(self.budgets),
                  candidates=None if self.candidates is None else list(self.candidates))
+        if d["loss"] is None:
+            del d["loss"]
         return d
 
 
@@ -130,19 +137,22 @@ def _label(method: str, budget: float | None) -> str:
     return method if budget is None else f"{method}-{budget:g}"
 
 
-def _reference_accuracy(model: nn.Module, data: DataSplits, fit: FitConfig, metric: str = TOP1
+def _reference_accuracy(model: nn.Module, data: DataSplits, fit: FitConfig, metric: str = TOP1, loss: Any = None,
                         ) -> dict[str, float]:
     out = {}
     for split in ("val", "test"):
-        out[f"{split}_loss"], out[f"{split}_acc"] = evaluate(model, getattr(data, split), fit.eval_batch_size,
-                                                             fit.device, fit.channels_last)
+        if getattr(data, split) is None:
+            continue
+        out[f"{split}_loss"], acc = evaluate(model, getattr(data, split), fit.eval_batch_size, fit.device,
+                                             fit.channels_last, loss_fn=resolve_loss(loss))
+        out[f"{split}_acc"] = None if acc != acc else acc
         if metric != TOP1:
             out[f"{split}_metric"] = measure(metric, model, getattr(data, split), batch_size=fit.eval_batch_size,
                                              device=fit.device)
     return out
 
 
-def _fp32_reference(ckpt: dict[str, Any], data: DataSplits, fit: FitConfig, metric: str = TOP1,
+def _fp32_reference(ckpt: dict[str, Any], data: DataSplits, fit: FitConfig, metric: str = TOP1, loss: Any = None,
                     ) -> dict[str, float] | None:
     """Accuracy of the fp32 run the W4A4 run came from, if its checkpoint is still there."""
     source = ckpt.get("source")
@@ -154,7 +164,7 @@ def _fp32_reference(ckpt: dict[str, Any], data: DataSplits, fit: FitConfig, metr
         return None
     if fp_ckpt.get("kind") != "fp32":
         return None
-    return {"run": str(source), **_reference_accuracy(fp32.to(fit.device), data, fit, metric)}
+    return {"run": str(source), **_reference_accuracy(fp32.to(fit.device), data, fit, metric, loss)}
 
 
 def _table(method: str, cfg: FrontierConfig, model: nn.Module, data: DataSplits, names: list[str],
@@ -172,7 +182,7 @@ def _table(method: str, cfg: FrontierConfig, model: nn.Module, data: DataSplits,
     else:
         table = score_layers(method, model, data, candidates=names, seed=cfg.seed, workers=cfg.workers,
                              out=folder, resume=resume, quiet=cfg.quiet, device=cfg.device,
-                             options=cfg.options.get(method), metric=cfg.metric)
+                             options=cfg.options.get(method), metric=cfg.metric, loss=cfg.loss)
         table = dataclasses.replace(table, config={**table.config, "frontier_key": key})
     missing = sorted(set(names) - set(table.layers))
     extra = sorted(set(table.layers) - set(names))
@@ -185,7 +195,7 @@ def _table(method: str, cfg: FrontierConfig, model: nn.Module, data: DataSplits,
 
 
 def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = None, *,
-             data: DataSplits | str | None = None, data_dir: str | None = None,
+             data: DataSplits | str | None = None, data_dir: str | None = None, data_args: dict | None = None,
              tables: dict[str, SensitivityTable] | None = None, resume: bool = False,
              overwrite: bool = False) -> dict[str, Any]:
     """Build the frontier of the W4A4 run ``run`` into ``out`` (module docstring); returns frontier.json's dict.
@@ -204,15 +214,19 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     fit = cfg.resolved_fit()
     dist.init_from_env(cfg.device)
     model, ckpt = load_w4a4_run(run)
-    splits = load_data(ckpt, data, data_dir)
+    if cfg.loss is None and ckpt.get("spec", {}).get("loss"):  # the run's own loss unless one is given
+        cfg = dataclasses.replace(cfg, loss=ckpt["spec"]["loss"])
+    resolve_loss(cfg.loss)
+    splits = load_data(ckpt, data, data_dir, data_args)
     profile = resolve_profile(cfg.cost, cfg.latency_table)
     model.to(cfg.device)
-    layers = profile_layers(model, example_input(data=splits).to(cfg.device))
+    layers = profile_layers(model, to_device(example_input(data=splits), cfg.device))
     base = plan_of(model).layers
     names = candidate_layers(model, cfg.candidates, cfg.include_first_last)
     for b in cfg.budgets:  # an unreachable budget fails now, before any scoring or fine-tuning
         select_layers(layers, base, dict.fromkeys(names, 0.0), b, cfg.budget_kind, profile)
 
+    check_top1(model, splits, cfg.metric)  # the points measure it too
     run_dir = RunDir(out, resume=resume, overwrite=overwrite)
     if overwrite and not run_dir.resume and dist.is_main():
         for sub in ("points", "sensitivity"):
@@ -258,9 +272,11 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
                        "time_to_plan_seconds": table.wall_seconds + solve_s}, selection.solver)
 
     # 3. fine-tune each distinct plan once; every point is saved as soon as its plan is done
-    fit_settings = {"fit": fit.to_dict(), "model": source_key, "data": [splits.name, len(splits.train)]}
+    fit_settings = {"fit": fit.to_dict(), "model": source_key, "data": [splits.name, num_examples(splits.train)]}
     if cfg.metric != TOP1:
         fit_settings["metric"] = cfg.metric
+    if cfg.loss is not None:
+        fit_settings["loss"] = cfg.loss
     fit_key = fingerprint(fit_settings)
     folder = run_dir.file("points")
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -289,14 +305,20 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
 
     dist.barrier()  # every rank has read the finished points before any rank writes a new one
     todo = [low for low in groups if low not in results]
-    job = FinetuneJob(model.cpu() if cfg.workers > 1 else model, splits, fit, LOW_BITS, test=True, metric=cfg.metric)
+    teacher = _teacher(ckpt) if fit.distill else None
+    job = FinetuneJob(model.cpu() if cfg.workers > 1 else model, splits, fit, LOW_BITS, test=True, metric=cfg.metric,
+                      loss=cfg.loss, teacher=teacher)
+    header = {"spec": ckpt["spec"], "quant_config": ckpt["quant_config"], "source": ckpt.get("source"),
+              "w4a4_run": str(run)}
+    files = {low: str(folder / f"{members[0]['label']}.pt") for low, members in groups.items()}
     mine = {}
-    for low, result in run_jobs(finetune_dropped, job, my_share(todo), workers=cfg.workers, desc="frontier",
-                                quiet=cfg.quiet or not dist.is_main()):
+    for low, result in run_jobs(_point_job, (job, header, files), my_share(todo), workers=cfg.workers,
+                                desc="frontier", quiet=cfg.quiet or not dist.is_main()):
         first = groups[low][0]
         keys = ("val_acc", "val_loss", "test_acc", "test_loss", "val_metric", "test_metric")
         mine[low] = {**{k: result[k] for k in keys if k in result}, "finetune_seconds": result["seconds"],
-                     "finetune_passes": result["passes"], "label": first["label"]}
+                     "finetune_passes": result["passes"], "label": first["label"],
+                     "checkpoint": f"points/{first['label']}.pt"}
         for p in groups[low]:
             save_point(p, mine[low])  # at once, by the rank that fine-tuned it
     for low, trained in gather_results(mine).items():
@@ -313,8 +335,8 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     if not dist.is_main():  # rank 0 measures the references and writes the reports; everyone returns its payload
         return dist.broadcast_object(None)
     model.to(fit.device)
-    references = {"fp32": _fp32_reference(ckpt, splits, fit, cfg.metric),
-                  "w4a4_checkpoint": _reference_accuracy(model, splits, fit, cfg.metric)}
+    references = {"fp32": _fp32_reference(ckpt, splits, fit, cfg.metric, cfg.loss),
+                  "w4a4_checkpoint": _reference_accuracy(model, splits, fit, cfg.metric, cfg.loss)}
     infos = {li.name: li for li in layers}
     total_macs = sum(infos[n].macs for n in names) or 1
     payload = {
@@ -333,9 +355,72 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     return dist.broadcast_object(payload)
 
 
+def _teacher(ckpt: dict[str, Any]) -> nn.Module:
+    """The fp32 model the W4A4 run came from: the teacher of LSQ+KD fine-tunes."""
+    source = ckpt.get("source")
+    if not source:
+        raise LowbitError("distillation needs the fp32 run the W4A4 run came from; its checkpoint names none")
+    fp32, fp_ckpt = load_run_model(source)
+    if fp_ckpt.get("kind") != "fp32":
+        raise LowbitError(f"{source}: the W4A4 run's source is not an fp32 run; cannot distil from it")
+    return fp32.eval()
+
+
+def _point_job(shared: tuple[FinetuneJob, dict[str, Any], dict[tuple[str, ...], str]], low: tuple[str, ...]
+               ) -> dict[str, Any]:
+    """One frontier point (module level so spawned workers can run it): fine-tune, evaluate, keep the model."""
+    job, header, files = shared
+    return finetune_dropped(job, list(low), save={"path": files[low], "header": header})
+
+
 def _trained(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("val_acc", "val_loss", "test_acc", "test_loss", "finetune_seconds", "finetune_passes")
-    return {**{k: record[k] for k in keys}, **{k: record[k] for k in ("val_metric", "test_metric") if k in record}}
+    optional = ("val_metric", "test_metric", "checkpoint")
+    return {**{k: record.get(k) for k in keys}, **{k: record[k] for k in optional if k in record}}
+
+
+def point_checkpoint(out: str | Path, point: str | None = None, *, best: bool = False,
+                     min_throughput: float | None = None) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint of one fine-tuned frontier point, and its record: the model that was measured.
+
+    ``point`` is a label (``eagl-0.5``, ``uniform-w4a4``) or ``method@budget`` (``eagl@0.5``). ``best`` takes
+    the point with the highest validation accuracy (or metric) among those with a relative throughput of at
+    least ``min_throughput``; the test split never chooses.
+    """
+    points = load_points(out)
+    if not points:
+        raise LowbitError(f"{out}: no finished frontier points (is it a `lowbit frontier` run directory?)")
+    if (point is None) == (not best):
+        raise LowbitError("choose one frontier point: --point METHOD@BUDGET (or its label), or --best")
+    if best:
+        floor = -math.inf if min_throughput is None else min_throughput - 1e-9
+        fits = [p for p in points if p["relative_throughput"] >= floor]
+        if not fits:
+            top = max(p["relative_throughput"] for p in points)
+            raise LowbitError(f"no frontier point reaches a relative throughput of {min_throughput:g} (the "
+                              f"fastest reaches {top:.3f})")
+        key = "val_metric" if all(p.get("val_metric") is not None for p in fits) else "val_acc"
+        chosen = max(fits, key=lambda p: (p.get(key) if p.get(key) is not None else -math.inf,
+                                          p["relative_throughput"]))
+    else:
+        label = point.replace("@", "-") if "@" in point else point
+        if "@" in point:
+            method, _, budget = point.partition("@")
+            try:
+                label = _label(method, float(budget))
+            except ValueError:
+                raise LowbitError(f"--point {point!r}: expected METHOD@BUDGET, e.g. eagl@0.5") from None
+        chosen = next((p for p in points if p["label"] == label), None)
+        if chosen is None:
+            raise LowbitError(f"{out}: no frontier point {point!r}; points: "
+                              f"{', '.join(p['label'] for p in points)}")
+    if not chosen.get("checkpoint"):
+        raise LowbitError(f"{out}: point {chosen['label']} kept no checkpoint (made by an older lowbit); rerun the "
+                          "frontier with --overwrite to keep every point's fine-tuned model")
+    path = Path(out) / chosen["checkpoint"]
+    if not path.is_file():
+        raise LowbitError(f"{path}: the checkpoint of point {chosen['label']} is missing")
+    return path, chosen
 
 
 def _time_to_solution(tables: dict[str, SensitivityTable], points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -357,4 +442,4 @@ def load_points(out: str | Path) -> list[dict[str, Any]]:
     return [load_json(p) for p in sorted(Path(out, "points").glob("*.json"))]
 
 
-__all__ = ["ENDPOINTS", "FrontierConfig", "frontier", "load_points"]
+__all__ = ["ENDPOINTS", "FrontierConfig", "frontier", "load_points", "point_checkpoint"]

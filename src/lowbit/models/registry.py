@@ -14,6 +14,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.resnet import MLP, ResNet
+from lowbit.plugins import call_factory, is_import_path
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -70,15 +71,22 @@ def model_help(name: str) -> str:
     return (inspect.getdoc(fn) or "").splitlines()[0]
 
 
-def create_model(name: str, num_classes: int = 10, **kw) -> nn.Module:
-    """Build a model by registry name (``resnet8``), ``tv:<name>`` or ``timm:<name>``; random init."""
+def create_model(name: str, num_classes: int | None = 10, **kw) -> nn.Module:
+    """Build a model by registry name (``resnet8``), ``tv:<name>``, ``timm:<name>`` or the user's own factory.
+
+    A factory is ``package.module:function`` or ``file.py:function`` (any callable returning an nn.Module,
+    a class too) and is called with ``kw`` only: it knows its own classes and inputs. Registry, torchvision
+    and timm models start from random init.
+    """
+    if is_import_path(name):
+        return user_model(name, kw)
     if name.startswith("tv:"):
-        return _torchvision_model(name[3:], num_classes, **kw)
+        return _prefers_channels_last(_torchvision_model(name[3:], num_classes, **kw))
     if name.startswith("timm:"):
-        return _timm_model(name[5:], num_classes, **kw)
+        return _prefers_channels_last(_timm_model(name[5:], num_classes, **kw))
     if name not in _REGISTRY:
-        raise LowbitError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))} "
-                          f"or tv:<torchvision name> / timm:<timm name>")
+        raise LowbitError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}, "
+                          f"tv:<torchvision name>, timm:<timm name> or your own package.module:factory")
     fn = _REGISTRY[name]
     params = inspect.signature(fn).parameters
     unknown = sorted(set(kw) - set(params))
@@ -86,6 +94,23 @@ def create_model(name: str, num_classes: int = 10, **kw) -> nn.Module:
         raise LowbitError(f"model {name!r} takes no option(s) {', '.join(unknown)}; "
                           f"it takes {', '.join(p for p in params if p != 'num_classes')}")
     return fn(num_classes=num_classes, **kw)
+
+
+def is_user_model(name: str) -> bool:
+    return is_import_path(name)
+
+
+def user_model(path: str, kwargs: dict | None = None) -> nn.Module:
+    """``factory(**kwargs)`` from the user's code; anything but an nn.Module is one error line."""
+    model = call_factory(path, "model factory", kwargs)
+    if not isinstance(model, nn.Module):
+        raise LowbitError(f"model factory {path!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _prefers_channels_last(model: nn.Module) -> nn.Module:
+    model.prefers_channels_last = True  # CNNs built by name: NHWC convs are faster on CPU
+    return model
 
 
 def _torchvision_model(arch: str, num_classes: int, in_channels: int = 3, **kw) -> nn.Module:

@@ -33,6 +33,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    prefers_channels_last = True  # its convs run faster in NHWC on CPU; fit/evaluate read this
+
     def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 1, width: float = 1.0):
         super().__init__()
         widths = [max(1, round(c * width)) for c in (16, 32, 64)]

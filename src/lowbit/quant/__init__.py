@@ -7,12 +7,30 @@ Typical use::
     calibrate_(model, batches)          # before building the optimizer
 """
 
-from lowbit.quant.api import build_quantized, calibrate_, plan_of, quant_layers, quantize_, reset_layer_
+from lowbit.quant.api import (
+    build_quantized,
+    calibrate_,
+    default_config,
+    plan_of,
+    quant_layers,
+    quant_matmuls,
+    quantize_,
+    reset_layer_,
+)
+from lowbit.quant.bits import FLOAT_BITS, SUPPORTED_BITS, Bits, check_bits
 from lowbit.quant.config import QuantConfig
-from lowbit.quant.modules import QuantConv2d, QuantLinear, make_quantizer
-from lowbit.quant.plan import Plan, is_quantizable, parse_bits, quantizable_layers
+from lowbit.quant.modules import QuantConv2d, QuantLinear, QuantMatmul, make_quantizer
+from lowbit.quant.plan import (
+    Plan,
+    edge_layers,
+    execution_order,
+    is_quantizable,
+    is_transformer,
+    layer_roles,
+    parse_bits,
+    quantizable_layers,
+)
 from lowbit.quant.quantizers import (
-    SUPPORTED_BITS,
     FaqQuantizer,
     LsqQuantizer,
     MinMaxQuantizer,
@@ -23,7 +41,9 @@ from lowbit.quant.quantizers import (
 from lowbit.quant.ste import grad_scale, round_ste
 
 __all__ = [
+    "FLOAT_BITS",
     "SUPPORTED_BITS",
+    "Bits",
     "FaqQuantizer",
     "LsqQuantizer",
     "MinMaxQuantizer",
@@ -31,17 +51,25 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
+    "QuantMatmul",
     "build_quantized",
     "calibrate_",
+    "check_bits",
+    "default_config",
+    "edge_layers",
+    "execution_order",
     "fake_quant",
     "grad_scale",
     "is_quantizable",
+    "is_transformer",
+    "layer_roles",
     "make_quantizer",
     "parse_bits",
     "plan_of",
     "qrange",
     "quant_codes",
     "quant_layers",
+    "quant_matmuls",
     "quantizable_layers",
     "quantize_",
     "reset_layer_",

@@ -18,28 +18,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lowbit.data.protocol import call_model, split_batch, to_device
 from lowbit.errors import LowbitError
 from lowbit.quant.config import QuantConfig
-from lowbit.quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear
-from lowbit.quant.plan import Plan, is_quantizable
+from lowbit.quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantMatmul
+from lowbit.quant.plan import Plan, is_quantizable, is_transformer
 from lowbit.quant.quantizers import _Quantizer, check_bits
 
 QuantLayer = QuantConv2d | QuantLinear
 
 
 def _as_plan(plan: Plan | Mapping | str, model: nn.Module) -> Plan:
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, str):
-        return Plan.preset(plan, model)
-    if isinstance(plan, Mapping):
-        return Plan.from_dict(plan) if "layers" in plan else Plan(plan)
-    raise LowbitError(f"expected a Plan, a preset name or a mapping, got {type(plan).__name__}")
+    """A preset name (``"w4a4"``) for this model, else the one conversion every entry point uses."""
+    return Plan.preset(plan, model) if isinstance(plan, str) else Plan.coerce(plan)
 
 
-def _as_config(config: QuantConfig | Mapping | None) -> QuantConfig:
+def default_config(model: nn.Module) -> QuantConfig:
+    """The config ``quantize_`` uses when given none: per-channel weight steps for transformers (measured better
+    on encoders, docs/results/transformer.md), the LSQ defaults otherwise."""
+    return QuantConfig(per_channel=True) if is_transformer(model) else QuantConfig()
+
+
+def _as_config(config: QuantConfig | Mapping | None, model: nn.Module | None = None) -> QuantConfig:
     if config is None:
-        return QuantConfig()
+        return QuantConfig() if model is None else default_config(model)
     return config if isinstance(config, QuantConfig) else QuantConfig.from_dict(dict(config))
 
 
@@ -49,8 +51,11 @@ def quantize_(model: nn.Module, plan: Plan | Mapping | str, config: QuantConfig 
 
     Layers planned ``(None, None)`` or not listed stay as they are. The plan is validated before anything
     changes. Returns ``model`` for chaining. Steps are not initialised yet: call :func:`calibrate_`.
+    A Hugging Face transformer switches to eager attention (:func:`lowbit.models.hf.use_eager_attention_`);
+    with ``config.quantize_matmuls`` its attention matmuls are quantized too
+    (:func:`lowbit.models.hf.quantize_matmuls_`). ``config=None`` is :func:`default_config` for this model.
     """
-    config = _as_config(config)
+    config = _as_config(config, model)
     plan = _as_plan(plan, model)
     plan.validate(model)
     todo = {name: bits for name, bits in plan.layers.items() if bits != (None, None)}
@@ -65,7 +70,21 @@ def quantize_(model: nn.Module, plan: Plan | Mapping | str, config: QuantConfig 
         old = getattr(parent, child)
         cls = QuantConv2d if isinstance(old, nn.Conv2d) else QuantLinear
         setattr(parent, child, cls.from_float(old, w_bits, a_bits, cfg=config))
+    if is_transformer(model) and hasattr(getattr(model, "config", None), "_attn_implementation"):
+        from lowbit.models.hf import use_eager_attention_  # lazy: transformers is optional
+
+        use_eager_attention_(model)  # a Hugging Face model: eager maths (second derivatives, quantized matmuls)
+    if config.quantize_matmuls:
+        from lowbit.models.hf import quantize_matmuls_
+
+        if not quantize_matmuls_(model, plan, config):
+            raise LowbitError("quantize_matmuls: no attention block with a quantized query projection was found")
     return model
+
+
+def quant_matmuls(model: nn.Module) -> dict[str, QuantMatmul]:
+    """All quantized matmuls (attention's Q·Kᵀ and softmax·V) of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantMatmul)}
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
@@ -80,8 +99,8 @@ def plan_of(model: nn.Module) -> Plan:
 
 
 def _batch_input(batch: Any, device: torch.device | None) -> Any:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return x.to(device) if isinstance(x, Tensor) and device is not None else x
+    """The model inputs of a batch (tensor, ``(inputs, target)`` or dict; see lowbit.data.protocol)."""
+    return to_device(split_batch(batch)[0], device)
 
 
 @contextmanager
@@ -108,7 +127,7 @@ def _run(model: nn.Module, batches: Iterable) -> int:
     device = None if param is None else param.device
     n = 0
     for batch in batches:
-        model(_batch_input(batch, device))
+        call_model(model, _batch_input(batch, device))
         n += 1
     if n == 0:
         raise LowbitError("calibration needs at least one batch, got none")
@@ -118,7 +137,8 @@ def _run(model: nn.Module, batches: Iterable) -> int:
 def calibrate_(model: nn.Module, batches: Iterable) -> nn.Module:
     """Initialise every quantizer's step; call it after :func:`quantize_` and before building the optimizer.
 
-    ``batches`` yields input tensors or ``(x, y)`` tuples. The model runs in eval mode under no_grad with
+    ``batches`` yields input tensors, ``(inputs, target)`` tuples or dicts (``model(**inputs)``, e.g.
+    ``input_ids`` + ``attention_mask``); a DataLoader works as it is. The model runs in eval mode under no_grad with
     all quantizers passing data through unchanged, so activation statistics come from the *unquantized*
     network: LSQ takes its activation step from the first batch, FAQ and MinMax use all batches. Weight
     steps come from the weights. Signedness of inputs is detected here unless the config fixes it.
@@ -128,6 +148,10 @@ def calibrate_(model: nn.Module, batches: Iterable) -> nn.Module:
     if not layers:
         raise LowbitError("model has no quantized layers: call lowbit.quant.quantize_(model, plan) first")
     inputs = {name: m.input_quantizer for name, m in layers.items() if m.input_quantizer is not None}
+    for name, mm in quant_matmuls(model).items():  # both operands of a matmul are activations
+        for side, q in (("a", mm.a_quantizer), ("b", mm.b_quantizer)):
+            if q is not None:
+                inputs[f"{name}.{side}"] = q
     weights = [layer.weight_quantizer for layer in layers.values() if layer.weight_quantizer is not None]
     with _observing(model, [*inputs.values(), *weights]):  # weight quantizers just pass weights through
         _run(model, batches)
@@ -150,7 +174,8 @@ def reset_layer_(layer: QuantLayer, w_bits: int | None, a_bits: int | None, batc
     The weight step is re-initialised from the weight. The input step comes from ``batches`` if given:
     the layer's own inputs, or, with ``model=``, inputs to ``model`` (run in eval mode, the rest of the
     network quantized as it is). Without batches it is the old input step rescaled as the init rule
-    would scale it for the new Q_P (LSQ: ``sqrt(old_Q_P/new_Q_P)``; FAQ/MinMax: ``old_Q_P/new_Q_P``).
+    would scale it for the new Q_P (LSQ: ``sqrt(old_Q_P/new_Q_P)``; MinMax and FAQ: ``old_Q_P/new_Q_P``, FAQ with
+    power-of-two ranges ``(old_Q_P+1)/(new_Q_P+1)``, which keeps the range).
     Input signedness is kept. The quantizers are new modules: build the optimizer afterwards.
     """
     if not isinstance(layer, QUANT_LAYERS):
@@ -199,5 +224,5 @@ def build_quantized(model_fp: nn.Module, plan: Plan | Mapping, config: QuantConf
     return model
 
 
-__all__ = ["QuantConfig", "build_quantized", "calibrate_", "plan_of", "quant_layers", "quantize_",
-           "reset_layer_"]
+__all__ = ["QuantConfig", "build_quantized", "calibrate_", "default_config", "plan_of", "quant_layers", "quant_matmuls",
+           "quantize_", "reset_layer_"]

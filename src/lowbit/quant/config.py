@@ -13,6 +13,9 @@ from lowbit.quant.quantizers import SUPPORTED_BITS
 
 METHODS = ("lsq", "faq", "minmax")
 SIGNED_INPUTS = ("auto", "signed", "unsigned")
+ACTIVATION_INITS = ("mean", "mse", "percentile")
+# Fields added after checkpoints existed: left out of to_dict() at their default so old fingerprints still match.
+_NEW_DEFAULTS = {"quantize_matmuls": False, "activation_init": "mean"}
 
 
 def _bits_table(name: str, table: Any, lo: float, hi: float) -> dict[int, float] | None:
@@ -45,11 +48,19 @@ class QuantConfig:
         per_channel: one weight step per output channel (axis 0) instead of one per tensor.
         faq_weight_std_multiple: ``{bits: k}`` overriding FAQ's weight clip ``k·std(w)`` per precision.
         faq_percentiles: ``{bits: p}`` overriding FAQ's activation percentile of ``|x|`` per precision.
-        faq_power_of_two: round FAQ steps up to powers of two (fixed-point reading of the paper).
+        faq_power_of_two: round FAQ ranges up to powers of two and split them into the 2^b levels, so steps
+            are powers of two (the paper's fixed-point quantizer).
         minmax_mse: MinMax picks the step minimising the quantisation MSE instead of ``max|x|/Q_P``.
         signed_inputs: input quantizers' signedness: ``"auto"`` (signed if a calibration input has any
             negative value, e.g. a normalised image or a transformer residual stream), ``"signed"`` or
             ``"unsigned"``. Weights are always signed.
+        quantize_matmuls: also quantize the two attention matmuls (Q·Kᵀ and softmax·V) of Hugging Face
+            attention blocks, both inputs at the activation bits of the block's query projection
+            (:class:`lowbit.quant.modules.QuantMatmul`, patched in by :mod:`lowbit.models.hf`).
+        activation_init: how an LSQ *input* step starts: ``"mean"`` (the paper's ``2·mean|x|/sqrt(Q_P)`` on the
+            first batch), or, robust to the outliers of transformer activations, ``"mse"`` (the step minimising
+            the quantization MSE over all calibration batches) or ``"percentile"`` (FAQ's percentile of ``|x|``
+            over ``Q_P``). Matters most after calibration alone (post-training); QAT then learns the step.
     """
 
     method: str = "lsq"
@@ -59,6 +70,8 @@ class QuantConfig:
     faq_power_of_two: bool = False
     minmax_mse: bool = False
     signed_inputs: str = "auto"
+    quantize_matmuls: bool = False
+    activation_init: str = "mean"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,7 +80,10 @@ class QuantConfig:
         if self.signed_inputs not in SIGNED_INPUTS:
             raise LowbitError(f"QuantConfig.signed_inputs={self.signed_inputs!r}: choose one of "
                               f"{', '.join(SIGNED_INPUTS)}")
-        for name in ("per_channel", "faq_power_of_two", "minmax_mse"):
+        if self.activation_init not in ACTIVATION_INITS:
+            raise LowbitError(f"QuantConfig.activation_init={self.activation_init!r}: choose one of "
+                              f"{', '.join(ACTIVATION_INITS)}")
+        for name in ("per_channel", "faq_power_of_two", "minmax_mse", "quantize_matmuls"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")
         object.__setattr__(self, "faq_weight_std_multiple",
@@ -81,7 +97,11 @@ class QuantConfig:
         return {"auto": None, "signed": True, "unsigned": False}[self.signed_inputs]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key, default in _NEW_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
@@ -94,4 +114,4 @@ class QuantConfig:
         return cls(**d)
 
 
-__all__ = ["METHODS", "SIGNED_INPUTS", "QuantConfig"]
+__all__ = ["ACTIVATION_INITS", "METHODS", "SIGNED_INPUTS", "QuantConfig"]

@@ -1,4 +1,5 @@
-"""QuantConv2d and QuantLinear: drop-in subclasses that fake-quantize their input and weight.
+"""QuantConv2d and QuantLinear: drop-in subclasses that fake-quantize their input and weight; QuantMatmul for
+products of two activations (attention).
 
 They subclass ``nn.Conv2d`` / ``nn.Linear`` so ``isinstance`` checks in user code (weight init, BN
 folding, parameter grouping) keep working, and they reuse the float layer's own ``weight`` and ``bias``
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,7 +31,7 @@ def make_quantizer(cfg: QuantConfig, bits: int, role: str, signed: bool | None) 
     """Build an uninitialised quantizer of ``cfg.method`` for a weight or an input activation."""
     per_channel = cfg.per_channel and role == "weight"
     if cfg.method == "lsq":
-        return LsqQuantizer(bits, signed, per_channel, 0, role=role)
+        return LsqQuantizer(bits, signed, per_channel, 0, role=role, init=cfg.activation_init)
     if cfg.method == "faq":
         pct = {**FAQ_PERCENTILE, **(cfg.faq_percentiles or {})}.get(bits)
         k = {**FAQ_STD_MULTIPLE, **(cfg.faq_weight_std_multiple or {})}.get(bits)
@@ -138,6 +140,45 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return f"{super().extra_repr()}, {self._bits_repr()}"
 
 
+class QuantMatmul(nn.Module):
+    """``Q_a(a) @ Q_b(b)``: a product of two activations, e.g. attention's Q·Kᵀ and softmax(·)·V.
+
+    Neither operand is a weight, so both get an input quantizer of ``cfg.method`` (LSQ: a learned step each,
+    gradient-scaled by the features per example). Signedness is detected at calibration as for layer inputs:
+    Q, K and V come out signed, the softmax probabilities unsigned, which gives them all 2^b levels of [0, 1].
+    ``bits=None`` leaves that operand float.
+    """
+
+    def __init__(self, a_bits: int | None, b_bits: int | None, cfg: QuantConfig | None = None):
+        super().__init__()
+        self.quant_config = cfg or QuantConfig()
+        self.set_quantizers_(a_bits, b_bits)
+
+    def set_quantizers_(self, a_bits: int | None, b_bits: int | None) -> None:
+        """Fresh, uninitialised quantizers for both operands (new Parameters: rebuild the optimizer)."""
+        cfg = self.quant_config
+        for name, bits in (("a_quantizer", a_bits), ("b_quantizer", b_bits)):
+            q = None if bits is None else make_quantizer(cfg, bits, "activation", signed=cfg.input_signed)
+            self.register_module(name, q)
+
+    @property
+    def quantizers(self) -> list[_Quantizer]:
+        return [q for q in (self.a_quantizer, self.b_quantizer) if q is not None]
+
+    @property
+    def bits(self) -> tuple[int | None, int | None]:
+        return tuple(None if q is None else q.bits for q in (self.a_quantizer, self.b_quantizer))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        a_hat = a if self.a_quantizer is None else self.a_quantizer(a)
+        b_hat = b if self.b_quantizer is None else self.b_quantizer(b)
+        return torch.matmul(a_hat, b_hat)
+
+    def extra_repr(self) -> str:
+        a, b = self.bits
+        return f"a_bits={a}, b_bits={b}, method={self.quant_config.method}"
+
+
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
-__all__ = ["QUANT_LAYERS", "QuantConv2d", "QuantLinear", "make_quantizer"]
+__all__ = ["QUANT_LAYERS", "QuantConv2d", "QuantLinear", "QuantMatmul", "make_quantizer"]

@@ -22,21 +22,21 @@ that is a programming error and raises ``RuntimeError``.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.quant.bits import SUPPORTED_BITS, check_bits
 from lowbit.quant.ste import clamp_min_ste, grad_scale, round_ste
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 ROLES = ("weight", "activation")
 STEP_EPS = 1e-8
 
 # FAQ clips weights at k·std(w). The paper's multiple was not found (methods.md §2.1); these defaults
-# widen the range with the number of levels so that 8-bit barely clips and 2-bit clips hard.
+# widen the range with the number of levels so that 8-bit barely clips and 2-bit clips hard. With the step
+# 2kσ/2^b they give, for Gaussian weights, steps within 10% of the MSE-optimal uniform step at 2-4 bits.
 FAQ_STD_MULTIPLE = {8: 8.0, 4: 3.0, 3: 2.5, 2: 2.0}
 # FAQ activation range: 99.99th percentile of |x| for 8-bit, 99.9th for 4-bit and below (methods.md §2.1).
 FAQ_PERCENTILE = {8: 99.99, 4: 99.9, 3: 99.9, 2: 99.9}
@@ -44,13 +44,6 @@ FAQ_PERCENTILE = {8: 99.99, 4: 99.9, 3: 99.9, 2: 99.9}
 MSE_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(2, 21))
 # Activation samples kept per calibration batch for the MinMax MSE search (a strided subsample).
 MSE_SAMPLES_PER_BATCH = 1 << 16
-
-
-def check_bits(bits: object) -> int:
-    """Return ``bits`` as an int, or raise :class:`LowbitError` if it is not a supported precision."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in SUPPORTED_BITS:
-        raise LowbitError(f"unsupported bits {bits!r}: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
-    return int(bits)
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -92,12 +85,34 @@ def _rows(x: Tensor, axis: int) -> Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+def _ceil_pow2(x: Tensor) -> Tensor:
+    """The smallest power of two ``>= x`` (elementwise, ``x > 0``)."""
+    p = torch.exp2(torch.log2(x).ceil())
+    return torch.where(p < x, 2 * p, p)  # log2 may round down to an integer just above a power of two
+
+
 def _percentile(x: Tensor, p: float) -> Tensor:
     """Nearest-rank ``p``-th percentile of ``x`` (``kthvalue``: unlike ``torch.quantile``, no size limit)."""
     flat = x.reshape(-1).float()
     k = math.ceil(round(p * flat.numel() / 100, 6))  # round: 99.9% of 10000 is 9990, not 9990.000000000002
     k = min(max(k, 1), flat.numel())
     return flat.kthvalue(k).values
+
+
+def _mse_step(rows: Tensor, base: Tensor, q_n: int, q_p: int) -> Tensor:
+    """Among ``MSE_FRACTIONS`` of ``base`` (``[C]``), the step with the least ``||x - Q(x)||²`` per row of ``rows``."""
+    rows = rows.float()
+    steps = torch.tensor(MSE_FRACTIONS, device=base.device)[:, None] * base  # [K, C]
+    steps = steps.clamp_min(STEP_EPS)
+    err = torch.stack([(fake_quant(rows, s[:, None], q_n, q_p) - rows).square().sum(1) for s in steps])  # [K, C]
+    return steps.gather(0, err.argmin(0, keepdim=True))[0]
+
+
+def _strided_sample(rows: Tensor, old: Tensor | None) -> Tensor:
+    """At most ``MSE_SAMPLES_PER_BATCH`` values of each batch, appended to the earlier batches' sample."""
+    stride = max(1, rows.numel() // MSE_SAMPLES_PER_BATCH)
+    sample = rows[:, ::stride]
+    return sample if old is None else torch.cat([old, sample], 1)
 
 
 class _Quantizer(nn.Module):
@@ -198,11 +213,16 @@ class _Quantizer(nn.Module):
         """Initialise from a step learned at another precision, as the init rule would scale it.
 
         Same data, new Q_P: LSQ's ``2·mean|v|/sqrt(Q_P)`` scales by ``sqrt(old_Q_P / Q_P)``; a fixed range
-        divided into ``Q_P`` steps scales by ``old_Q_P / Q_P``.
+        divided into ``Q_P`` steps (MinMax) by ``old_Q_P / Q_P``, into ``Q_P + 1`` (FAQ's 2^b levels) by
+        ``(old_Q_P + 1) / (Q_P + 1)``.
         """
         if self.signed is None:
             raise RuntimeError("init_from_step_ needs a quantizer with known signedness")
-        self.set_step_(old_step.detach() * (old_q_p / self.q_p) ** self._step_exponent)
+        self.set_step_(old_step.detach() * self._step_ratio(old_q_p))
+
+    def _step_ratio(self, old_q_p: int) -> float:
+        """New step / old step for the same data when Q_P changes from ``old_q_p`` to this quantizer's."""
+        return (old_q_p / self.q_p) ** self._step_exponent
 
     def _observe_values(self, x: Tensor) -> None:
         raise NotImplementedError
@@ -271,18 +291,37 @@ class LsqQuantizer(_Quantizer):
     _step_exponent = 0.5
 
     def __init__(self, bits: int, signed: bool | None, per_channel: bool = False, channel_axis: int = 0,
-                 *, role: str = "weight"):
+                 *, role: str = "weight", init: str = "mean"):
         super().__init__(bits, signed, per_channel, channel_axis, role=role)
+        if init not in ("mean", "mse", "percentile"):
+            raise LowbitError(f"unknown LSQ init {init!r}: choose mean, mse or percentile")
+        # Outlier-robust inits apply to activations; weights keep the paper's rule (their steps are learned anyway).
+        self.init = init if role == "activation" else "mean"
         self.step = nn.Parameter(torch.ones(()))
 
     def _observe_values(self, x: Tensor) -> None:
-        if "mean_abs" not in self._stats:  # activations: the first batch only, as in the paper
+        if self.init == "mse":  # every batch: max|x| and a strided sample for the MSE search
+            rows = x.reshape(1, -1)
+            amax = rows.abs().amax(1)
+            self._stats["amax"] = torch.maximum(self._stats["amax"], amax) if "amax" in self._stats else amax
+            self._stats["sample"] = _strided_sample(rows, self._stats.get("sample"))
+        elif self.init == "percentile":  # every batch, averaged as FAQ does
+            self._stats["sum"] = self._stats.get("sum", 0) + _percentile(x.abs(), FAQ_PERCENTILE[self.bits])
+        elif "mean_abs" not in self._stats:  # the paper: the first batch only
             abs_x = _rows(x, self.channel_axis).abs() if self.per_channel else x.abs().reshape(1, -1)
             mean_abs = abs_x.mean(1)
             self._stats["mean_abs"] = mean_abs if self.per_channel else mean_abs[0]
 
     def _compute_step(self) -> Tensor:
+        if self.init == "mse":
+            base = self._stats["amax"].float() / self.q_p
+            return _mse_step(self._stats["sample"], base, self.q_n, self.q_p)[0]
+        if self.init == "percentile":
+            return self._stats["sum"] / self._n_observed / self.q_p
         return 2 * self._stats["mean_abs"] / math.sqrt(self.q_p)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", init={self.init}" if self.init != "mean" else "")
 
     def _forward_step(self, x: Tensor) -> Tensor:
         if self.role == "activation":
@@ -301,12 +340,16 @@ class FaqQuantizer(_Quantizer):
     flat where concatenating would not). Default 99.99 for 8-bit, 99.9 for 4 bits and below.
     Weights: range = ``std_multiple · std(w)`` (per channel when ``per_channel``); the paper's multiple
     was not found, see ``FAQ_STD_MULTIPLE`` for the defaults.
-    Step = range / Q_P. ``power_of_two=True`` rounds the step *up* to a power of two: FAQ's fixed-point
-    quantizer is parameterised by the position of the least significant bit.
+
+    Step: weights split ``[-range, range]`` into the 2^b levels (methods.md §2.1), ``2·range / 2^b`` =
+    ``range / (Q_P + 1)``, so the codes span ``[-range, range - step]``. Activations divide by ``Q_P``, so
+    the top code lands on the percentile, as in MinMax. ``power_of_two=True`` is the paper's fixed-point
+    quantizer, parameterised by the position of the least significant bit: the *range* is rounded up to
+    a power of two 2^m (for activations, "round y_max up to a power of two and derive l from it") and
+    split into the 2^b levels, so the step is the power of two ``2^m / (Q_P + 1)`` for both roles.
     """
 
     method = "faq"
-    _step_exponent = 1.0
 
     def __init__(self, bits: int, signed: bool | None, per_channel: bool = False, channel_axis: int = 0,
                  *, role: str = "weight", percentile: float | None = None, std_multiple: float | None = None,
@@ -331,10 +374,23 @@ class FaqQuantizer(_Quantizer):
 
     def _compute_step(self) -> Tensor:
         rng = self._stats["range"] if self.role == "weight" else self._stats["sum"] / self._n_observed
-        return rng / self.q_p
+        if self.power_of_two:
+            rng = _ceil_pow2(rng)
+        return rng / self._steps_in_range(self.q_p)
+
+    def _steps_in_range(self, q_p: int) -> int:
+        """How many steps make the range: the 2^b levels (``Q_P + 1``), or ``Q_P`` for plain activations."""
+        return q_p + 1 if self.role == "weight" or self.power_of_two else q_p
+
+    def _step_ratio(self, old_q_p: int) -> float:
+        # Same range, new precision: the step scales with the number of steps in the range (for
+        # power_of_two a ratio of powers of two, so the step stays one).
+        return self._steps_in_range(old_q_p) / self._steps_in_range(self.q_p)
 
     def _finalize_step(self, step: Tensor) -> Tensor:
-        return torch.exp2(torch.log2(step).ceil()) if self.power_of_two else step
+        # A step set directly (set_step_) must still be a fixed-point LSB. Rounding it up is rounding the
+        # range up: the range is step · (Q_P + 1), and Q_P + 1 is a power of two.
+        return _ceil_pow2(step) if self.power_of_two else step
 
     def extra_repr(self) -> str:
         stat = f"std_multiple={self.std_multiple}" if self.role == "weight" else f"pct={self.percentile}"
@@ -366,20 +422,12 @@ class MinMaxQuantizer(_Quantizer):
             if self.role == "weight":
                 self._stats["sample"] = rows
             else:
-                stride = max(1, rows.numel() // MSE_SAMPLES_PER_BATCH)
-                sample = rows[:, ::stride]
-                old = self._stats.get("sample")
-                self._stats["sample"] = sample if old is None else torch.cat([old, sample], 1)
+                self._stats["sample"] = _strided_sample(rows, self._stats.get("sample"))
 
     def _compute_step(self) -> Tensor:
         base = self._stats["amax"].float() / self.q_p  # [C] (or [1] per tensor)
         if self.mse:
-            rows = self._stats["sample"].float()
-            steps = torch.tensor(MSE_FRACTIONS, device=base.device)[:, None] * base  # [K, C]
-            steps = steps.clamp_min(STEP_EPS)
-            err = torch.stack([(fake_quant(rows, s[:, None], self.q_n, self.q_p) - rows).square().sum(1)
-                               for s in steps])  # [K, C]
-            base = steps.gather(0, err.argmin(0, keepdim=True))[0]
+            base = _mse_step(self._stats["sample"], base, self.q_n, self.q_p)
         return base if self.per_channel else base[0]
 
     def extra_repr(self) -> str:

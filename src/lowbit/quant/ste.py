@@ -27,8 +27,11 @@ def clamp_min_ste(x: Tensor, min_value: float) -> Tensor:
 
     Keeps a learned step strictly positive without cutting its gradient: a plain ``clamp_min`` gives
     zero gradient below the bound, so a step pushed there by one large update could never come back.
+    The forward value is the clamp itself plus an exact zero (``x - x.detach()``): the usual
+    ``x + (clamp(x) - x).detach()`` rounds ``min_value - x`` to ``-x`` once ``|x| >> min_value`` (float32:
+    ``x`` below about -0.3 for 1e-8) and so returns exactly 0, a step that divides zero inputs into NaN.
     """
-    return x + (x.clamp_min(min_value) - x).detach()
+    return x.detach().clamp_min(min_value) + (x - x.detach())
 
 
 __all__ = ["clamp_min_ste", "grad_scale", "round_ste"]

@@ -20,7 +20,7 @@ accumulator of each conv/linear is computed differently. A convolution becomes a
 Operands follow the kernels' layout rules: the first operand row-major, the second column-major (the
 transposed view of a contiguous ``(N, K)`` weight), ``K`` and ``N`` zero-padded to multiples of 16 (fp8) or 8
 (int8), and ``M > 16`` for int8 (zero rows added). Zero padding adds zero products, so it keeps every result
-exact. Requantization is the reference's dyadic integer arithmetic (:func:`~lowbit.runtime.dyadic.round_shift`
+exact. Requantization is the reference's dyadic integer arithmetic (:func:`~lowbit.ir.dyadic.round_shift`
 in int64, on the device) with its overflow bounds checked once per layer from the declared code ranges, so
 no per-call host synchronisation is needed.
 
@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.dyadic import BIAS_LIMIT, PRODUCT_LIMIT, requantize, round_shift
+from lowbit.ir.dyadic import BIAS_LIMIT, PRODUCT_LIMIT, requantize, round_shift
+from lowbit.ir.graph import Node
+from lowbit.ir.kernels import kernel, kernel_or_fallback
 from lowbit.runtime.engine import IntegerModel
 from lowbit.runtime.reference import FLOAT32_EXACT_LIMIT, _check_exact, conv2d_int, linear_int
 
@@ -252,10 +254,10 @@ def _im2col(x: torch.Tensor, kernel: tuple[int, int], stride: Any, padding: Any,
 class _Layer:
     """One conv/linear on its path: prepared (padded, cast, on the device) weights and requantization."""
 
-    def __init__(self, node: dict[str, Any], p: dict[str, torch.Tensor], x_range: tuple[int, int],
+    def __init__(self, node: Node, p: dict[str, torch.Tensor], x_range: tuple[int, int],
                  device: torch.device, fp8: bool, emulate: bool, epilogue: Any):
-        a = node["attrs"]
-        self.node, self.a, self.op, self.emulate, self.x_range = node, a, node["op"], emulate, x_range
+        a = node.attrs
+        self.node, self.a, self.op, self.emulate, self.x_range = node, a, node.op, emulate, x_range
         w = p["weight"].to(torch.int64)
         self.groups = a.get("groups", 1) if self.op == "conv2d" else 1
         self.kernel = tuple(w.shape[2:]) if self.op == "conv2d" else (1, 1)
@@ -268,7 +270,7 @@ class _Layer:
                                   self.info.k, self.info.bound, self.info.offset)
         self.m, self.k, self.b = (p[r].to(device=device, dtype=torch.int64) for r in ("multiplier", "shift", "bias"))
         if int(self.b.abs().max()) > BIAS_LIMIT:
-            raise LowbitError(f"layer {node['name']!r}: |bias| > 2^61")
+            raise LowbitError(f"layer {node.name!r}: |bias| > 2^61")
         self.lo, self.hi = a["lo"], a["hi"]
         self.lo_hi = torch.tensor([self.lo, self.hi], dtype=torch.int64, device=device)  # tensors: no recompiles
         self.epilogue = epilogue
@@ -337,12 +339,12 @@ class _Layer:
         the bound was computed from."""
         lo, hi = self.x_range
         if x.numel() and (not fp8_representable(x) or int(x.min()) < lo or int(x.max()) > hi):
-            raise LowbitError(f"layer {self.node['name']!r}: input codes leave the declared range [{lo}, {hi}] "
+            raise LowbitError(f"layer {self.node.name!r}: input codes leave the declared range [{lo}, {hi}] "
                               "or are not exact in e4m3")
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference kernels (CPU), or on CUDA the im2col GEMM in float64, exact below 2^53 (checked)."""
-        a, name = self.a, self.node["name"]
+        a, name = self.a, self.node.name
         if x.device.type == "cpu":
             if self.op == "conv2d":
                 acc = conv2d_int(x, self.w_ref, a["stride"], a["padding"], a["groups"], a["dilation"])
@@ -373,7 +375,7 @@ class _Layer:
 def _epilogue(acc: torch.Tensor, corr: torch.Tensor | None, m: torch.Tensor, b: torch.Tensor, k: torch.Tensor,
               lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Accumulator (float32 integers or int32) -> int64, + int8 offset correction, dyadic requantization:
-    :func:`~lowbit.runtime.dyadic.requantize` without its per-call checks (bounded once per layer)."""
+    :func:`~lowbit.ir.dyadic.requantize` without its per-call checks (bounded once per layer)."""
     acc = acc.to(torch.int64)
     if corr is not None:
         acc = acc + corr
@@ -419,11 +421,12 @@ class GpuModel:
         epilogue = _compiled_epilogue() if compile else _epilogue
         self.layers: dict[str, _Layer] = {}
         for node in model.nodes:
-            if node["op"] in ("conv2d", "linear"):
-                self.layers[node["name"]] = _Layer(node, model.params[node["name"]], ranges[node["inputs"][0]],
+            if node.op in ("conv2d", "linear"):
+                self.layers[node.name] = _Layer(node, model.params[node.name], ranges[node.inputs[0]],
                                                    self.device, fp8, emulate, epilogue)
-        p = model.params[model.nodes[0]["name"]]
+        p = model.params[model.nodes[0].name]
         self._lut = p["lut"].to(self.device, torch.int64).reshape(-1) if "lut" in p else None
+        self._steps = [kernel_or_fallback("gpu", node.op) for node in model.nodes]
 
     def layer_paths(self) -> dict[str, LayerPath]:
         """Per conv/linear node: the path (``fp8``, ``int8``, ``reference``), why, K and the sum bound."""
@@ -441,31 +444,41 @@ class GpuModel:
     def run_trace(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every integer value of the graph, by value name, as :meth:`IntegerModel.run_trace` (on the device)."""
         self.model._check_input(x)
-        env = {self.model.manifest["inputs"][0]: x.to(self.device)}
+        env = {self.model.graph.inputs[0]: x.to(self.device)}
         with torch.inference_mode():
-            for node in self.model.nodes:
-                xs = [env[i] for i in node["inputs"]]
-                op = node["op"]
-                if op == "dequantize_output":
-                    y = xs[0]
-                elif op == "quantize_input":
-                    y = self._quantize_input(node, xs[0])
-                elif op in ("conv2d", "linear"):
-                    y = self.layers[node["name"]](xs[0])
-                else:  # integer elementwise/pooling ops: the reference code itself, on the device
-                    y = self.model._step(node, xs)
-                env[node["outputs"][0]] = y
+            for node, (step, own) in zip(self.model.nodes, self._steps):
+                xs = [env[i] for i in node.inputs]
+                # an op without a gpu kernel: the reference kernel itself, on the device
+                env[node.output] = step(self, node, xs) if own else step(node, self.model.params[node.name], xs)
         return env
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits: the integer logits times the output scale (as the reference runtime)."""
         return (self.run_int(x).to(torch.float64) * self.output_scale).to(torch.float32)
 
-    def _quantize_input(self, node: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _quantize_input(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         """The reference's input quantizer with its lookup table on the device."""
         if self._lut is not None:
             c = torch.arange(x.shape[1], device=x.device).reshape(1, -1, *([1] * (x.dim() - 2))) * 256
             return self._lut[c + x.to(torch.int64)].to(torch.int32)
-        a = node["attrs"]
+        a = node.attrs
         scale = torch.tensor(a["scale"], dtype=torch.float32, device=x.device)
         return (x.to(torch.float32) / scale).clamp(a["lo"], a["hi"]).round().to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+# A gpu kernel runs a node: ``kernel(gpu_model, node, inputs) -> output``; other ops run the reference kernel.
+@kernel("quantize_input", backend="gpu")
+def _gpu_input(gm: GpuModel, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    return gm._quantize_input(node, xs[0])
+
+
+@kernel("conv2d", backend="gpu")
+@kernel("linear", backend="gpu")
+def _gpu_layer(gm: GpuModel, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    return gm.layers[node.name](xs[0])
+
+
+@kernel("dequantize_output", backend="gpu")
+def _gpu_output(gm: GpuModel, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.runtime.dyadic import IntLike, requantize, round_shift, to_dyadic
+from lowbit.ir.dyadic import IntLike, requantize, round_shift, to_dyadic
 
 EXACT_LIMIT = 2**53  # float64 represents every integer of smaller magnitude exactly
 FLOAT32_EXACT_LIMIT = 2**24  # float32 likewise
@@ -47,6 +47,20 @@ def linear_int(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def relu_int(x: torch.Tensor) -> torch.Tensor:
     """ReLU on codes with zero point 0 is ``max(x, 0)``; usually folded into ``lo = 0`` of a requantize."""
     return x.clamp_min(0)
+
+
+def clamp_int(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Clamp of codes to ``[lo, hi]``: a real clamp to ``[a, b]`` (ReLU6, hardtanh) with ``lo = round(a / s)``,
+    ``hi = round(b / s)``, exact since rounding is monotone (usually folded into a requantization instead)."""
+    _require_int(x, "clamp_int")
+    return x.clamp(lo, hi)
+
+
+def upsample_nearest_int(x: torch.Tensor, scale: Size2) -> torch.Tensor:
+    """Nearest upsampling by integer factors: output pixel ``(i, j)`` is input pixel ``(i // sh, j // sw)``."""
+    _require_int(x, "upsample_nearest_int")
+    sh, sw = _pair(scale)
+    return x.repeat_interleave(sh, dim=-2).repeat_interleave(sw, dim=-1)
 
 
 def maxpool_int(x: torch.Tensor, kernel_size: Size2, stride: Size2 | None = None, padding: Size2 = 0,
@@ -113,7 +127,7 @@ def add_requant(a: torch.Tensor, b: torch.Tensor, m_a: int, m_b: int, shift: int
     """Residual add of two code tensors with different scales, requantized to the output scale -> int32.
 
     With ``s_a / s_out ~= m_a * 2^-shift`` and ``s_b / s_out ~= m_b * 2^-shift`` on one common shift
-    (:func:`lowbit.runtime.dyadic.to_dyadic_common`)::
+    (:func:`lowbit.ir.dyadic.to_dyadic_common`)::
 
         out = clamp(round_half_even((a*m_a + b*m_b + bias) * 2^-shift), lo, hi)
 

@@ -21,13 +21,10 @@ import math
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from numbers import Real
-from typing import Any
 
 from lowbit.cost import (
-    VALID_BITS,
     HardwareProfile,
     LayerInfo,
-    Plan,
     PlanCost,
     as_plan,
     effective_bits,
@@ -37,6 +34,8 @@ from lowbit.cost import (
     plan_cost,
 )
 from lowbit.errors import LowbitError
+from lowbit.quant.bits import SUPPORTED_BITS
+from lowbit.quant.plan import Plan
 from lowbit.search.solver import Selection, solve
 
 
@@ -48,17 +47,18 @@ def _finite(value: float, name: str, low: float, high: float = math.inf) -> Frac
     return Fraction(value)
 
 
-def select_plan(layers: list[LayerInfo], base_plan: Mapping | Any, scores: Mapping[str, float], *,
+def select_plan(layers: list[LayerInfo], base_plan: Plan | Mapping, scores: Mapping[str, float], *,
                 mac_fraction: float | None = None, min_throughput: float | None = None,
                 max_bops: int | None = None, max_weight_bytes: int | None = None,
                 profile: str | HardwareProfile = "bits-proportional", low_bits: int = 2,
-                method: str = "auto", reference_plan: Mapping | Any | None = None,
+                method: str = "auto", reference_plan: Plan | Mapping | None = None,
                 ) -> tuple[Plan, PlanCost, Selection]:
     """Drop the candidates (the keys of ``scores``) to ``(low_bits, low_bits)`` at least total score.
 
     Args:
         layers: from :func:`lowbit.cost.profile_layers`.
-        base_plan: the starting plan (the W4A4 preset: 4/4, first and last layer at 8/8).
+        base_plan: the starting plan (the W4A4 preset: 4/4, first and last layer at 8/8); a mapping is
+            converted by :func:`lowbit.cost.as_plan`, like every plan argument.
         scores: candidate name -> sensitivity (lower = safer to drop; negative = always dropped).
         mac_fraction: at least this fraction of the candidates' MACs runs at low bits.
         min_throughput: relative throughput (``time(reference) / time(plan)``) at least this.
@@ -69,7 +69,7 @@ def select_plan(layers: list[LayerInfo], base_plan: Mapping | Any, scores: Mappi
         reference_plan: throughput reference; defaults to ``base_plan``.
 
     Returns:
-        ``(plan, cost, selection)``: the new plan, its :class:`PlanCost` (throughput against the
+        ``(plan, cost, selection)``: the new :class:`~lowbit.quant.Plan`, its :class:`PlanCost` (throughput against the
         reference, ``low_bit_mac_fraction`` over the candidates) and the solver's :class:`Selection`
         (its ``achieved``/``required`` are in saving units, see the module docstring).
     """
@@ -82,10 +82,10 @@ def select_plan(layers: list[LayerInfo], base_plan: Mapping | Any, scores: Mappi
         raise LowbitError(f"scored layers the model does not have: {', '.join(map(repr, unknown[:3]))}")
     if not scores:
         raise LowbitError("no candidate layers: scores is empty")
-    if low_bits not in VALID_BITS:
-        raise LowbitError(f"low_bits must be one of {VALID_BITS}, got {low_bits!r}")
+    if isinstance(low_bits, bool) or low_bits not in SUPPORTED_BITS:
+        raise LowbitError(f"low_bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {low_bits!r}")
     for n in scores:
-        w, a = base.get(n, (None, None))
+        w, a = base.layers.get(n, (None, None))
         if low_bits > min(effective_bits(w), effective_bits(a)) or (w, a) == (low_bits, low_bits):
             raise LowbitError(f"candidate {n!r} is at {w}/{a} bits in the base plan; low_bits={low_bits} "
                               "would not lower it")
@@ -94,11 +94,11 @@ def select_plan(layers: list[LayerInfo], base_plan: Mapping | Any, scores: Mappi
     cand = [by_name[n] for n in scores]
 
     def saved(cost: Callable[[LayerInfo, int | None, int | None], float]) -> dict[str, Fraction]:
-        return {c.name: Fraction(cost(c, *base.get(c.name, (None, None)))) - Fraction(cost(c, *low))
+        return {c.name: Fraction(cost(c, *base.layers.get(c.name, (None, None)))) - Fraction(cost(c, *low))
                 for c in cand}
 
     def total(cost: Callable[[LayerInfo, int | None, int | None], float], plan: Plan) -> Fraction:
-        return sum((Fraction(cost(x, *plan.get(x.name, (None, None)))) for x in layers), Fraction(0))
+        return sum((Fraction(cost(x, *plan.layers.get(x.name, (None, None)))) for x in layers), Fraction(0))
 
     # budget name -> (savings, required saving, user-facing "best possible" for an infeasible message)
     budgets: dict[str, tuple[dict[str, Fraction], Fraction, Callable[[Fraction], str]]] = {}
@@ -146,6 +146,6 @@ def select_plan(layers: list[LayerInfo], base_plan: Mapping | Any, scores: Mappi
 
     selection = solve(scores, {b: v[0] for b, v in budgets.items()}, {b: v[1] for b, v in budgets.items()},
                       method=method)
-    plan = {**base, **{n: low for n in selection.chosen}}
+    plan = Plan({**base.layers, **dict.fromkeys(selection.chosen, low)})
     cost = plan_cost(layers, plan, prof, reference, candidates=list(scores), low_bits=low_bits)
     return plan, cost, selection

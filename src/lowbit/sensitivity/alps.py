@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit import distributed as dist
-from lowbit.data import DataSplits
+from lowbit.data import DataSplits, logits_of, num_examples
 from lowbit.errors import LowbitError
 from lowbit.io import load_json, save_json
 from lowbit.metrics import DEFAULT as TOP1
@@ -43,6 +44,7 @@ from lowbit.sensitivity.candidates import Candidates, candidate_layers, example_
 from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, gather_results, my_share, run_jobs
 from lowbit.sensitivity.table import SensitivityTable, add_passes, no_passes
 from lowbit.train import FitConfig, evaluate, recipe_fit_config
+from lowbit.train.checkpoint import loss_name, resolve_loss
 
 REFERENCES = ("finetuned", "checkpoint")
 REFERENCE_FILE = "_reference"
@@ -55,6 +57,25 @@ def alps_fit_config(epochs: float = 1.0, *, low_bits: int = 2, **overrides: Any)
     None values are ignored.
     """
     return recipe_fit_config("lsq", low_bits, epochs=epochs, **{"quiet": True, **overrides})
+
+
+def check_top1(model: nn.Module, data: DataSplits, metric: str | Metric) -> None:
+    """Top-1 needs class labels: on other targets (regression, embeddings) ask for a metric before any work."""
+    if metric_name(metric) != TOP1:
+        return
+    from lowbit.data import call_model, head, iterate, split_batch, to_device
+    from lowbit.train.loop import _is_classification
+
+    inputs, target = split_batch(next(iter(iterate(data.val, 2, limit=2, device=None))))
+    param = next(model.parameters())
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = logits_of(call_model(model, to_device(head(inputs, 2), param.device)))
+    model.train(was)
+    if not _is_classification(out, target):
+        raise LowbitError("top-1 accuracy needs class labels, which these targets are not; pass a metric (higher "
+                          "is better): --metric package.module:function, or metric= in the API")
 
 
 def _job(shared: tuple[FinetuneJob, Path | None, str], name: str | None) -> dict[str, Any]:
@@ -83,7 +104,8 @@ def _load_finished(folder: Path, names: list[str | None], key: str) -> dict[str 
 def alps_scores(model: nn.Module, data: DataSplits, candidates: Candidates = None, *,
                 fit: FitConfig | None = None, reference: str = "finetuned", low_bits: int = 2,
                 include_first_last: bool = False, workers: int = 1, out: str | Path | None = None,
-                resume: bool = False, quiet: bool = True, metric: str | Metric = TOP1) -> SensitivityTable:
+                resume: bool = False, quiet: bool = True, metric: str | Metric = TOP1, loss: Any = None,
+                ) -> SensitivityTable:
     """Measured accuracy (or ``metric``) drops of the candidate layers; higher = keep at 4 bits (module docstring).
 
     Args:
@@ -96,10 +118,13 @@ def alps_scores(model: nn.Module, data: DataSplits, candidates: Candidates = Non
         out: folder for the per-job files ``<out>/alps/<layer>.json``; None keeps results in memory.
         resume: load finished job files from ``out`` instead of recomputing them.
         metric: what is measured on validation (:mod:`lowbit.metrics`); default top-1 accuracy.
+        loss: the fine-tunes' loss, ``"module:function"`` or a callable ``fn(outputs, batch)``; None =
+            cross-entropy.
     """
     if reference not in REFERENCES:
         raise LowbitError(f"unknown ALPS reference {reference!r}; choose one of {', '.join(REFERENCES)}")
     get_metric(metric)  # an unknown metric fails before any fine-tune
+    check_top1(model, data, metric)
     name = metric_name(metric)
     t0 = time.perf_counter()
     fit = fit or alps_fit_config(low_bits=low_bits)
@@ -109,15 +134,17 @@ def alps_scores(model: nn.Module, data: DataSplits, candidates: Candidates = Non
         raise LowbitError(f"a layer named {REFERENCE_FILE!r} clashes with the ALPS reference file")
     folder = None if out is None else Path(out) / "alps"
     settings = {"fit": fit.to_dict(), "low_bits": low_bits, "model": fingerprint(model),
-                "data": [data.name, len(data.train), len(data.val)]}
+                "data": [data.name, num_examples(data.train), num_examples(data.val)]}
     if name != TOP1:  # top-1 keeps the keys of files written before metrics existed
         settings["metric"] = name
+    if loss is not None:
+        settings["loss"] = loss_name(loss)
     key = fingerprint(settings)
     jobs: list[str | None] = list(names) + ([None] if reference == "finetuned" else [])
     done = _load_finished(folder, jobs, key) if resume and folder is not None and dist.is_main() else {}
     done = dist.broadcast_object(done)  # rank 0 read the files: every rank agrees on what is left
     todo = [j for j in jobs if j not in done]
-    job = FinetuneJob(model, data, fit, low_bits, metric=metric)
+    job = FinetuneJob(model, data, fit, low_bits, metric=metric, loss=loss)
     mine = {}
     for job_name, record in run_jobs(_job, (job, folder, key), my_share(todo), workers=workers, desc="ALPS",
                                      quiet=quiet or not dist.is_main()):
@@ -131,10 +158,11 @@ def alps_scores(model: nn.Module, data: DataSplits, candidates: Candidates = Non
     else:
         param = next(model.parameters())
         if name == TOP1:
-            _, ref = evaluate(model, data.val, fit.eval_batch_size, str(param.device), fit.channels_last)
+            _, ref = evaluate(model, data.val, fit.eval_batch_size, str(param.device), fit.channels_last,
+                              loss_fn=resolve_loss(loss))
         else:
             ref = measure(metric, model, data.val, batch_size=fit.eval_batch_size, device=str(param.device))
-        passes = add_passes(passes, {"forward": -(-len(data.val) // fit.eval_batch_size)})
+        passes = add_passes(passes, {"forward": -(-num_examples(data.val) // fit.eval_batch_size)})
     scores = {n: ref - done[n][value] for n in names}
     extra = {n: {"val_acc": done[n]["val_acc"], **({} if name == TOP1 else {"val_metric": done[n][value]}),
                  "seconds": done[n]["seconds"]} for n in names}

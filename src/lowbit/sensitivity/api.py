@@ -17,21 +17,21 @@ import torch
 from torch import nn
 
 from lowbit import distributed as dist
-from lowbit.data import DataSplits, get_data, iterate
+from lowbit.data import DataSplits, iterate
 from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint
 from lowbit.metrics import DEFAULT as TOP1
 from lowbit.metrics import Metric, get_metric, metric_name
 from lowbit.quant import quant_layers
 from lowbit.runs import RunDir
-from lowbit.sensitivity.alps import REFERENCES, alps_fit_config, alps_scores
+from lowbit.sensitivity.alps import REFERENCES, alps_fit_config, alps_scores, check_top1
 from lowbit.sensitivity.candidates import Candidates, example_input
 from lowbit.sensitivity.control import random_scores
 from lowbit.sensitivity.eagl import eagl_scores
 from lowbit.sensitivity.hessian import hessian_scores
 from lowbit.sensitivity.table import SensitivityTable
 from lowbit.train import build_model, checkpoint_path
-from lowbit.train.checkpoint import spec_data_options
+from lowbit.train.checkpoint import resolve_loss, run_data
 
 METHODS = ("eagl", "alps", "hessian", "random")
 NEEDS_DATA = ("alps", "hessian")
@@ -45,7 +45,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 
 
 # Accepted but without a default entry, so tables and fingerprints made before they existed still match.
-OPTIONAL: dict[str, tuple[str, ...]] = {"alps": ("amp",)}
+OPTIONAL: dict[str, tuple[str, ...]] = {"alps": ("amp",), "hessian": ("rse",)}
 
 
 def check_method(method: str) -> str:
@@ -70,12 +70,15 @@ def score_layers(method: str, model: nn.Module, data: DataSplits | None = None, 
                  candidates: Candidates = None, include_first_last: bool = False, seed: int = 0,
                  workers: int = 1, out: str | Path | None = None, resume: bool = False, quiet: bool = True,
                  device: str = "cpu", example: torch.Tensor | None = None,
-                 options: dict[str, Any] | None = None, metric: str | Metric = TOP1) -> SensitivityTable:
+                 options: dict[str, Any] | None = None, metric: str | Metric = TOP1, loss: Any = None,
+                 ) -> SensitivityTable:
     """Score the candidate layers of a quantized model with ``method`` (see :data:`OPTIONS` for ``options``).
 
     ``data`` is needed by ALPS (train + val) and the Hessian (val); ``example`` (a batch-1 input) gives the
     data-free methods their MACs. ``seed`` seeds the random scores, the Rademacher vectors and ALPS' fine-tunes.
     ``metric`` is what ALPS measures (:mod:`lowbit.metrics`); the other methods measure no task metric.
+    ``loss`` (``"module:function"`` or a callable ``fn(outputs, batch)``; None = cross-entropy) is what ALPS
+    fine-tunes on and whose Hessian the trace method estimates.
     """
     opts = method_options(method, options)
     if method in NEEDS_DATA and data is None:
@@ -90,7 +93,7 @@ def score_layers(method: str, model: nn.Module, data: DataSplits | None = None, 
         fit = alps_fit_config(opts["epochs"], examples_per_epoch=opts["examples_per_epoch"], lr=opts["lr"],
                               batch_size=opts["batch_size"], seed=seed, device=device, amp=opts.get("amp"))
         return alps_scores(model, data, fit=fit, reference=opts["reference"], workers=workers, out=out,
-                           resume=resume, quiet=quiet, metric=metric, **common)
+                           resume=resume, quiet=quiet, metric=metric, loss=loss, **common)
     dist.init_from_env(device)
     table = None
     if dist.is_main():  # one rank computes, the others get its table
@@ -101,7 +104,7 @@ def score_layers(method: str, model: nn.Module, data: DataSplits | None = None, 
         else:
             batches = list(iterate(data.val, opts["batch_size"], device=device, limit=opts["examples"]))
             table = hessian_scores(model, batches, tol=opts["tol"], max_iter=opts["max_iter"], random_state=seed,
-                                   quiet=quiet, **common)
+                                   quiet=quiet, loss_fn=resolve_loss(loss), rse=opts.get("rse"), **common)
     return dist.broadcast_object(table)
 
 
@@ -123,14 +126,14 @@ def load_w4a4_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, ckpt
 
 
-def load_data(ckpt: dict[str, Any], data: DataSplits | str | None, data_dir: str | None = None) -> DataSplits:
-    """``data`` as given, by name, or (None) the data set the run was trained on; input shapes must match."""
+def load_data(ckpt: dict[str, Any], data: DataSplits | str | None, data_dir: str | None = None,
+              data_args: dict[str, Any] | None = None) -> DataSplits:
+    """``data`` as given, by name or factory, or (None) the data the run was trained on (its factory, args and
+    split); input shapes must match."""
     if not isinstance(data, DataSplits):
-        spec = ckpt.get("spec", {})
-        name = data or spec.get("data", "fashion-mnist")
-        data = get_data(name, data_dir, **(spec_data_options(spec) if name == spec.get("data") else {}))
+        data = run_data(ckpt.get("spec"), data, data_dir, data_args=data_args or None)
     shape = ckpt.get("spec", {}).get("input_shape")
-    if shape and list(shape) != list(data.input_shape):
+    if shape and data.input_shape is not None and list(shape) != list(data.input_shape):
         raise LowbitError(f"the model expects inputs {tuple(shape)} but data set {data.name} gives "
                           f"{tuple(data.input_shape)}")
     return data
@@ -140,7 +143,8 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
                 data_dir: str | None = None, candidates: Candidates = None, include_first_last: bool = False,
                 seed: int = 0, workers: int = 1, device: str = "cpu", resume: bool = False,
                 overwrite: bool = False, quiet: bool = True, options: dict[str, Any] | None = None,
-                metric: str | Metric = TOP1) -> SensitivityTable:
+                metric: str | Metric = TOP1, loss: str | None = None,
+                data_args: dict[str, Any] | None = None) -> SensitivityTable:
     """``lowbit sensitivity``: score the W4A4 run ``run`` with ``method``; write ``<out>/sensitivity.json``.
 
     Also writes ``config.yaml`` and ``report.md`` (the sorted table). ALPS keeps one file per finished
@@ -151,9 +155,16 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
     get_metric(metric)
     dist.init_from_env(device)
     model, ckpt = load_w4a4_run(run)
-    splits = load_data(ckpt, data, data_dir) if method in NEEDS_DATA else None
+    loss = loss or ckpt.get("spec", {}).get("loss")
+    resolve_loss(loss)  # a bad import path fails before any work
+    splits = load_data(ckpt, data, data_dir, data_args) if method in NEEDS_DATA else None
     shape = ckpt.get("spec", {}).get("input_shape")
     example = example_input(shape) if shape else None
+    if example is None:  # inputs other than one tensor (dicts): take the first validation example's
+        splits = splits or load_data(ckpt, data, data_dir, data_args)
+        example = example_input(data=splits)
+    if method == "alps":
+        check_top1(model, splits, metric)
     run_dir = RunDir(out, resume=resume, overwrite=overwrite)
     if overwrite and not run_dir.resume and dist.is_main():
         shutil.rmtree(run_dir.file("alps"), ignore_errors=True)
@@ -161,11 +172,12 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
     run_dir.write_config({"command": "sensitivity", "source": str(run), "method": method, "options": opts,
                           "candidates": candidates, "include_first_last": include_first_last, "seed": seed,
                           "workers": workers, "device": device, "data": None if splits is None else splits.name,
-                          "metric": metric_name(metric), "ranks": dist.world_size()})
+                          "metric": metric_name(metric), "ranks": dist.world_size(),
+                          **({"loss": loss} if loss else {})})
     table = score_layers(method, model.to(device), splits, candidates=candidates,
                          include_first_last=include_first_last, seed=seed, workers=workers, out=run_dir.path,
                          resume=run_dir.resume, quiet=quiet, device=device, example=example, options=opts,
-                         metric=metric)
+                         metric=metric, loss=loss)
     table = SensitivityTable(table.method, table.rows, table.wall_seconds, table.passes,
                              {**table.config, "source": str(run)})
     if dist.is_main():

@@ -1,9 +1,13 @@
 """Which layers a mixed-precision search may drop to 2 bits, and their MACs and sizes.
 
-Candidates are the quantized layers of the W4A4 model except the first and last quantizable layer and any
-layer planned at 8 bits: LSQ keeps the stem and the classifier at 8 bits (methods.md §1.2 step 0), and the
-``w4a4`` preset puts exactly those two at 8 bits. ``include_first_last=True`` makes every quantized layer a
-candidate.
+Candidates are the quantized layers whose *weights* are below 8 bits, except the layers the preset keeps at 8
+bits by role (:func:`lowbit.quant.layer_roles`): for CNNs the first and last executed quantizable layers (LSQ
+keeps the stem and the classifier at 8 bits, methods.md §1.2 step 0), for transformers the head (pooler,
+classifier); embeddings are float and never quantized. So a W4A4 network's candidates are its 4/4 layers and a
+W4A8 network's are its 4/8 layers: the activation precision does not exclude a layer, the weight precision does.
+Dropping a candidate sets it to ``low_bits`` for weights *and* inputs (``drop_layers_``, the knapsack's
+``(low_bits, low_bits)``), so on a W4A8 plan a dropped layer goes to W2A2; EAGL scores only the weight codes
+either way. ``include_first_last=True`` makes every quantized layer a candidate.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from lowbit.cost import LayerInfo, profile_layers
 from lowbit.errors import LowbitError
-from lowbit.quant import quant_layers, quantizable_layers
+from lowbit.quant import layer_roles, quant_layers
 from lowbit.sensitivity.table import SensitivityRow
 
 Candidates = Iterable[str] | str | None
@@ -47,34 +51,33 @@ def candidate_layers(model: nn.Module, candidates: Candidates = None, include_fi
     elif include_first_last:
         names = list(layers)
     else:
-        order = quantizable_layers(model)
-        ends = {order[0], order[-1]}
-        names = [n for n, m in layers.items() if n not in ends and 8 not in (m.w_bits, m.a_bits)
-                 and m.weight_quantizer is not None]
+        roles = layer_roles(model)
+        names = [n for n, m in layers.items() if roles.get(n) == "body" and m.w_bits is not None and m.w_bits < 8]
     if not names:
-        raise LowbitError("no candidate layers: every quantized layer is a first/last or 8-bit layer; "
+        raise LowbitError("no candidate layers: every quantized layer is a first/last, head or 8-bit-weight layer; "
                           "pass candidates or include_first_last=True")
     return names
 
 
-def example_input(model_input_shape: Iterable[int] | None = None, data: Any = None) -> torch.Tensor:
-    """A batch-1 input for MAC profiling: the first validation image, or zeros of ``model_input_shape``."""
+def example_input(model_input_shape: Iterable[int] | None = None, data: Any = None) -> Any:
+    """A batch-1 input for MAC profiling: the first validation example's inputs (a tensor, or a dict for
+    models called as ``model(**inputs)``, so MACs follow the user's sequence length), or zeros of
+    ``model_input_shape``."""
     if data is not None:
-        from lowbit.data import iterate
-
-        x, _ = next(iterate(data.val, 1, limit=1))
-        return x
+        return data.example(1)
     if model_input_shape is None:
         raise LowbitError("need the model's input shape (or data) to count MACs")
     return torch.zeros(1, *model_input_shape)
 
 
-def profile(model: nn.Module, x: torch.Tensor | None) -> dict[str, LayerInfo]:
+def profile(model: nn.Module, x: Any) -> dict[str, LayerInfo]:
     """``{name: LayerInfo}`` from one traced example on the model's device, or ``{}`` without an example."""
+    from lowbit.data import to_device
+
     if x is None:
         return {}
     p = next(model.parameters(), None)
-    return {li.name: li for li in profile_layers(model, x.to(p.device) if p is not None else x)}
+    return {li.name: li for li in profile_layers(model, to_device(x, p.device) if p is not None else x)}
 
 
 def make_rows(model: nn.Module, names: list[str], scores: dict[str, float], infos: dict[str, LayerInfo],

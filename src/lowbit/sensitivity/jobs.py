@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,14 +23,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit import distributed as dist
-from lowbit.data import DataSplits
+from lowbit.data import DataSplits, batch_len, num_examples
+from lowbit.errors import LowbitError
 from lowbit.metrics import DEFAULT as TOP1
 from lowbit.metrics import measure, metric_name
+from lowbit.progress import progress
 from lowbit.quant import quant_layers, reset_layer_
 from lowbit.train import FitConfig, calibration_batches, evaluate, fit, make_optimizer
+from lowbit.train.checkpoint import resolve_loss
 
 _WORKER: dict[str, Any] = {}
 
@@ -52,7 +55,7 @@ def run_jobs(fn: Callable[[Any, Any], Any], shared: Any, jobs: Sequence[Any], *,
     A worker's exception (e.g. a LowbitError) is raised here; the pool is then shut down.
     """
     jobs = list(jobs)
-    bar = tqdm(total=len(jobs), desc=desc, disable=quiet or None, unit="job")
+    bar = progress(total=len(jobs), desc=desc, quiet=quiet, unit="job")
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -91,14 +94,14 @@ class PassCounter:
         self.forward = self.backward = self.train_examples = 0
         self._handle = None
 
-    def _hook(self, module: nn.Module, args: tuple) -> None:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.forward += 1
         if module.training:
             self.backward += 1
-            self.train_examples += args[0].shape[0] if args and hasattr(args[0], "shape") else 0
+            self.train_examples += batch_len((args, kwargs)) if args or kwargs else 0
 
     def __enter__(self) -> PassCounter:
-        self._handle = self.model.register_forward_pre_hook(self._hook)
+        self._handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -152,39 +155,62 @@ class FinetuneJob:
     low_bits: int = 2
     test: bool = False  # also evaluate the test split (frontier points; never for ALPS)
     metric: Any = TOP1  # a name, "module:function" or callable (lowbit.metrics); top1 = accuracy only
+    loss: Any = None  # "module:function" (resolved in the worker) or a callable; None = cross-entropy
+    teacher: nn.Module | None = None  # the fp32 model, when ``fit.distill`` (LSQ+KD fine-tunes)
 
 
-def finetune_dropped(shared: FinetuneJob, names: Sequence[str]) -> dict[str, Any]:
+def finetune_dropped(shared: FinetuneJob, names: Sequence[str], save: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """Copy the model, drop ``names`` to low bits, fine-tune with the shared recipe, evaluate.
 
     Returns val (and test) loss/accuracy, seconds and passes, and with a task metric other than top1 also
     ``metric`` and ``val_metric`` (``test_metric``). Seeds are reset first so the same job gives the same
     result in any process, rank and order; under torchrun the job trains alone on its rank.
+    ``save={"path": ..., "header": {...}}`` writes the fine-tuned model as a quantized-run checkpoint (the
+    header adds ``spec``, ``quant_config`` and ``source``), so the model that was measured can be exported.
     """
     t0 = time.perf_counter()
     cfg = shared.fit
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(shared.model).to(cfg.device)
-    with PassCounter(model, len(shared.data.train)) as counter:
+    loss_fn = resolve_loss(shared.loss)
+    test = shared.test and shared.data.test is not None
+    with PassCounter(model, num_examples(shared.data.train)) as counter:
         if names:
             drop_layers_(model, names, shared.low_bits, _calibration(model, shared.data, cfg))
         optimizer = make_optimizer(model, cfg)
         if cfg.epochs > 0:
-            state = fit(model, shared.data, cfg, optimizer=optimizer, desc="fine-tune", data_parallel=False)
+            if cfg.distill and shared.teacher is None:
+                raise LowbitError("distillation was asked for, but the job has no fp32 teacher")
+            state = fit(model, shared.data, cfg, optimizer=optimizer, desc="fine-tune", data_parallel=False,
+                        loss_fn=loss_fn, teacher=copy.deepcopy(shared.teacher) if cfg.distill else None)
             val_loss, val_acc = state.rows[-1]["val_loss"], state.rows[-1]["val_acc"]
         else:
-            val_loss, val_acc = evaluate(model, shared.data.val, cfg.eval_batch_size, cfg.device, cfg.channels_last)
-        out = {"val_acc": val_acc, "val_loss": val_loss}
-        if shared.test:
-            out["test_loss"], out["test_acc"] = evaluate(model, shared.data.test, cfg.eval_batch_size, cfg.device,
-                                                         cfg.channels_last)
+            val_loss, val_acc = evaluate(model, shared.data.val, cfg.eval_batch_size, cfg.device, cfg.channels_last,
+                                         loss_fn=loss_fn)
+        out = {"val_acc": _acc(val_acc), "val_loss": val_loss}
+        if test:
+            out["test_loss"], acc = evaluate(model, shared.data.test, cfg.eval_batch_size, cfg.device,
+                                             cfg.channels_last, loss_fn=loss_fn)
+            out["test_acc"] = _acc(acc)
         name = metric_name(shared.metric)
         if name != TOP1:
             out["metric"] = name
-            for split in ("val", "test") if shared.test else ("val",):
+            for split in ("val", "test") if test else ("val",):
                 out[f"{split}_metric"] = measure(shared.metric, model, getattr(shared.data, split),
                                                  batch_size=cfg.eval_batch_size, device=cfg.device)
+    if save is not None:
+        from lowbit.io import save_checkpoint
+        from lowbit.quant import plan_of
+
+        save_checkpoint(save["path"], {"kind": "quantized", **save["header"], "plan": plan_of(model).to_dict(),
+                                       "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                                       "epoch": math.ceil(cfg.epochs), "fit": cfg.to_dict(), "measured": out})
     return {**out, "seconds": time.perf_counter() - t0, "passes": counter.as_dict()}
+
+
+def _acc(acc: float | None) -> float | None:
+    return None if acc is None or acc != acc else acc
 
 
 __all__ = ["FinetuneJob", "PassCounter", "drop_layers_", "fingerprint", "finetune_dropped", "gather_results",

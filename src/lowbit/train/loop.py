@@ -24,15 +24,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit import distributed as dist
-from lowbit.data import DataSplits, TensorDataset, iterate, num_batches
+from lowbit.data import DataSplits, batch_len, call_model, iterate, logits_of, num_batches, num_examples, split_batch
 from lowbit.data.datasets import AUGMENTATIONS
+from lowbit.data.protocol import can_shard, first_tensor
 from lowbit.errors import LowbitError
+from lowbit.progress import progress
 
 SCHEDULES = ("cosine", "onecycle", "exp", "constant")
 AMP = ("bf16",)
+DISTILL_LOSSES = ("kl", "mse", "cosine")
+LossFn = Callable[[Any, Any], torch.Tensor]  # loss_fn(outputs, batch) -> scalar
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,16 @@ class FitConfig:
     label_smoothing: float = 0.0
     distill: bool = False
     distill_temperature: float = 1.0
+    distill_loss: str = "kl"  # kl on logits (classification) | mse | cosine on the outputs (embeddings)
+    # Modules (names shared by student and teacher, e.g. lowbit.models.hf.encoder_blocks) whose outputs are also
+    # distilled: MSE, averaged over them, added with weight 1 (intermediate-feature KD). Needs distill.
+    distill_features: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"
-    channels_last: bool = True
+    channels_last: bool | None = None  # None: the model's own preference (lowbit's ResNets: True)
     compile: bool = False
     quiet: bool = False
-    augmentation: str = "flip"  # flip | crop+flip | none (in-memory data sets); see README
+    augmentation: str | None = None  # None: the data set's own; flip | crop+flip | none (lowbit's image sets)
     examples_per_epoch: int | None = None  # a fraction of an epoch (ALPS, smoke runs)
     eval_batch_size: int = 512
     amp: str | None = None  # "bf16": autocast the training forward (CPU or CUDA)
@@ -72,7 +79,7 @@ class FitConfig:
             raise LowbitError(f"learning rate must be a finite number >= 0, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise LowbitError("weight decay must be >= 0 and momentum in [0, 1)")
-        if self.augmentation not in AUGMENTATIONS:
+        if self.augmentation is not None and self.augmentation not in AUGMENTATIONS:
             raise LowbitError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
         if not 0 <= self.label_smoothing < 1:
             raise LowbitError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -80,11 +87,23 @@ class FitConfig:
             raise LowbitError(f"unknown device {self.device!r}; choose cpu or cuda")
         if self.amp is not None and self.amp not in AMP:
             raise LowbitError(f"unknown amp {self.amp!r}; choose {', '.join(AMP)} or leave it off (float32)")
+        if isinstance(self.distill_features, str) or not all(isinstance(n, str) for n in self.distill_features):
+            raise LowbitError(f"distill_features must be a list of module names, got {self.distill_features!r}")
+        object.__setattr__(self, "distill_features", tuple(self.distill_features))  # from JSON: a list
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise LowbitError(f"unknown distillation loss {self.distill_loss!r}; choose one of "
+                              f"{', '.join(DISTILL_LOSSES)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["amp"] is None:  # unset: keep the dict (and the fingerprints of earlier runs) as before amp existed
             del d["amp"]
+        if d["distill_loss"] == "kl":
+            del d["distill_loss"]
+        if not d["distill_features"]:
+            del d["distill_features"]
+        else:
+            d["distill_features"] = list(d["distill_features"])
         return d
 
 
@@ -118,52 +137,99 @@ def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
                            nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
-def _prep(x: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.ndim == 4 else x
+def prefers_channels_last(model: nn.Module, asked: bool | None = None) -> bool:
+    """Channels-last only when asked or when the model says it wants it (lowbit's ResNets, torchvision/timm
+    models built by name): a user's model whose forward calls ``x.view(...)`` would break under it."""
+    if asked is not None:
+        return asked
+    return bool(getattr(model, "prefers_channels_last", False))
 
 
-def _hits(out: torch.Tensor, y: torch.Tensor) -> float:
-    """Correct predictions summed per example: top-1 for labels (N,), pixel accuracy for masks (N, H, W)."""
-    return (out.argmax(1) == y).reshape(len(y), -1).float().mean(1).sum().item()
+def _prep(inputs: Any, channels_last: bool) -> Any:
+    if channels_last and isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        return inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def default_loss(outputs: Any, target: torch.Tensor | None, label_smoothing: float = 0.0,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy on the logits: class labels (N,) or per-pixel labels (N, H, W); ``sum`` is per example."""
+    if target is None:
+        raise LowbitError("the batches carry no target: return (inputs, target) or a dict with 'labels', or pass "
+                          "a loss function loss_fn(outputs, batch)")
+    logits = logits_of(outputs)
+    loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)
+    if reduction == "sum" and target.ndim > 1:
+        loss = loss / target[0].numel()
+    return loss
+
+
+def _is_classification(logits: torch.Tensor, y: Any) -> bool:
+    return (isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype != torch.bool
+            and logits.ndim == y.ndim + 1 and logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:])
+
+
+def _hits(out: Any, y: Any) -> float | None:
+    """Correct predictions summed per example: top-1 for labels (N,), pixel accuracy for masks (N, H, W);
+    None where the target is not class labels (regression, embeddings)."""
+    logits = logits_of(out)
+    if not _is_classification(logits, y):
+        return None
+    return (logits.argmax(1) == y).reshape(len(y), -1).float().mean(1).sum().item()
+
+
+def _fraction(total: float | None, n: int) -> float | None:
+    return None if total is None else total / max(n, 1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: TensorDataset, batch_size: int = 512, device: str = "cpu",
-             channels_last: bool = True, desc: str | None = None, quiet: bool = True,
-             ) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy (fraction) on ``ds``; restores the model's mode.
+def evaluate(model: nn.Module, ds: Any, batch_size: int = 512, device: str = "cpu",
+             channels_last: bool | None = None, desc: str | None = None, quiet: bool = True,
+             loss_fn: LossFn | None = None) -> tuple[float, float]:
+    """Mean loss and top-1 accuracy (fraction) on ``ds`` (any data source); restores the model's mode.
 
-    For per-pixel targets (N, H, W) the accuracy is the mean of the examples' pixel accuracies.
+    The loss is ``loss_fn(outputs, batch)`` averaged over examples, cross-entropy by default. For per-pixel
+    targets (N, H, W) the accuracy is the mean of the examples' pixel accuracies; where the targets are not
+    class labels it is NaN.
     """
-    loss_sum, correct, n = _eval_sums(model, ds, batch_size, device, channels_last, desc=desc, quiet=quiet)
-    return loss_sum / max(n, 1), correct / max(n, 1)
+    loss_sum, correct, n = _eval_sums(model, ds, batch_size, device, channels_last, desc=desc, quiet=quiet,
+                                      loss_fn=loss_fn)
+    acc = _fraction(correct, n)
+    return loss_sum / max(n, 1), math.nan if acc is None else acc
 
 
 @torch.no_grad()
-def _eval_sums(model: nn.Module, ds: TensorDataset, batch_size: int, device, channels_last: bool, *,
+def _eval_sums(model: nn.Module, ds: Any, batch_size: int, device, channels_last: bool | None, *,
                shard: tuple[int, int] | None = None, desc: str | None = None, quiet: bool = True,
-               ) -> tuple[float, float, int]:
+               loss_fn: LossFn | None = None) -> tuple[float, float | None, int]:
     was_training = model.training
     model.eval()
+    cl = prefers_channels_last(model, channels_last)
     loss_sum, correct, n = 0.0, 0.0, 0
-    cfg = FitConfig(channels_last=channels_last)
     it = iterate(ds, batch_size, device=device, shard=shard)
     total = None if shard else num_batches(ds, batch_size)
-    for x, y in tqdm(it, total=total, desc=desc, leave=False, disable=quiet or None):
-        out = model(_prep(x, cfg))
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item() / (y[0].numel() if y.ndim > 1 else 1)
-        correct += _hits(out, y)
-        n += len(y)
+    for batch in progress(it, total=total, desc=desc, quiet=quiet):
+        inputs, y = split_batch(batch)
+        out = call_model(model, _prep(inputs, cl))
+        k = batch_len(inputs)
+        if loss_fn is None:
+            loss_sum += default_loss(out, y, reduction="sum").item()
+        else:
+            loss_sum += float(loss_fn(out, batch)) * k
+        hits = _hits(out, y)
+        correct = None if hits is None or correct is None else correct + hits
+        n += k
     model.train(was_training)
     return loss_sum, correct, n
 
 
 @torch.no_grad()
-def predict(model: nn.Module, ds: TensorDataset, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
-    """Logits for every example of ``ds`` (N, classes), in order."""
+def predict(model: nn.Module, ds: Any, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
+    """Outputs (logits) for every example of ``ds``, in order."""
     was_training = model.training
     model.eval()
-    outs = [model(x).float().cpu() for x, _ in iterate(ds, batch_size, device=device)]
+    outs = [logits_of(call_model(model, split_batch(b)[0])).float().cpu() for b in iterate(ds, batch_size,
+                                                                                           device=device)]
     model.train(was_training)
     return torch.cat(outs)
 
@@ -183,9 +249,13 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
         on_epoch_end: Callable[[FitState, torch.optim.Optimizer], None] | None = None,
         stop_after: int | None = None,
         desc: str = "train",
-        data_parallel: bool = True) -> FitState:
+        data_parallel: bool = True,
+        loss_fn: LossFn | None = None,
+        metric: Any = None) -> FitState:
     """Train ``model`` in place on ``data.train``; validate on ``data.val`` after every epoch.
 
+    ``data`` holds any sources of :mod:`lowbit.data.protocol`. ``loss_fn(outputs, batch)`` replaces the
+    cross-entropy; ``metric`` (:mod:`lowbit.metrics`) adds ``val_metric`` to every epoch's row.
     ``on_epoch_end(state, optimizer)`` is where the caller writes its checkpoint and metrics. ``stop_after``
     ends the loop after that many epochs (tests use it to simulate a killed run). Fractional ``epochs`` run a
     last partial epoch. A NaN or infinite loss stops with a LowbitError naming the epoch and the fix (on every
@@ -198,45 +268,48 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
     world, rank = (dist.world_size(), dist.rank()) if ddp else (1, 0)
     main = rank == 0
     model.to(device)
-    if cfg.channels_last:
+    channels_last = prefers_channels_last(model, cfg.channels_last)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = optimizer or make_optimizer(model, cfg)
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    taps = _FeatureTaps(model, teacher, cfg.distill_features) if teacher is not None and cfg.distill_features else None
     net = _data_parallel(model, data, cfg, world) if ddp else model
     net = torch.compile(net) if cfg.compile else net  # same parameters; checkpoints save ``model``
-    per_epoch = cfg.examples_per_epoch or len(data.train)
+    n_train = num_examples(data.train)
+    per_epoch = cfg.examples_per_epoch or n_train
     local_batch = cfg.batch_size // world
     if ddp:  # every rank must take the same number of steps: equal shards of each epoch
-        steps_per_epoch = num_batches(data.train, local_batch, _even(min(per_epoch, len(data.train)), world) // world)
+        steps_per_epoch = num_batches(data.train, local_batch, _even(min(per_epoch, n_train), world) // world)
     else:
         steps_per_epoch = num_batches(data.train, cfg.batch_size, per_epoch)
     shard = (rank, world) if ddp else None
     n_epochs = math.ceil(cfg.epochs)
     state = start or FitState()
     quiet = cfg.quiet or not main
-    epochs = tqdm(range(state.epoch, n_epochs), initial=state.epoch, total=n_epochs, desc=desc,
-                  disable=quiet or None, unit="epoch")
+    epochs = progress(range(state.epoch, n_epochs), initial=state.epoch, total=n_epochs, desc=desc, quiet=quiet,
+                      unit="epoch")
     for epoch in epochs:
         frac = min(1.0, cfg.epochs - epoch)
         limit = max(1, round(frac * per_epoch))
         if ddp:
-            limit = _even(min(limit, len(data.train)), world)
+            limit = _even(min(limit, n_train), world)
         t0 = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0.0, 0
         batches = iterate(data.train, local_batch, train=True, seed=cfg.seed, epoch=epoch, device=device,
                           limit=limit, augmentation=cfg.augmentation, shard=shard)
-        bar = tqdm(batches, total=num_batches(data.train, local_batch, limit // world), leave=False,
-                   desc=f"epoch {epoch + 1}", disable=quiet or None)
-        for i, (x, y) in enumerate(bar):
+        bar = progress(batches, total=num_batches(data.train, local_batch, limit // world), desc=f"epoch {epoch + 1}",
+                       quiet=quiet)
+        lr = cfg.lr
+        for i, batch in enumerate(bar):
             lr = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss, out = _train_step(net, teacher, optimizer, _prep(x, cfg), y, cfg.label_smoothing,
-                                    cfg.distill_temperature, cfg.amp)
+            loss, out, target = _train_step(net, teacher, optimizer, batch, cfg, channels_last, loss_fn, taps)
             loss = loss.item()
             bad = not math.isfinite(loss)
             if ddp:  # a NaN on any rank stops them all at this step
@@ -245,28 +318,42 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
                 what = f"{loss}" if not math.isfinite(loss) else "non-finite on another rank"
                 raise LowbitError(f"loss became {what} in epoch {epoch + 1} (lr {lr:.3g}); lower --lr or check the "
                                   f"data and the checkpoint")
-            loss_sum += loss * len(y)
-            correct += _hits(out, y)
-            seen += len(y)
+            k = batch_len(split_batch(batch)[0])
+            hits = _hits(out, target)
+            loss_sum += loss * k
+            correct = None if hits is None or correct is None else correct + hits
+            seen += k
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         train_s = time.perf_counter() - t0
+        if seen == 0:
+            raise LowbitError(f"epoch {epoch + 1} saw no training batch; is the training data empty (or a "
+                              "generator that was used up by an earlier epoch)?")
         if ddp:
             _sync_buffers(model)
-            loss_sum, correct, seen = _sum_over_ranks(loss_sum, correct, seen, device=device)
-            seen = int(seen)
-        val_loss, val_acc = _validate(model, data.val, cfg, shard)
+            loss_sum, correct, seen = _sum_over_ranks(loss_sum, -1.0 if correct is None else correct, seen,
+                                                      device=device)
+            correct, seen = None if correct < 0 else correct, int(seen)
+        val_loss, val_acc = _validate(model, data.val, cfg, shard, channels_last, loss_fn)
         state.epoch = epoch + 1
-        state.rows.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                           "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": train_s,
-                           "examples": seen})
-        epochs.set_postfix(val_acc=f"{100 * val_acc:.2f}")
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": _fraction(correct, seen),
+               "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": train_s, "examples": seen}
+        if metric is not None:
+            from lowbit.metrics import measure, metric_name
+
+            row["metric"] = metric_name(metric)
+            row["val_metric"] = measure(metric, model, data.val, batch_size=cfg.eval_batch_size, device=cfg.device)
+        state.rows.append(row)
+        shown = row.get("val_metric", val_acc)
+        epochs.set_postfix(val=f"{shown:.4f}" if shown is not None else "-")
         if on_epoch_end is not None and main:
             on_epoch_end(state, optimizer)
         if ddp:
             dist.barrier()  # the checkpoint exists for every rank before anyone goes on
         if stop_after is not None and state.epoch >= stop_after:
             break
+    if taps is not None:
+        taps.remove()
     return state
 
 
@@ -284,7 +371,8 @@ def _data_parallel(model: nn.Module, data: DataSplits, cfg: FitConfig, world: in
         raise LowbitError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                           f"{world} ranks, e.g. {max(world, cfg.batch_size - cfg.batch_size % world)}")
     last = cfg.epochs - math.floor(cfg.epochs)
-    per_epoch = min(cfg.examples_per_epoch or len(data.train), len(data.train))
+    n_train = num_examples(data.train)
+    per_epoch = min(cfg.examples_per_epoch or n_train, n_train)
     if last and max(1, round(last * per_epoch)) < world:
         raise LowbitError(f"the last partial epoch ({last:g} of {per_epoch} examples) is smaller than the "
                           f"{world} ranks; use whole epochs or a larger fraction")
@@ -300,8 +388,13 @@ def _data_parallel(model: nn.Module, data: DataSplits, cfg: FitConfig, world: in
 
 
 def _can_shard(ds) -> bool:
-    """In-memory data always; a data set with its own ``batches`` (ImageFolder) only if that takes ``shard``."""
-    return not hasattr(ds, "batches") or "shard" in inspect.signature(ds.batches).parameters
+    """lowbit's in-memory data and a user's map-style Dataset always; a set with its own ``batches``
+    (ImageFolder) only if that takes ``shard``; DataLoaders and other iterables never."""
+    from lowbit.data.datasets import TensorDataset
+
+    if hasattr(ds, "batches"):
+        return "shard" in inspect.signature(ds.batches).parameters
+    return isinstance(ds, TensorDataset) or can_shard(ds)
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -315,28 +408,89 @@ def _sum_over_ranks(*values: float, device) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
-def _validate(model: nn.Module, ds, cfg: FitConfig, shard: tuple[int, int] | None) -> tuple[float, float]:
+def _validate(model: nn.Module, ds, cfg: FitConfig, shard: tuple[int, int] | None, channels_last: bool,
+              loss_fn: LossFn | None) -> tuple[float, float | None]:
     """Validation split over the ranks and summed; every rank gets the same numbers."""
     if shard is not None and not _can_shard(ds):
         shard = None  # not splittable: every rank evaluates all of it (same model, same result)
-    loss_sum, correct, n = _eval_sums(model, ds, cfg.eval_batch_size, cfg.device, cfg.channels_last, shard=shard)
+    loss_sum, correct, n = _eval_sums(model, ds, cfg.eval_batch_size, cfg.device, channels_last, shard=shard,
+                                      loss_fn=loss_fn)
     if shard is not None:
-        loss_sum, correct, n = _sum_over_ranks(loss_sum, correct, n, device=next(model.parameters()).device)
-    return loss_sum / max(n, 1), correct / max(n, 1)
+        loss_sum, correct, n = _sum_over_ranks(loss_sum, -1.0 if correct is None else correct, n,
+                                               device=next(model.parameters()).device)
+        correct = None if correct < 0 else correct
+    return loss_sum / max(n, 1), _fraction(correct, n)
 
 
-def _train_step(model, teacher, optimizer, x, y, label_smoothing: float, temperature: float,
-                amp: str | None = None):
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-        out = model(x)
-        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
-        if teacher is not None:  # LSQ+KD: label loss and distillation loss weighted 1:1
+def distill_loss(student: Any, teacher: Any, kind: str = "kl", temperature: float = 1.0) -> torch.Tensor:
+    """Distillation from the frozen teacher's outputs: KL on softened logits (classification, Hinton et al.
+    2015, scaled by T²) or, for embeddings and regression, MSE / (1 - cosine similarity) on the outputs."""
+    s, t = logits_of(student), logits_of(teacher).detach()
+    if kind == "kl":
+        return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
+                        reduction="batchmean", log_target=True) * temperature**2
+    if kind == "mse":
+        return F.mse_loss(s.float(), t.float())
+    return (1 - F.cosine_similarity(s.flatten(1).float(), t.flatten(1).float(), dim=1)).mean()
+
+
+class _FeatureTaps:
+    """Forward hooks that keep the outputs of the same named modules in the student and the teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: tuple[str, ...]):
+        self.student: dict[str, torch.Tensor] = {}
+        self.teacher: dict[str, torch.Tensor] = {}
+        self.names = names
+        self._handles = []
+        for model, store in ((student, self.student), (teacher, self.teacher)):
+            modules = dict(model.named_modules())
+            missing = [n for n in names if n not in modules]
+            if missing:
+                raise LowbitError(f"distill_features: {type(model).__name__} has no module {missing[0]!r}")
+            for n in names:
+                self._handles.append(modules[n].register_forward_hook(self._keep(store, n)))
+
+    @staticmethod
+    def _keep(store: dict[str, torch.Tensor], name: str):
+        def hook(module, args, output):
+            store[name] = first_tensor(output)  # a block may return a tuple (hidden state first)
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """Mean over the modules of ``MSE(student feature, teacher feature)``."""
+        terms = [F.mse_loss(self.student[n].float(), self.teacher[n].detach().float()) for n in self.names]
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _train_step(model, teacher, optimizer, batch, cfg: FitConfig, channels_last: bool, loss_fn: LossFn | None,
+                taps: _FeatureTaps | None = None):
+    inputs, target = split_batch(batch)
+    inputs = _prep(inputs, channels_last)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+        out = call_model(model, inputs)
+        if loss_fn is None:
+            loss = default_loss(out, target, cfg.label_smoothing)
+        else:
+            loss = loss_fn(out, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise LowbitError(f"the loss function must return a scalar tensor, got {type(loss).__name__}"
+                                  + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+        if teacher is not None:  # LSQ+KD: task loss and distillation loss weighted 1:1
             with torch.no_grad():
-                t_logits = teacher(x)
-            kd = F.kl_div(F.log_softmax(out / temperature, 1), F.log_softmax(t_logits / temperature, 1),
-                          reduction="batchmean", log_target=True) * temperature**2
-            loss = loss + kd
+                t_out = call_model(teacher, inputs)
+            loss = loss + distill_loss(out, t_out, cfg.distill_loss, cfg.distill_temperature)
+            if taps is not None:  # intermediate features (hidden states), weight 1
+                loss = loss + taps.loss()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach().float(), out.detach()
+    return loss.detach().float(), _detach(out), target
+
+
+def _detach(out: Any) -> Any:
+    return out.detach() if isinstance(out, torch.Tensor) else logits_of(out).detach()

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from lowbit import distributed as dist
-from lowbit.data import DataSplits, get_data, iterate
+from lowbit.data import DataSplits, iterate
 from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint, save_checkpoint
 from lowbit.quant import Plan, QuantConfig, build_quantized, calibrate_, quantize_
 from lowbit.runs import RunDir
-from lowbit.train.checkpoint import CHECKPOINT_NAME, build_model, checkpoint_path, spec_data_options
+from lowbit.train.checkpoint import CHECKPOINT_NAME, build_model, checkpoint_path, loss_name, resolve_loss, run_data
 from lowbit.train.loop import FitConfig, FitState, fit, make_optimizer
 from lowbit.train.train import finish_run
 
@@ -74,7 +74,12 @@ def recipe_fit_config(recipe: str, min_bits: int, epochs: float | None = None, *
 
 def calibration_batches(data: DataSplits, batch_size: int = 128, n_batches: int = 5, device="cpu"):
     """The first ``n_batches`` of the training split, un-augmented (LSQ uses the first; FAQ uses five)."""
-    return list(iterate(data.train, batch_size, device=device, limit=batch_size * n_batches))
+    batches = []
+    for batch in iterate(data.train, batch_size, device=device, limit=batch_size * n_batches):
+        batches.append(batch)
+        if len(batches) == n_batches:  # a user's DataLoader has its own batch size
+            break
+    return batches
 
 
 def prepare_quantized(model_fp: nn.Module, plan: Plan, qcfg: QuantConfig, data: DataSplits, *,
@@ -97,23 +102,31 @@ class QuantizeConfig:
     per_channel: bool = False
     first_last_bits: int | None = 8
     distill: bool = False
-    data: str = "fashion-mnist"
+    data: str | None = None  # None: the fp32 run's own data (its factory and split)
     data_dir: str | None = None
     fit: FitConfig | None = None  # resolved from the recipe when None
+    loss: str | None = None  # None: the fp32 run's loss (cross-entropy unless it recorded one)
+    metric: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("loss", "metric"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def resolve_plan(model_fp: nn.Module, bits: str | None, plan_file: str | None,
-                 first_last_bits: int | None = 8) -> Plan:
+                 first_last_bits: int | None = 8, example_input: Any = None) -> Plan:
+    """A plan file, or a preset whose first and last *executed* layers (found by running ``example_input``)
+    keep ``first_last_bits``."""
     if plan_file:
         plan = Plan.load(plan_file)
         plan.validate(model_fp)
         return plan
     if not bits:
         raise LowbitError("give --bits (e.g. w4a4) or --plan plan.yaml")
-    return Plan.preset(bits, model_fp, first_last_bits=first_last_bits)
+    return Plan.preset(bits, model_fp, first_last_bits=first_last_bits, example_input=example_input)
 
 
 def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool = False,
@@ -124,10 +137,17 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     if src.get("kind") != "fp32":
         raise LowbitError(f"{cfg.source}: --from needs an fp32 run (from `lowbit train`), found {src.get('kind')}")
     teacher = build_model(src)
-    same = cfg.data == src.get("spec", {}).get("data")  # the run's own data: select on its validation split
-    data = data or get_data(cfg.data, cfg.data_dir, **(spec_data_options(src.get("spec")) if same else {}))
+    spec = dict(src["spec"])
+    data = data or run_data(spec, cfg.data, cfg.data_dir)  # the run's own data: select on its validation split
     _check_input(src, data)
-    plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits)
+    loss_fn = resolve_loss(cfg.loss or spec.get("loss"))
+    if cfg.metric is not None:
+        from lowbit.metrics import get_metric
+
+        get_metric(cfg.metric)  # a bad import path fails before anything is written
+    if cfg.loss:
+        spec["loss"] = loss_name(cfg.loss)
+    plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits, data.example(1))
     qcfg = QuantConfig(method=cfg.method or cfg.recipe, per_channel=cfg.per_channel)
     fit_cfg = cfg.fit or recipe_fit_config(cfg.recipe, plan_min_bits(plan), **(fit_overrides or {}))
     if cfg.distill:
@@ -158,7 +178,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     def save(st: FitState, opt: torch.optim.Optimizer) -> None:
         if not dist.is_main():
             return
-        save_checkpoint(ckpt_file, {"kind": "quantized", "spec": src["spec"], "plan": plan.to_dict(),
+        save_checkpoint(ckpt_file, {"kind": "quantized", "spec": spec, "plan": plan.to_dict(),
                                     "quant_config": qcfg.to_dict(), "state_dict": model.state_dict(),
                                     "optimizer": opt.state_dict(), "epoch": st.epoch, "fit": fit_cfg.to_dict(),
                                     "source": str(cfg.source)})
@@ -170,16 +190,17 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     else:
         state = fit(model, data, fit_cfg, optimizer=optimizer, start=state, on_epoch_end=save,
                     teacher=teacher if fit_cfg.distill else None, stop_after=stop_after,
-                    desc=f"{cfg.bits or 'plan'} {cfg.recipe}")
+                    desc=f"{cfg.bits or 'plan'} {cfg.recipe}", loss_fn=loss_fn, metric=cfg.metric)
     head = {"command": "quantize", "model": src["spec"]["model"], "bits": cfg.bits if not cfg.plan_file else "plan",
             "recipe": cfg.recipe + ("+kd" if fit_cfg.distill else ""), "method": qcfg.method,
             "plan": plan.to_dict()["layers"], "calibration_seconds": prep_s}
-    return finish_run(run, model, data, fit_cfg, state, head, time.perf_counter() - t0)
+    return finish_run(run, model, data, fit_cfg, state, head, time.perf_counter() - t0, loss_fn=loss_fn,
+                      metric=cfg.metric)
 
 
 def _check_input(ckpt: dict[str, Any], data: DataSplits) -> None:
     shape = ckpt.get("spec", {}).get("input_shape")
-    if shape and list(shape) != list(data.input_shape):
+    if shape and data.input_shape is not None and list(shape) != list(data.input_shape):
         raise LowbitError(f"the model expects inputs {tuple(shape)} but data set {data.name} gives "
                           f"{tuple(data.input_shape)}")
 

@@ -1,10 +1,18 @@
 """``lowbit bench``: latency of an exported model against its float baselines, in one process.
 
+A harness above export and runtime (it builds float baselines from :mod:`lowbit.models` and exports ONNX), so
+it lives in :mod:`lowbit.deploy`, not in the runtime.
+
 Variants, timed round-robin (so load from other processes hits all alike), median of ``runs`` after
-``warmup`` calls: fp32 eager, fp32 channels-last, bf16 autocast (channels-last), the lowbit fast path and,
-when onnxruntime is installed, the QDQ ONNX export. The float baselines are the model's architecture rebuilt
-from the manifest with random weights: speed does not depend on the weights. A variant that would exceed
-``budget_s`` gets fewer runs (recorded; flagged when below 30).
+``warmup`` calls: fp32 eager, fp32 channels-last, fp32 ``torch.compile`` (Inductor, freezing), bf16 autocast
+(channels-last), PyTorch's own int8 for the same architecture (:func:`pytorch_int8`: PT2E with the x86
+Inductor quantizer when torchao is installed, else eager ``torch.ao`` x86 static quantization), the lowbit fast
+path (bit-exact, compiled) and, when onnxruntime is installed, the QDQ ONNX export. These anchors show where
+the export stands against what a user would run instead. The float baselines are the model's architecture
+rebuilt from the manifest with random weights (the int8 anchor calibrated on random inputs): speed does not
+depend on the weights. Compiled variants are compiled by a first call outside the timing, whose seconds are
+reported (``compile_s``). A variant that would exceed ``budget_s`` gets fewer runs (recorded; flagged when
+below 30).
 
 :func:`latency_table` measures the fast path per layer, at the model's shapes, for every bit width, in the
 format :class:`lowbit.cost.MeasuredProfile` reads, so the frontier can use ``--cost measured``.
@@ -29,11 +37,11 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.quant.bits import SUPPORTED_BITS
 from lowbit.runtime.engine import IntegerModel
-from lowbit.runtime.fastpath import FastModel, _Val, cpu_has_vnni, layer_step
+from lowbit.runtime.fastpath import FastModel, _Val, cpu_capability, layer_step
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-BITS = (2, 3, 4, 8)
 
 
 def machine_info() -> dict[str, Any]:
@@ -51,12 +59,13 @@ def machine_info() -> dict[str, Any]:
         info["loadavg"] = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     except (OSError, ValueError):
         pass
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    for lib in ("onnxruntime", "torchao"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info[lib] = __import__(lib).__version__
+        except ImportError:
+            pass
     return info
 
 
@@ -131,31 +140,133 @@ def peak_memory(fn: Callable[[], Any]) -> int | None:
     return peak
 
 
-def float_model(manifest: dict[str, Any]) -> torch.nn.Module | None:
-    """The exported model's float architecture with random weights, from the manifest's ``model`` record."""
-    spec = manifest.get("model")
-    if not spec:
+def float_model(manifest: dict[str, Any], name: str | None = None, kwargs: dict[str, Any] | None = None
+                ) -> torch.nn.Module | None:
+    """The exported model's float architecture with random weights: from the manifest's ``model`` record (a
+    registry name or the user's factory, as the run recorded it), or ``name`` / ``kwargs`` given."""
+    spec = manifest.get("model") or {}
+    name = name or spec.get("name")
+    if not name:
         return None
     from lowbit.models import create_model
 
-    return create_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {})).eval()
+    kwargs = spec.get("kwargs", {}) if kwargs is None else kwargs
+    return create_model(name, spec.get("num_classes"), **kwargs).eval()
+
+
+def _channels_last_or_none(m: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module | None:
+    """A channels-last copy of ``m``, or None for user code such as ``x.view(x.size(0), -1)`` that fails on
+    channels-last tensors (such models are timed in NCHW only)."""
+    if x.ndim != 4:
+        return None
+    m_cl = _channels_last_copy(m)
+    try:
+        with torch.inference_mode():
+            m_cl(x[:2].contiguous(memory_format=torch.channels_last))
+        return m_cl
+    except RuntimeError:
+        return None
+
+
+def pytorch_int8(model: torch.nn.Module, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], Any], str]:
+    """PyTorch's own static int8 for ``model`` (speed only: calibrated on ``example``), and its label.
+
+    With torchao: ``torch.export`` (strict) -> ``X86InductorQuantizer`` -> ``prepare_pt2e`` / calibrate /
+    ``convert_pt2e`` -> ``torch.compile`` with freezing (compiled on the first call, which the caller makes
+    under :func:`compile_call`), every conv/linear on oneDNN int8 with add/ReLU fused. Without torchao: eager
+    ``torch.ao`` FX static quantization with the x86 engine (expects channels-last input for speed)."""
+    import copy
+
+    m = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torchao.quantization.pt2e import move_exported_model_to_eval
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+                X86InductorQuantizer,
+                get_default_x86_inductor_quantization_config,
+            )
+        except ImportError:
+            from torch.ao.quantization import get_default_qconfig_mapping
+            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+            torch.backends.quantized.engine = "x86"
+            prepared = prepare_fx(m, get_default_qconfig_mapping("x86"), (example,))
+            with torch.no_grad():
+                prepared(example)
+            return convert_fx(prepared), "PyTorch int8 (torch.ao x86, eager)"
+        exported = torch.export.export(m, (example,), strict=True).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            prepared(example)
+        converted = convert_pt2e(prepared)
+        move_exported_model_to_eval(converted)
+    return torch.compile(converted), "PyTorch int8 (PT2E x86 inductor)"
+
+
+def compile_call(fn: Callable[[], Any], freezing: bool = False) -> float:
+    """Seconds of the first (compiling) call of ``fn``; with ``freezing``, Inductor folds the weights in as
+    constants (what PT2E and fp32 deployment use)."""
+    import torch._inductor.config as inductor_config
+
+    t0 = time.perf_counter()
+    with torch.inference_mode(), inductor_config.patch(freezing=freezing), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn()
+    return time.perf_counter() - t0
+
+
+def anchor_variants(fp: torch.nn.Module, xf: torch.Tensor, compile_s: dict[str, float],
+                    progress: Callable[[str], None] | None = None) -> dict[str, Callable[[], Any]]:
+    """fp32 ``torch.compile`` (freezing) and PyTorch's own int8 (:func:`pytorch_int8`) for ``xf``, compiled
+    here; their first-call seconds go to ``compile_s``. A variant that fails to build is left out (noted in
+    ``compile_s`` as ``None``)."""
+    out: dict[str, Callable[[], Any]] = {}
+    xcl = xf.contiguous(memory_format=torch.channels_last) if xf.ndim == 4 else xf
+    compiled = torch.compile(_channels_last_or_none(fp, xf) or fp)
+    try:
+        compile_s["fp32 compiled"] = compile_call(lambda: compiled(xcl), freezing=True)
+        out["fp32 compiled"] = lambda: compiled(xcl)
+    except Exception as e:  # noqa: BLE001 - an anchor that does not build is reported, not fatal
+        compile_s["fp32 compiled"] = None
+        if progress:
+            progress(f"fp32 torch.compile failed: {str(e).splitlines()[0][:200]}")
+    try:
+        q, label = pytorch_int8(fp, xf)
+        x_in = xf if "PT2E" in label else xcl
+        compile_s[label] = compile_call(lambda: q(x_in), freezing=True)
+        out[label] = lambda: q(x_in)
+    except Exception as e:  # noqa: BLE001
+        compile_s["PyTorch int8"] = None
+        if progress:
+            progress(f"PyTorch int8 anchor failed: {str(e).splitlines()[0][:200]}")
+    return out
 
 
 def benchmark(path: str | os.PathLike, batches: list[int], *, runs: int = 30, warmup: int = 3,
               budget_s: float = 60.0, onnx: bool = True, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Time every variant at every batch size; returns rows plus machine, sizes and fast-path layer paths."""
+              progress: Callable[[str], None] | None = None, model_name: str | None = None,
+              model_kwargs: dict[str, Any] | None = None, anchors: bool = True) -> dict[str, Any]:
+    """Time every variant at every batch size; returns rows plus machine, sizes, compile times and the fast
+    path's layer paths.
+
+    The float baselines are the architecture the manifest records, or ``model_name`` (a registry name or
+    ``package.module:factory``) with ``model_kwargs``; ``anchors``: also fp32 ``torch.compile`` and PyTorch's
+    own int8 (:func:`anchor_variants`).
+    """
     model = IntegerModel.load(path)
-    fast = FastModel(model)
+    fast = FastModel(model, compile=True)
     spec = model.input_spec
-    fp = float_model(model.manifest)
+    fp = float_model(model.manifest, model_name, model_kwargs)
     sizes = {"lowbit_file_bytes": Path(path).stat().st_size,
              "fp32_weight_bytes": model.manifest.get("fp32_weight_bytes")}
     onnx_model, onnx_note = None, None
     if onnx:
         onnx_model, onnx_note = _onnx_session(model, sizes)
     g = torch.Generator().manual_seed(seed)
-    rows = []
+    rows, compile_s = [], {}
     for batch in batches:
         shape = (batch, *spec["shape"])
         pixels = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
@@ -163,16 +274,24 @@ def benchmark(path: str | os.PathLike, batches: list[int], *, runs: int = 30, wa
         xf = torch.randn(shape, generator=g)
         variants: dict[str, Callable[[], Any]] = {}
         if fp is not None:
-            fp_cl = _channels_last_copy(fp)
-            xf_cl = xf.contiguous(memory_format=torch.channels_last)
+            fp_cl = _channels_last_or_none(fp, xf)
+            cl = fp_cl is not None
+            fp_cl = fp_cl if cl else fp
+            xf_cl = xf.contiguous(memory_format=torch.channels_last) if cl else xf
             variants["fp32 eager"] = lambda fp=fp, xf=xf: fp(xf)
-            variants["fp32 channels-last"] = lambda m=fp_cl, x=xf_cl: m(x)
+            if cl:
+                variants["fp32 channels-last"] = lambda m=fp_cl, x=xf_cl: m(x)
 
             def bf16(m=fp_cl, x=xf_cl):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return m(x)
 
             variants["bf16 autocast"] = bf16
+            if anchors:
+                cs: dict[str, float] = {}
+                variants.update(anchor_variants(fp, xf, cs, progress))
+                compile_s.update({f"{k} (batch {batch})": v for k, v in cs.items()})
+        compile_s[f"lowbit fast path (batch {batch})"] = compile_call(lambda x=x: fast(x))
         variants["lowbit fast path"] = lambda x=x: fast(x)
         if onnx_model is not None:
             variants["onnxruntime"] = lambda x=x: onnx_model(x)
@@ -185,7 +304,8 @@ def benchmark(path: str | os.PathLike, batches: list[int], *, runs: int = 30, wa
                 fn = variants[row["variant"]]
                 peak = None if row["variant"] == "onnxruntime" or row["cold_only"] else peak_memory(fn)
                 row["peak_mib"] = None if peak is None else peak / 2**20
-    return {"model": str(path), "machine": machine_info(), "vnni": fast.vnni, "paths": fast.paths,
+    return {"model": str(path), "machine": machine_info(), "vnni": fast.vnni, "capability": fast.capability,
+            "paths": fast.paths, "requant": fast.requant, "fallbacks": fast.fallbacks, "compile_s": compile_s,
             "sizes": sizes, "onnx_note": onnx_note, "runs": runs, "warmup": warmup, "budget_s": budget_s,
             "rows": rows}
 
@@ -229,10 +349,10 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"{m['cpu']} | {m['threads']} threads | flags: {' '.join(m['flags']) or '-'} | torch {m['torch']} "
              f"| load {' '.join(f'{v:.1f}' for v in m.get('loadavg', []))}",
-             f"{'batch':>5} {'variant':<20} {'runs':>4} {'median ms':>10} {'img/s':>9} {'vs fp32':>8} "
+             f"{'batch':>5} {'variant':<34} {'runs':>4} {'median ms':>10} {'img/s':>9} {'vs fp32':>8} "
              f"{'vs bf16':>8} {'peak MiB':>9}"]
     for r in result["rows"]:
-        lines.append(f"{r['batch']:>5} {r['variant']:<20} {r['runs']:>4} {r['median_ms']:>10.2f} "
+        lines.append(f"{r['batch']:>5} {r['variant']:<34} {r['runs']:>4} {r['median_ms']:>10.2f} "
                      f"{r['images_per_s']:>9.1f} {_x(r['speedup_vs_fp32']):>8} {_x(r['speedup_vs_bf16']):>8} "
                      f"{'-' if r['peak_mib'] is None else format(r['peak_mib'], '.1f'):>9}")
     s = result["sizes"]
@@ -241,9 +361,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"file: {s['lowbit_file_bytes'] / 2**20:.3f} MiB .lowbit vs fp32 weights "
                  f"{'-' if not fp32 else format(fp32 / 2**20, '.3f')} MiB{ratio}"
                  + (f"; ONNX {s['onnx_file_bytes'] / 2**20:.3f} MiB" if "onnx_file_bytes" in s else ""))
-    exact = [n for n, p in result["paths"].items() if p != "int8"]
-    lines.append(f"fast path: {len(result['paths']) - len(exact)} layers on int8 kernels"
-                 + (f", exact path for {', '.join(exact)}" if exact else ""))
+    lines.append(describe_paths(result))
+    if result.get("compile_s"):
+        lines.append("first-call compile: " + ", ".join(
+            f"{k} {'failed' if v is None else format(v, '.1f') + ' s'}" for k, v in result["compile_s"].items()))
     few = sorted({f"{r['variant']} (batch {r['batch']})" for r in result["rows"] if r["runs"] < 30})
     if few:
         lines.append(f"note: fewer than 30 runs (time budget) for: {', '.join(few)}")
@@ -251,6 +372,19 @@ def format_table(result: dict[str, Any]) -> str:
     if cold:
         lines.append(f"note: one cold call only (slower than the budget): {', '.join(cold)}")
     return "\n".join(lines)
+
+
+def describe_paths(result: dict[str, Any]) -> str:
+    """One line: which conv/linear layers run on oneDNN int8 (exact int32 accumulators), which on an exact
+    float conv and why, which requantizations need int64 and which nodes run on the reference kernel."""
+    paths = result["paths"]
+    other = {n: p for n, p in paths.items() if p != "int8"}
+    wide = {n: r for n, r in (result.get("requant") or {}).items() if r != "float64"}
+    cap = f" ({result['capability']} assumed)" if "capability" in result else ""
+    return (f"fast path{cap}, bit-exact: {len(paths) - len(other)}/{len(paths)} conv/linear layers on oneDNN int8"
+            + (f"; exact float conv for {', '.join(f'{n} [{p}]' for n, p in other.items())}" if other else "")
+            + (f"; int64 requantization for {', '.join(wide)}" if wide else "")
+            + (f"; reference kernel for {', '.join(result['fallbacks'])}" if result.get("fallbacks") else ""))
 
 
 def _x(v: float | None) -> str:
@@ -267,28 +401,31 @@ def latency_table(path: str | os.PathLike, batch: int = 8, runs: int = 20, warmu
     (max |code| about 28 at 8 bits), activation codes uniform over their range, so each key takes the path a
     trained layer of that width takes; ``"8_exact"`` adds the w8a8 worst case (full-range codes, which take
     the exact path where u8 x s8 pairs could saturate int16). Layers take their shapes and geometry from the
-    file; the table's ``paths`` says which path each key took.
+    file; the table's ``paths`` says which path each key took, on the CPU capability ``capability`` records
+    (:func:`lowbit.runtime.fastpath.cpu_capability`: detected, or forced with ``LOWBIT_CPU_ISA``).
     """
     from lowbit.cost import latency_key
 
     model = IntegerModel.load(path)
-    vnni = cpu_has_vnni()
+    capability = cpu_capability()
     g = torch.Generator().manual_seed(seed)
     table: dict[str, dict[str, float]] = {}
     paths: dict[str, dict[str, str]] = {}
     for node in model.nodes:
-        if node["op"] not in ("conv2d", "linear"):
+        if node.op not in ("conv2d", "linear"):
             continue
-        a, name = node["attrs"], node["name"]
+        a, name = node.attrs, node.name
         w_shape = list(model.params[name]["weight"].shape)
-        in_shape = [batch, *model.shapes[node["inputs"][0]]]
+        in_shape = [batch, *model.shapes[node.inputs[0]]]
         entry, kinds = {}, {}
         variants: dict[str, Callable[[], Any]] = {}
-        for wb, ab, key in [*((w, x, latency_key(w, x)) for w in BITS for x in BITS), (8, 8, "8_exact")]:
-            step, kinds[key] = _synthetic_layer(node["op"], a, w_shape, wb, ab, vnni, g, full=key == "8_exact")
-            x = _Val(_codes_input(in_shape, ab, node["op"], g), 0)
+        widths = [(w, x, latency_key(w, x)) for w in SUPPORTED_BITS for x in SUPPORTED_BITS]
+        for wb, ab, key in [*widths, (8, 8, "8_exact")]:
+            step, kinds[key] = _synthetic_layer(node.op, a, w_shape, wb, ab, capability, g,
+                                                full=key == "8_exact")
+            x = _Val(_codes_input(in_shape, ab, node.op, g), 0)
             variants[key] = lambda step=step, x=x: step([x])
-        variants["32"] = _float_layer(node["op"], a, w_shape, in_shape, g)
+        variants["32"] = _float_layer(node.op, a, w_shape, in_shape, g)
         kinds["32"] = "fp32"
         with torch.inference_mode():
             times = time_variants(variants, runs, warmup, budget_s=30.0)
@@ -296,10 +433,10 @@ def latency_table(path: str | os.PathLike, batch: int = 8, runs: int = 20, warmu
             entry[key] = statistics.median(t) / batch
         table[name], paths[name] = entry, kinds
     return {"layers": table, "unit": "seconds per example", "batch": batch, "runs": runs, "paths": paths,
-            "model": str(path), "machine": machine_info()}
+            "capability": capability, "model": str(path), "machine": machine_info()}
 
 
-def _synthetic_layer(op, a, w_shape, w_bits, a_bits, vnni, g, full=False):
+def _synthetic_layer(op, a, w_shape, w_bits, a_bits, capability, g, full=False):
     lo_w, hi_w = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
     c = w_shape[0]
     if full:
@@ -311,7 +448,7 @@ def _synthetic_layer(op, a, w_shape, w_bits, a_bits, vnni, g, full=False):
          "multiplier": torch.full((c,), 2**30, dtype=torch.int32), "shift": torch.full((c,), 40, dtype=torch.int32),
          "bias": torch.zeros(c, dtype=torch.int64)}
     attrs = {**a, "lo": 0, "hi": 15}
-    return layer_step(op, attrs, p, (0, (1 << a_bits) - 1), 0, 0, vnni)
+    return layer_step(op, attrs, p, (0, (1 << a_bits) - 1), 0, 0, capability)
 
 
 def _codes_input(shape, a_bits, op, g):

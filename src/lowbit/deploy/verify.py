@@ -2,24 +2,27 @@
 
 * **runtime vs simulation**: integer logits must be identical on every image (``bit_exact``).
 * **runtime vs fake-quant model** (the model as trained): top-1 agreement and accuracy difference.
-* **fast path vs runtime**: fraction of integer logits that differ and the largest difference (in logit
-  units, which are 2^-30 of the largest possible logit, and relative to the largest logit), top-1 agreement
-  and accuracy; per layer, the fraction of differing output codes on the first batch.
+* **fast path vs runtime**: fraction of integer logits that differ (0 for the bit-exact fast backend) and the
+  largest difference (in logit units and relative to the largest logit), top-1 agreement and accuracy; per
+  layer, the fraction of differing output codes on the first batch; the fast path's layer paths.
 * **ONNX vs runtime**: top-1 agreement and accuracy.
+* **lowering vs fake-quant model** (:func:`~lowbit.deploy.lowering.check_lowering`, independent of the
+  export's constants): every layer's input codes and every requantization's fold, on the first
+  ``lowering_images`` images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from lowbit.deploy.lowering import check_lowering, format_lowering
 from lowbit.export.simulate import Simulation, normalize_pixels
-
-if TYPE_CHECKING:  # the runtime imports lowbit.export.format, so no import of it at module level here
-    from lowbit.runtime.engine import IntegerModel
+from lowbit.runtime.engine import IntegerModel
+from lowbit.runtime.fastpath import compare
 
 
 class _Count:
@@ -42,8 +45,9 @@ class _Count:
 def verify(runtime: IntegerModel, images: torch.Tensor, labels: torch.Tensor | None = None, *,
            simulation: Simulation | None = None, fake_quant: nn.Module | None = None,
            fast: Callable | None = None, onnx: Callable | None = None, batch_size: int = 256,
-           progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run the runtime and each given implementation over ``images`` (what the runtime takes)."""
+           progress: Callable[[int, int], None] | None = None, lowering_images: int = 512) -> dict[str, Any]:
+    """Run the runtime and each given implementation over ``images`` (what the runtime takes); with
+    ``fake_quant``, also the independent lowering check on the first ``lowering_images`` images."""
     labelled = labels is not None
     counts = {k: _Count() for k, v in (("runtime", 1), ("fake_quant", fake_quant), ("fast_path", fast),
                                        ("onnx", onnx)) if v is not None}
@@ -74,8 +78,6 @@ def verify(runtime: IntegerModel, images: torch.Tensor, labels: torch.Tensor | N
             fast_rel = max(fast_rel, float(d.max()) / max(1.0, float(ref.abs().max())))
             counts["fast_path"].add(got.argmax(1), ref_pred, y)
             if layers is None:
-                from lowbit.runtime.fastpath import compare
-
                 layers = compare(fast, runtime, x)
         if onnx is not None:
             counts["onnx"].add(onnx(x).argmax(1), ref_pred, y)
@@ -91,6 +93,8 @@ def verify(runtime: IntegerModel, images: torch.Tensor, labels: torch.Tensor | N
             out[name] = counts[name].result(labelled)
             if labelled:
                 out[name]["accuracy_delta_pt"] = 100 * (out[name]["accuracy"] - out["runtime"]["accuracy"])
+    if fake_quant is not None and lowering_images > 0:
+        out["lowering"] = check_lowering(runtime, fake_quant, images[:lowering_images], batch_size=batch_size).to_dict()
     if fast is not None:
         narrow = {k: v for k, v in (layers or {}).items() if v["narrow"]}
         out["fast_path"].update(
@@ -117,10 +121,15 @@ def format_report(r: dict[str, Any]) -> str:
             text = f"{label}: top-1 agreement {100 * v['top1_agreement_with_runtime']:.2f}%"
             if "accuracy" in v:
                 text += f", accuracy {100 * v['accuracy']:.2f}% ({v['accuracy_delta_pt']:+.2f} pt)"
-            if name == "fast_path":
+            if name == "fast_path" and v["logits_differing"] == 0:
+                text += ", integer logits bit-exact (0 differ)"
+            elif name == "fast_path":
                 text += (f", integer logits differing {100 * v['logits_differing']:.2f}% (by at most "
                          f"{v['max_logit_diff_relative']:.1e} of the largest logit), layer codes differing <= "
                          f"{100 * max(v['codes_differing_first_batch'].values(), default=0):.3f}% "
                          f"(max {v['max_code_diff_first_batch']})")
             lines.append(text)
+    if "lowering" in r:
+        lines.append(format_lowering(r["lowering"]))
     return "\n".join(lines)
+

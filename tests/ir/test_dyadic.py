@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowbit.runtime.dyadic import requantize, round_shift, to_dyadic, to_dyadic_common, to_fixed
+from lowbit.ir.dyadic import requantize, round_shift, to_dyadic, to_dyadic_common, to_fixed
 
 # Scales whose normalised 31-bit multiplier needs a shift in [0, 62]: 2^-32 <= |s| < 2^31 (with margin).
 scales = st.floats(2.0**-32, 2.0**31 * (1 - 2.0**-30)).flatmap(lambda s: st.sampled_from([s, -s]))

@@ -6,7 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowbit.export.packing import SUPPORTED_BITS, code_range, pack, packed_nbytes, unpack
+import lowbit.quant.bits
+from lowbit.errors import LowbitError
+from lowbit.ir.packing import SUPPORTED_BITS, code_range, pack, packed_nbytes, unpack
 
 
 @st.composite
@@ -72,10 +74,19 @@ def test_out_of_range_codes_rejected(bits, signed, value):
             pack([0, value], bits, signed)
 
 
+@pytest.mark.parametrize("bad", [lambda: pack([1], 5, True), lambda: pack([1], True, True),
+                                 lambda: unpack(bytes(1), 7, 1, True), lambda: packed_nbytes(3, 1)])
+def test_unsupported_width_is_a_lowbit_error(bad):
+    with pytest.raises(LowbitError, match="bits must be one of"):
+        bad()
+
+
+def test_widths_are_the_quantizers():
+    assert SUPPORTED_BITS is lowbit.quant.bits.SUPPORTED_BITS
+
+
 @pytest.mark.parametrize("bad", [
     lambda: pack(torch.tensor([1.0]), 4, True),  # float codes: round and cast first
-    lambda: pack([1], 5, True),  # unsupported width
-    lambda: pack([1], True, True),  # bool is not a width
     lambda: unpack(torch.zeros(2, dtype=torch.uint8), 4, 5, True),  # 5 codes need 3 bytes
     lambda: unpack(torch.tensor([0x40], dtype=torch.uint8), 3, 2, False),  # non-zero padding bits
     lambda: unpack(torch.zeros(1, dtype=torch.int8), 8, 1, True),  # stream must be uint8

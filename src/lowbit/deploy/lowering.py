@@ -1,0 +1,244 @@
+"""The independent check of the lowering: the integer runtime against the fake-quant model, layer by layer.
+
+The simulation (:class:`lowbit.export.Simulation`) shares the lowering's constants, so its bit-exactness shows
+the file is written and read faithfully, not that the constants are right. This check shares nothing with the
+export but the file under test and the PyTorch model:
+
+* **codes**: for every quantized layer, the codes the runtime feeds it (the file's graph, run by the reference
+  backend) against the codes the fake-quant model's own input quantizer makes from its float input, with the
+  model in eval mode (batch norms use their running statistics). Rounding is decided by float arithmetic in
+  one and by exact integers in the other, so codes may differ by one near a rounding tie: each layer must
+  agree within 1 everywhere and exactly on all but ``max_frac_differing`` of its codes;
+* **folds**: for every conv/linear node, the per-channel affine map its requantization computes,
+  ``m_c * 2^-k_c`` and ``b_c * 2^-k_c`` in real units (``out_scale``), against the one recomputed from the
+  model: ``g_c * s_x * s_w,c`` and ``g_c * bias_c + h_c``, where ``s_x, s_w`` are the quantizers' steps and
+  ``g = gamma / sqrt(var + eps)``, ``h = beta - g * mean`` come from the batch norm that follows the layer in
+  the float model (found by its own torch.fx trace). The dyadic multiplier is exact to ``2^-31`` and the bias
+  to ``2^-k_c`` output steps, so the tolerances below leave room only for float64 rounding;
+* **logits**: the runtime's float logits against the fake-quant model's, relative to the largest logit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from lowbit.errors import LowbitError
+from lowbit.export.simulate import normalize_pixels
+from lowbit.ir.graph import Graph
+from lowbit.quant.modules import QUANT_LAYERS
+from lowbit.runtime.engine import IntegerModel
+
+GAIN_TOLERANCE = 2.0**-24  # gain error beyond the multiplier's grid (2^-k), relative to the layer's largest gain
+OFFSET_TOLERANCE = 2.0**-12  # offset error beyond its fixed-point grid (2^-k), in units of the integer output
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class LayerCodes:
+    """How the codes the runtime feeds one layer compare with the fake-quant model's."""
+
+    elements: int = 0
+    differing: int = 0
+    max_diff: int = 0
+
+    @property
+    def frac_differing(self) -> float:
+        return self.differing / max(1, self.elements)
+
+
+@dataclass
+class FoldError:
+    """The largest deviation of one layer's requantization from the affine map recomputed from the model."""
+
+    batch_norm: str | None
+    gain_error: float  # relative to the largest |gain| of the layer
+    offset_error: float  # in units of the integer output (codes, or a wide value's fine units)
+
+
+@dataclass
+class LoweringCheck:
+    """Result of :func:`check_lowering`; :attr:`ok` says whether the lowering passed."""
+
+    images: int
+    layers: dict[str, LayerCodes]
+    folds: dict[str, FoldError]
+    logits_max_diff_relative: float
+    max_frac_differing: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per layer whose codes or fold are out of bounds."""
+        bad = [f"{n}: codes differ by up to {c.max_diff} on {100 * c.frac_differing:.3f}%"
+               for n, c in self.layers.items() if c.max_diff > 1 or c.frac_differing > self.max_frac_differing]
+        bad += [f"{n}: folded {'batch norm ' + f.batch_norm if f.batch_norm else 'bias'} off by "
+                f"{f.gain_error:.1e} (gain, relative) / {f.offset_error:.1e} (offset, output units)"
+                for n, f in self.folds.items() if f.gain_error > GAIN_TOLERANCE or f.offset_error > OFFSET_TOLERANCE]
+        return bad
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        """The report line (:func:`format_lowering`)."""
+        return format_lowering(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "images": self.images, "failures": self.failures,
+                "logits_max_diff_relative": self.logits_max_diff_relative, "notes": self.notes,
+                "layers": {n: {"frac_differing": c.frac_differing, "max_diff": c.max_diff}
+                           for n, c in self.layers.items()},
+                "folds": {n: {"batch_norm": f.batch_norm, "gain_error": f.gain_error, "offset_error": f.offset_error}
+                          for n, f in self.folds.items()}}
+
+
+def format_lowering(d: dict[str, Any]) -> str:
+    """The report line of a :meth:`LoweringCheck.to_dict`, with its failures indented below."""
+    layers = d["layers"].values()
+    worst = max((v["max_diff"] for v in layers), default=0)
+    frac = max((v["frac_differing"] for v in layers), default=0.0)
+    folded = sum(f["batch_norm"] is not None for f in d["folds"].values())
+    text = (f"lowering vs fake-quant model (independent, {d['images']} images): {'OK' if d['ok'] else 'WRONG'}, "
+            f"{len(d['layers'])} layers' input codes within {worst} (differing <= {100 * frac:.3f}%), "
+            f"{len(d['folds'])} folds ({folded} batch norms) recomputed from the model, logits within "
+            f"{d['logits_max_diff_relative']:.1e} of the largest")
+    return text + "".join(f"\n  {line}" for line in d["failures"][:5])
+
+
+def check_lowering(runtime: IntegerModel | Graph, fake_quant: nn.Module, images: torch.Tensor, *,
+                   batch_size: int = 256, max_frac_differing: float = 1e-3) -> LoweringCheck:
+    """Check the integer model ``runtime`` against ``fake_quant`` (the quantized PyTorch model it was exported
+    from) on ``images`` (what the runtime takes: uint8 pixels or float input)."""
+    runtime = runtime if isinstance(runtime, IntegerModel) else IntegerModel(runtime)
+    layers = {name: m for name, m in fake_quant.named_modules() if isinstance(m, QUANT_LAYERS)}
+    names = {n.name for n in runtime.nodes}
+    notes = [f"layer {n!r} is not a node of the exported graph" for n in layers if n not in names]
+    layers = {n: m for n, m in layers.items() if n in names}
+    if not layers:
+        raise LowbitError("the lowering check found no quantized layer of the model in the exported graph")
+    codes = {n: LayerCodes() for n in layers}
+    logit_diff, logit_max = 0.0, 0.0
+    with _eval(fake_quant), _inputs_of(layers) as seen, torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            env = runtime.run_trace(x)
+            spec = runtime.input_spec
+            xf = normalize_pixels(x, spec["mean"], spec["std"]) if runtime.pixel_input else x.float()
+            ref_logits = fake_quant(xf).double()
+            for name, m in layers.items():
+                want = m.input_quantizer.codes(seen[name]).to(torch.int64)
+                got = env[runtime.graph.node(name).inputs[0]].to(torch.int64).reshape(want.shape)
+                d = (got - want).abs()
+                c = codes[name]
+                c.elements += d.numel()
+                c.differing += int((d > 0).sum())
+                c.max_diff = max(c.max_diff, int(d.max()) if d.numel() else 0)
+            logits = env["logits"].double() * runtime.output_scale
+            logit_diff = max(logit_diff, float((logits - ref_logits).abs().max()))
+            logit_max = max(logit_max, float(ref_logits.abs().max()))
+    folds = _check_folds(runtime.graph, fake_quant, layers, notes)
+    return LoweringCheck(len(images), codes, folds, logit_diff / max(logit_max, 1e-30), max_frac_differing, notes)
+
+
+def _check_folds(graph: Graph, model: nn.Module, layers: dict[str, nn.Module], notes: list[str]
+                 ) -> dict[str, FoldError]:
+    """Each conv/linear node's per-channel affine map against ``g * s_x * s_w`` and ``g * bias + h``."""
+    bns = _batch_norms_after(model, layers, notes)
+    out = {}
+    for name, m in layers.items():
+        node = graph.node(name)
+        if "out_scale" not in node.attrs:
+            notes.append(f"node {name!r} does not record its output scale: fold not checked")
+            continue
+        p = graph.params[name]
+        c = p["multiplier"].numel()
+        s_w = m.weight_quantizer.scale.detach().double().reshape(-1).expand(c)
+        s_x = float(m.input_quantizer.scale)
+        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(c, dtype=torch.float64)
+        g, h = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        for bn_name in bns.get(name, []):  # y -> g_i * y + h_i, in order
+            g_i, h_i = _bn_affine(model.get_submodule(bn_name))
+            g, h = g * g_i, h * g_i + h_i
+        want_gain, want_offset = g * s_x * s_w, g * bias + h
+        out_scale = float(node.attrs["out_scale"])
+        pow2 = torch.pow(2.0, -p["shift"].double())
+        gain = p["multiplier"].double() * pow2 * out_scale
+        offset = p["bias"].double() * pow2 * out_scale
+        grid = pow2 * out_scale  # one unit of the multiplier and of the fixed-point bias, in real units
+        gain_err = float(((gain - want_gain).abs() - grid).clamp_min(0).max() / want_gain.abs().max().clamp_min(1e-300))
+        offset_err = float(((offset - want_offset).abs() - grid).clamp_min(0).max() / out_scale)
+        out[name] = FoldError(", ".join(bns[name]) if name in bns else None, gain_err, offset_err)
+    return out
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch norm as ``g * y + h`` per channel: ``g = gamma / sqrt(var + eps)``, ``h = beta - g * mean``."""
+    sigma = torch.sqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(sigma)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(sigma)
+    g = gamma / sigma
+    return g, beta - g * bn.running_mean.double()
+
+
+def _batch_norms_after(model: nn.Module, layers: dict[str, nn.Module], notes: list[str]) -> dict[str, list[str]]:
+    """Quantized layer name -> the batch norms that follow it in a chain, each the only reader of what it reads,
+    from a torch.fx trace of the model with quantized layers and batch norms as leaves."""
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, (*QUANT_LAYERS, *_BN)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as e:  # fx raises many types on data-dependent control flow
+        notes.append(f"cannot trace the model to find its batch norms ({str(e).splitlines()[0][:100]}): folds "
+                     f"checked without them")
+        return {}
+    def is_bn(n: Any) -> bool:
+        return isinstance(n, fx.Node) and n.op == "call_module" and isinstance(model.get_submodule(n.target), _BN)
+
+    found = {}
+    for layer in graph.nodes:
+        if layer.op != "call_module" or layer.target not in layers:
+            continue
+        chain, n = [], layer
+        while len(n.users) == 1 and is_bn(bn := next(iter(n.users))) and bn.args[0] is n:
+            chain.append(bn.target)
+            n = bn
+        if chain:
+            found[layer.target] = chain
+    return found
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode within the block (batch norms on running statistics), its mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+@contextlib.contextmanager
+def _inputs_of(layers: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """The float input of each layer in the last forward pass."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].detach()))
+             for name, m in layers.items()]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+__all__ = ["FoldError", "LayerCodes", "LoweringCheck", "check_lowering", "format_lowering"]

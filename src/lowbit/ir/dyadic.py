@@ -1,0 +1,195 @@
+"""Dyadic fixed-point requantization: the one definition shared by the lowering, every backend and the simulation.
+
+Between two integer layers the float chain ``s_w*s_x*acc (+bias) -> BN -> ReLU -> next quantizer`` is, per
+output channel ``c``, an affine map followed by round and clamp::
+
+    codes = clamp(round(M_c * acc + B_c), lo, hi)
+
+In integers ``M_c`` becomes a dyadic number ``m_c * 2^-k_c`` (an int32 multiplier and a right shift) and
+``B_c`` a bias ``b_c = round(B_c * 2^k_c)`` in the same fixed-point units, so the whole step is::
+
+    codes = clamp(round_half_even((acc*m_c + b_c) / 2^k_c), lo, hi)          (exact, in int64)
+
+Rounding rule: the final division by ``2^k`` rounds to nearest with ties to even ("banker's rounding":
+2.5 -> 2, 3.5 -> 4, -2.5 -> -2, -0.5 -> 0), computed exactly from the floor quotient and the remainder.
+Ties to even is what ``torch.round`` does in the fake quantizers, what every PyTorch quantized CPU engine
+(x86, fbgemm, onednn, qnnpack) does in its requantization (measured by ``bench/fastpath_probe.py``) and what
+ONNX ``QuantizeLinear`` specifies; with one rule everywhere, the reference runtime, the simulation, training
+and the fast kernels can agree bit for bit. It is the only rounding used by the integer backends.
+
+Overflow bound: with ``|acc| * |m| < 2^62`` (e.g. int32 accumulators and int32 multipliers, or wider sums
+with proportionally narrower multipliers), ``|b| <= 2^61`` and ``0 <= k <= 62``, ``|acc*m + b| < 2^62 + 2^61``
+and the rounding adds less than ``2^61``, so int64 never overflows. :func:`requantize` checks these
+conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+MAX_SHIFT = 62
+PRODUCT_LIMIT = 2**62  # |acc| * |m| < PRODUCT_LIMIT
+MULTIPLIER_LIMIT = 2**31  # |m| < MULTIPLIER_LIMIT (int32 multipliers)
+BIAS_LIMIT = 2**61  # |b| <= BIAS_LIMIT
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+ScaleLike = float | Sequence[float] | np.ndarray | torch.Tensor
+IntLike = int | torch.Tensor
+
+
+def to_dyadic(scale: ScaleLike, bits: int = 31) -> tuple[IntLike, IntLike]:
+    """Approximate ``scale`` by ``multiplier * 2^-shift`` with a normalised ``bits``-bit multiplier.
+
+    ``|multiplier|`` lies in ``[2^(bits-1), 2^bits)`` and carries the sign of ``scale`` (a folded BN
+    ``gamma`` may be negative), so the relative error is at most ``2^-bits`` (``2^-31`` by default).
+    A zero scale gives multiplier 0 and shift ``bits - 1`` (the shift of scale 1.0), which keeps a bias
+    in that channel at the same fixed-point precision as elsewhere. Arrays are converted elementwise
+    (per channel, each with its own shift).
+
+    Returns:
+        ``(multiplier, shift)``: Python ints for a scalar input, otherwise two int64 tensors of the
+        input's shape.
+
+    Raises:
+        ValueError: a non-finite scale, or one whose shift would leave ``[0, 62]`` (for ``bits=31``:
+            ``|scale| < 2^-32`` or ``|scale| >= 2^31``).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 31:
+        raise ValueError(f"multiplier bits must be an int in [1, 31], got {bits!r}")
+    s, scalar = _as_float64(scale)
+    if not np.isfinite(s).all():
+        raise ValueError(f"scale must be finite, got {s[~np.isfinite(s)][0]}")
+    mant, exp = np.frexp(s)  # s = mant * 2^exp, 0.5 <= |mant| < 1 (mant = 0 for s = 0)
+    m = np.rint(np.ldexp(mant, bits))  # |m| in [2^(bits-1), 2^bits], exact scaling then one rounding
+    shift = bits - exp.astype(np.int64)
+    carry = np.abs(m) == 2.0**bits  # rounding reached the next power of two: renormalise
+    m = np.where(carry, m / 2, m)
+    shift = np.where(carry, shift - 1, shift)
+    shift = np.where(s == 0, bits - 1, shift)
+    bad = (shift < 0) | (shift > MAX_SHIFT)
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(-1))[0])
+        where = "" if scalar else f" (element {i})"
+        raise ValueError(f"scale {s.reshape(-1)[i]:.6g}{where} is not representable as a {bits}-bit "
+                         f"multiplier with shift in [0, {MAX_SHIFT}]: |scale| must be in "
+                         f"[2^{bits - 1 - MAX_SHIFT}, 2^{bits}) or exactly 0")
+    if scalar:
+        return int(m), int(shift)
+    return torch.from_numpy(m.astype(np.int64)), torch.from_numpy(shift.astype(np.int64))
+
+
+def to_dyadic_common(scales: ScaleLike, bits: int = 31) -> tuple[torch.Tensor, int]:
+    """Several scales on ONE shift: ``scales[i] ~= multipliers[i] * 2^-shift``, all ``|m| < 2^bits``.
+
+    Used where integer terms must be added before a single rounding (a residual add). The largest scale
+    gets a normalised multiplier; smaller ones keep the same absolute error ``<= 2^-(shift+1)``.
+    """
+    s, _ = _as_float64(scales)
+    s = s.reshape(-1)
+    nonzero = s[s != 0]
+    if nonzero.size == 0:
+        return torch.zeros(s.shape, dtype=torch.int64), bits - 1
+    _, shifts = to_dyadic(torch.from_numpy(nonzero), bits)
+    shift = int(shifts.min())
+    m = np.rint(np.ldexp(s, shift))  # the largest |scale| rounds to its normalised multiplier, < 2^bits
+    return torch.from_numpy(m.astype(np.int64)), shift
+
+
+def to_fixed(value: ScaleLike, shift: IntLike) -> IntLike:
+    """``round(value * 2^shift)`` (nearest, ties to even) as int64: a float bias in fixed-point units.
+
+    Raises:
+        ValueError: a non-finite value or a result beyond ``|b| <= 2^61`` (the overflow bound).
+    """
+    v, scalar = _as_float64(value)
+    k = np.asarray(shift.numpy() if isinstance(shift, torch.Tensor) else shift, dtype=np.int32)
+    if not np.isfinite(v).all():
+        raise ValueError("fixed-point value must be finite")
+    b = np.rint(np.ldexp(v, k))  # exact scaling by a power of two, then one rounding
+    if (np.abs(b) > BIAS_LIMIT).any():
+        raise ValueError(f"bias {v.reshape(-1)[np.argmax(np.abs(b).reshape(-1))]:.6g} times 2^shift exceeds "
+                         f"2^61 in fixed point: the requantization would overflow int64")
+    if scalar and b.ndim == 0:
+        return int(b)
+    return torch.from_numpy(b.astype(np.int64))
+
+
+def round_shift(x: torch.Tensor, shift: IntLike) -> torch.Tensor:
+    """``x / 2^shift`` rounded to nearest, ties to even, exactly in int64 (``shift`` >= 0, scalar or broadcast).
+
+    With ``q = x >> shift`` (the floor quotient) and ``c = 2^(shift-1) - 1``, the result is
+    ``(x + c + (q & 1)) >> shift``: a remainder above one half carries into ``q + 1``, one below does not, and
+    an exact half carries only when ``q`` is odd, which makes the result even. ``shift = 0`` returns ``x``.
+    The caller guarantees ``|x| < 2^63 - 2^61`` (see the module docstring).
+    """
+    shift = torch.as_tensor(shift, dtype=torch.int64)
+    x = x.to(torch.int64)
+    pos = (shift > 0).to(torch.int64)
+    c = ((pos << (shift - 1).clamp_min(0)) - pos)  # 2^(shift-1) - 1, or 0 for shift 0
+    odd = (x >> shift).bitwise_and_(pos)
+    return (x + c).add_(odd).bitwise_right_shift_(shift)
+
+
+def requantize(acc: torch.Tensor, multiplier: IntLike, shift: IntLike, bias: IntLike = 0, *,
+               lo: int, hi: int, axis: int = 1) -> torch.Tensor:
+    """``clamp(round_half_even((acc*m + b) * 2^-shift), lo, hi)`` computed exactly in int64; returns int32.
+
+    Args:
+        acc: integer accumulators (int32 conv sums, or wider window sums) with ``|acc| * |m| < 2^62``.
+        multiplier, shift, bias: per tensor (ints or 0-d) or per channel (1-D of length ``acc.shape[axis]``).
+            ``bias`` is in the fixed-point units of its channel (:func:`to_fixed` with the same shift).
+        lo, hi: the output code range (``lo = 0`` also applies a ReLU).
+        axis: the channel axis: 1 for NCHW and for ``(N, C)`` linear outputs, -1 for ``(..., C)``.
+
+    Raises:
+        ValueError: a float ``acc``, or a value outside the bounds that guarantee no int64 overflow.
+    """
+    if acc.dtype.is_floating_point or acc.dtype == torch.bool:
+        raise ValueError(f"acc must be an integer tensor, got {acc.dtype}")
+    if not lo <= hi or lo < -(2**31) or hi >= 2**31:
+        raise ValueError(f"need -2^31 <= lo <= hi < 2^31, got lo={lo}, hi={hi}")
+    acc = acc.to(torch.int64)
+    m, k, b = (_per_channel(p, acc, axis, name) for p, name in
+               ((multiplier, "multiplier"), (shift, "shift"), (bias, "bias")))
+    if int(m.min()) <= -MULTIPLIER_LIMIT or int(m.max()) >= MULTIPLIER_LIMIT:
+        raise ValueError("|multiplier| must be < 2^31 (int32)")
+    max_acc = max(-int(acc.min()), int(acc.max())) if acc.numel() else 0
+    if max_acc * int(m.abs().max()) >= PRODUCT_LIMIT:
+        raise ValueError(f"|acc| * |multiplier| must be < 2^62 (max |acc| {max_acc}): int64 could overflow")
+    if int(k.min()) < 0 or int(k.max()) > MAX_SHIFT:
+        raise ValueError(f"shift must be in [0, {MAX_SHIFT}]")
+    if int(b.min()) < -BIAS_LIMIT or int(b.max()) > BIAS_LIMIT:
+        raise ValueError("|bias| must be <= 2^61 in fixed-point units")
+    return round_shift((acc * m).add_(b), k).clamp_(lo, hi).to(torch.int32)
+
+
+def _per_channel(p: IntLike, acc: torch.Tensor, axis: int, name: str) -> torch.Tensor:
+    """A scalar or 1-D per-channel parameter as int64, shaped to broadcast along ``acc``'s ``axis``."""
+    try:
+        t = torch.as_tensor(p)
+    except (RuntimeError, OverflowError, ValueError):
+        raise ValueError(f"{name} {p} does not fit in int64") from None
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer, got {t.dtype}")
+    t = t.to(torch.int64)
+    if t.numel() == 1 and t.ndim <= 1:
+        return t.reshape(())
+    if acc.ndim == 0:
+        raise ValueError(f"per-channel {name} needs an acc with a channel axis")
+    axis = axis % acc.ndim
+    if t.ndim != 1 or t.numel() != acc.shape[axis]:
+        raise ValueError(f"per-channel {name} must be 1-D of length {acc.shape[axis]} (acc axis {axis}), "
+                         f"got shape {tuple(t.shape)}")
+    return t.reshape((-1,) + (1,) * (acc.ndim - axis - 1))
+
+
+def _as_float64(x: ScaleLike) -> tuple[np.ndarray, bool]:
+    """(float64 array, was it a Python/0-d scalar). float32 inputs convert exactly."""
+    if isinstance(x, torch.Tensor):
+        arr = x.detach().cpu().to(torch.float64).numpy()
+        return arr, False
+    arr = np.asarray(x, dtype=np.float64)
+    return arr, arr.ndim == 0

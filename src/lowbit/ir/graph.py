@@ -1,0 +1,172 @@
+"""The typed integer graph every backend reads: :class:`Graph` of :class:`Node` with decoded tensors.
+
+The file stores the graph as JSON (:mod:`lowbit.ir.format`); :meth:`Graph.from_manifest` turns a validated
+manifest into typed nodes, unpacks each node's tensors and checks every node against the op table
+(:mod:`lowbit.ir.ops`): attribute values and tensor dtypes/shapes, then shapes through the graph on the meta
+device, so a mismatched file fails at load with a :class:`LowbitError`, not in a backend mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.ir.dyadic import INT32_MAX, INT32_MIN
+from lowbit.ir.format import load_codes, read_model
+from lowbit.ir.ops import op_spec
+
+
+@dataclass
+class Node:
+    """One op application: ``outputs = op(inputs; attrs, params)``; ``params`` maps tensor roles to the names
+    of tensors in the file (decoded ones are in :attr:`Graph.params`)."""
+
+    op: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        return self.outputs[0]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Node:
+        return cls(d["op"], d["name"], list(d["inputs"]), list(d["outputs"]), dict(d.get("attrs", {})),
+                   dict(d.get("params", {})))
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"op": self.op, "name": self.name, "inputs": self.inputs, "outputs": self.outputs, "attrs": self.attrs}
+        return {**d, "params": self.params} if self.params else d
+
+
+@dataclass
+class Graph:
+    """A validated integer model: nodes in execution order, their decoded tensors and every value's shape.
+
+    ``manifest`` keeps the file's other keys (input normalisation, layer table, plan, provenance);
+    ``shapes`` maps each value to its shape without the batch dimension.
+    """
+
+    nodes: list[Node]
+    inputs: list[str]
+    outputs: list[str]
+    input_spec: dict[str, Any]
+    entries: dict[str, dict[str, Any]]
+    params: dict[str, dict[str, torch.Tensor]]
+    manifest: dict[str, Any]
+    source: str = "model"
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Graph:
+        """Read, validate and decode a ``.lowbit`` file (:class:`LowbitError` naming the file if anything is
+        wrong)."""
+        manifest, tensors = read_model(path)
+        return cls.from_manifest(manifest, tensors, source=str(path))
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], source: str = "model"
+                      ) -> Graph:
+        """The graph of a manifest already validated by :func:`~lowbit.ir.format.validate_manifest` (as
+        :func:`~lowbit.ir.format.read_model` does), checked node by node against the op table."""
+        nodes = [Node.from_json(n) for n in manifest["graph"]]
+        graph = cls(nodes, list(manifest["inputs"]), list(manifest["outputs"]), manifest.get("input") or {},
+                    manifest["tensors"], {}, manifest, source)
+        try:
+            for node in nodes:
+                graph.params[node.name] = {role: load_codes(manifest, tensors, key)
+                                           for role, key in node.params.items()}
+            graph._check()
+        except LowbitError as e:
+            raise LowbitError(f"{source}: {e}") from None
+        return graph
+
+    # ------------------------------------------------------------------------------------------- lookups
+    def node(self, name: str) -> Node:
+        """The node called ``name``."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise LowbitError(f"{self.source}: no node named {name!r}")
+
+    def producer(self, value: str) -> Node | None:
+        """The node that computes ``value`` (None for a graph input)."""
+        return self._producers().get(value)
+
+    def readers(self, value: str) -> list[Node]:
+        """The nodes that read ``value``, in execution order."""
+        return [n for n in self.nodes if value in n.inputs]
+
+    def _producers(self) -> dict[str, Node]:
+        return {v: n for n in self.nodes for v in n.outputs}
+
+    def value_ranges(self) -> dict[str, tuple[int, int]]:
+        """``[lo, hi]`` of every integer value, from the producing node (ReLU raises ``lo`` to 0)."""
+        ranges: dict[str, tuple[int, int]] = {}
+        for node in self.nodes:
+            a = node.attrs
+            if "lo" in a:
+                r = (a["lo"], a["hi"])
+            else:
+                r = ranges.get(node.inputs[0], (INT32_MIN, INT32_MAX))
+                if node.op == "relu":
+                    r = (max(0, r[0]), max(0, r[1]))
+            ranges[node.output] = r
+        return ranges
+
+    @property
+    def output_scale(self) -> float:
+        """Real value of one unit of the integer logits."""
+        return float(self.nodes[-1].attrs["scale"])
+
+    @property
+    def pixel_input(self) -> bool:
+        """Whether the model takes uint8 pixels (else the float input of the PyTorch model)."""
+        return self.input_spec.get("dtype") == "uint8"
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest again, with the graph from the typed nodes."""
+        return {**self.manifest, "graph": [n.to_json() for n in self.nodes]}
+
+    # ---------------------------------------------------------------------------------------- validation
+    def _check(self) -> None:
+        """Graph structure, every node against its op spec, and shapes through the graph (meta tensors)."""
+        nodes = self.nodes
+        if not nodes or nodes[0].op != "quantize_input" or nodes[-1].op != "dequantize_output":
+            raise LowbitError("the graph must start with quantize_input and end with dequantize_output")
+        if sum(n.op in ("quantize_input", "dequantize_output") for n in nodes) != 2:
+            raise LowbitError("the graph needs exactly one quantize_input and one dequantize_output")
+        shape = self.input_spec.get("shape")
+        if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+            raise LowbitError(f"manifest 'input' needs a positive integer 'shape', got {shape!r}")
+        meta = {self.inputs[0]: torch.empty((1, *shape), device="meta")}
+        for node in nodes:
+            spec = op_spec(node.op)
+            where = f"node {node.name!r} ({node.op})"
+            try:
+                if spec.check is not None:
+                    spec.check(node, self.params[node.name], self)
+                if spec.shape is None:
+                    raise LowbitError(f"op {node.op!r} has no shape rule")
+                out = spec.shape(node, self.params[node.name], [meta[i] for i in node.inputs])
+                meta[node.output] = out
+                self.shapes[node.output] = list(out.shape[1:])
+            except LowbitError as e:
+                raise LowbitError(f"{where}: {e}") from None
+            except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+                raise LowbitError(f"{where}: does not fit its input: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_graph(path: str | os.PathLike) -> Graph:
+    """Shorthand for :meth:`Graph.load`."""
+    return Graph.load(path)
+
+
+__all__ = ["Graph", "Node", "load_graph"]

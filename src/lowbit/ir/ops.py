@@ -1,0 +1,262 @@
+"""The op table: every op of the integer IR, registered once with its schema, validation and shape rule.
+
+An op is a name plus an :class:`OpSpec`: how many inputs it takes, the attribute keys and tensor roles a node
+must carry, a ``check`` that validates a node's attributes and decoded tensors (so a bad file fails at load,
+not mid-run) and a ``shape`` rule that runs the node on meta tensors. What each op *computes* is the
+reference backend's kernel (:mod:`lowbit.runtime.engine`); other backends register their own kernels against
+this table (:mod:`lowbit.ir.kernels`).
+
+=================== =======================================================================================
+op                  computes (``rq`` = ``clamp(round_half_even((v*m + b) * 2^-k), lo, hi)``)
+=================== =======================================================================================
+quantize_input      uint8 pixels: ``lut[c, p]``; float input: ``clamp(round_half_even(x / scale), lo, hi)``
+                    in float32, exactly as the model's input quantizer
+conv2d / linear     ``rq(sum(x * w))`` with per-output-channel ``m, k, b`` (BN, bias and ReLU folded in)
+requantize          ``rq(x)`` with per-tensor ``m, k, b``
+add                 ``clamp(round_half_even((a*m_a + b*m_b + bias) * 2^-shift), lo, hi)``
+relu / maxpool2d    ``max(x, 0)`` / window maxima (zero point 0: order and sign are those of the reals)
+clamp               ``clamp(x, lo, hi)`` (ReLU6, hardtanh: real bounds rounded to codes; rounding is monotone)
+avgpool2d           ``rq(window sum)`` (zero padding counted); adaptive_avgpool: even windows only
+flatten             reshape (trailing dims from ``start_dim`` into one)
+concat              ``cat(x_1, ..., x_n)`` along ``axis`` 1 (inputs of one scale)
+upsample_nearest    each value repeated ``scale[0] x scale[1]`` times (nearest upsampling by integer factors)
+dequantize_output   ``float32(x * scale)``: the only float operation after the input
+=================== =======================================================================================
+
+Adding an op: :func:`register_op` here (or from a plugin), emit it in the lowering, and register one kernel
+per backend that runs it (a backend without one falls back to the reference kernel or refuses the file with
+the op's name).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.ir.dyadic import INT32_MAX, INT32_MIN, MAX_SHIFT
+
+if TYPE_CHECKING:
+    from lowbit.ir.graph import Graph, Node
+
+Params = dict[str, torch.Tensor]
+CheckFn = Callable[["Node", Params, "Graph"], None]
+ShapeFn = Callable[["Node", Params, list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What a node of this op must look like and how its output shape follows from its inputs.
+
+    ``arity``: number of inputs (at least ``arity`` when ``variadic``); ``attrs``/``params``: required attribute
+    keys and tensor roles; ``check``: validation of the node's values (raises :class:`LowbitError`);
+    ``shape``: the output on the meta device; ``moves_values``: the output holds input values moved or
+    selected, in the input's representation (relu and clamp narrow its range).
+    """
+
+    arity: int
+    attrs: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    variadic: bool = False
+    check: CheckFn | None = None
+    shape: ShapeFn | None = None
+    moves_values: bool = False
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def register_op(name: str, spec: OpSpec) -> None:
+    """Make ``name`` a known op; re-registering a name is an error (an op is defined in one place)."""
+    if name in OPS:
+        raise LowbitError(f"op {name!r} is already registered")
+    OPS[name] = spec
+
+
+def unregister_op(name: str) -> None:
+    """Remove an op registered by :func:`register_op` (tests and plugins that add one temporarily)."""
+    OPS.pop(name, None)
+
+
+def op_spec(name: str) -> OpSpec:
+    """The spec of ``name``, or a :class:`LowbitError` listing the known ops."""
+    if name not in OPS:
+        raise LowbitError(f"unknown op {name!r} (known: {', '.join(OPS)})")
+    return OPS[name]
+
+
+# ------------------------------------------------------------------------------------------- validation
+def int_attr(a: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    """``a[key]`` as an int in ``[lo, hi]``, else a :class:`LowbitError` naming it."""
+    v = a.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise LowbitError(f"attribute {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _check_range(a: dict[str, Any]) -> None:
+    lo, hi = int_attr(a, "lo", INT32_MIN, INT32_MAX), int_attr(a, "hi", INT32_MIN, INT32_MAX)
+    if lo > hi:
+        raise LowbitError(f"empty output range lo={lo} > hi={hi}")
+
+
+def _check_scale(a: dict[str, Any], what: str) -> None:
+    s = a["scale"]
+    if not (isinstance(s, float) and math.isfinite(s) and s > 0):
+        raise LowbitError(f"{what} scale must be a positive number, got {s!r}")
+
+
+def _check_requant_tensors(p: Params, channels: int) -> None:
+    for role, dtype in (("multiplier", torch.int32), ("shift", torch.int8), ("bias", torch.int64)):
+        t = p[role]
+        if t.dtype != dtype or list(t.shape) != [channels]:
+            raise LowbitError(f"{role} must be {str(dtype).removeprefix('torch.')} of shape [{channels}], "
+                              f"got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
+    if int(p["shift"].min()) < 0 or int(p["shift"].max()) > MAX_SHIFT:
+        raise LowbitError(f"shift must be in [0, {MAX_SHIFT}]")
+    if int(p["multiplier"].min()) == INT32_MIN:
+        raise LowbitError("multiplier -2^31 is out of range")
+
+
+def _check_requant_attrs(node: Node, p: Params, graph: Graph) -> None:
+    a = node.attrs
+    _check_range(a)
+    int_attr(a, "multiplier", INT32_MIN + 1, INT32_MAX)
+    int_attr(a, "shift", 0, MAX_SHIFT)
+    int_attr(a, "bias", -(2**61), 2**61)
+
+
+def _check_quantize_input(node: Node, p: Params, graph: Graph) -> None:
+    a, spec = node.attrs, graph.input_spec
+    _check_range(a)
+    if spec.get("dtype") == "uint8":
+        lut = p.get("lut")
+        if lut is None or lut.dtype != torch.int16 or list(lut.shape) != [spec["shape"][0], 256]:
+            raise LowbitError(f"uint8 input needs an int16 'lut' of shape [{spec['shape'][0]}, 256]")
+        if int(lut.min()) < a["lo"] or int(lut.max()) > a["hi"]:
+            raise LowbitError("lookup table codes fall outside [lo, hi]")
+    else:
+        _check_scale(a, "input")
+
+
+def _check_layer(node: Node, p: Params, graph: Graph) -> None:
+    a = node.attrs
+    _check_range(a)
+    w, bits = p["weight"], a["w_bits"]
+    entry = graph.entries[node.params["weight"]]
+    if entry.get("bits") != bits or entry.get("signed") is not True:
+        raise LowbitError(f"weight must be packed as signed {bits}-bit codes (w_bits), found "
+                          f"{entry.get('bits')}-bit {'signed' if entry.get('signed') else 'unsigned'}")
+    dims = 4 if node.op == "conv2d" else 2
+    if w.dim() != dims:
+        raise LowbitError(f"weight must be {dims}-D, got shape {list(w.shape)}")
+    lo_w, hi_w = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if w.numel() and (int(w.min()) < lo_w or int(w.max()) > hi_w):
+        raise LowbitError(f"weight codes exceed the {bits}-bit range")
+    _check_requant_tensors(p, w.shape[0])
+
+
+def _check_add(node: Node, p: Params, graph: Graph) -> None:
+    a = node.attrs
+    _check_range(a)
+    for key in ("multiplier_a", "multiplier_b"):
+        int_attr(a, key, INT32_MIN + 1, INT32_MAX)
+    int_attr(a, "shift", 0, MAX_SHIFT)
+    int_attr(a, "bias", -(2**61), 2**61)
+
+
+def _check_concat(node: Node, p: Params, graph: Graph) -> None:
+    _check_range(node.attrs)
+    if node.attrs["axis"] != 1:
+        raise LowbitError(f"concat runs along axis 1 (channels), got axis {node.attrs['axis']!r}")
+
+
+def _check_upsample(node: Node, p: Params, graph: Graph) -> None:
+    s = node.attrs["scale"]
+    if not (isinstance(s, list) and len(s) == 2 and all(type(v) is int and v >= 1 for v in s)):
+        raise LowbitError(f"upsampling scale must be two positive integers, got {s!r}")
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+def _same(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(xs[0])
+
+
+def _conv_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    w = torch.empty(p["weight"].shape, device="meta")
+    return F.conv2d(xs[0], w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+
+def _linear_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    if xs[0].dim() != 2:
+        raise LowbitError(f"linear needs a 2-D input, got {xs[0].dim()}-D (flatten first)")
+    return F.linear(xs[0], torch.empty(p["weight"].shape, device="meta"))
+
+
+def _add_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    if xs[0].shape != xs[1].shape:
+        raise LowbitError(f"adds shapes {list(xs[0].shape)} and {list(xs[1].shape)}")
+    return torch.empty_like(xs[0])
+
+
+def _maxpool_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    return F.max_pool2d(xs[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+def _avgpool_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    return F.avg_pool2d(xs[0], a["kernel_size"], a["stride"], a["padding"])
+
+
+def _adaptive_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    x, (oh, ow) = xs[0], node.attrs["output_size"]
+    if x.dim() != 4 or x.shape[-2] % oh or x.shape[-1] % ow:
+        raise LowbitError(f"output size {node.attrs['output_size']} does not divide the input {list(x.shape)}")
+    return F.adaptive_avg_pool2d(x, (oh, ow))
+
+
+def _upsample_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    x, (sh, sw) = xs[0], node.attrs["scale"]
+    if x.dim() != 4:
+        raise LowbitError(f"upsampling needs an NCHW input, got {x.dim()}-D")
+    return x.new_empty((*x.shape[:2], x.shape[2] * sh, x.shape[3] * sw))
+
+
+_REQUANT = ("multiplier", "shift", "bias", "lo", "hi")
+_LAYER = ("weight", "multiplier", "shift", "bias")  # per-channel requantization tensors
+
+for _name, _spec in {
+    "quantize_input": OpSpec(1, attrs=("bits", "signed", "scale", "lo", "hi"), check=_check_quantize_input,
+                             shape=_same),
+    "conv2d": OpSpec(1, attrs=("stride", "padding", "dilation", "groups", "w_bits", "lo", "hi"), params=_LAYER,
+                     check=_check_layer, shape=_conv_shape),
+    "linear": OpSpec(1, attrs=("w_bits", "lo", "hi"), params=_LAYER, check=_check_layer, shape=_linear_shape),
+    "requantize": OpSpec(1, attrs=_REQUANT, check=_check_requant_attrs, shape=_same),
+    "add": OpSpec(2, attrs=("multiplier_a", "multiplier_b", "shift", "bias", "lo", "hi"), check=_check_add,
+                  shape=_add_shape),
+    "relu": OpSpec(1, shape=_same, moves_values=True),
+    "clamp": OpSpec(1, attrs=("lo", "hi"), check=lambda n, p, g: _check_range(n.attrs), shape=_same,
+                    moves_values=True),
+    "maxpool2d": OpSpec(1, attrs=("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+                        shape=_maxpool_shape, moves_values=True),
+    "avgpool2d": OpSpec(1, attrs=("kernel_size", "stride", "padding", *_REQUANT), check=_check_requant_attrs,
+                        shape=_avgpool_shape),
+    "adaptive_avgpool": OpSpec(1, attrs=("output_size", *_REQUANT), check=_check_requant_attrs,
+                               shape=_adaptive_shape),
+    "flatten": OpSpec(1, attrs=("start_dim",), shape=lambda n, p, xs: torch.flatten(xs[0], n.attrs["start_dim"]),
+                      moves_values=True),
+    "concat": OpSpec(2, attrs=("axis", "lo", "hi"), variadic=True, check=_check_concat,
+                     shape=lambda n, p, xs: torch.cat(xs, dim=1)),
+    "upsample_nearest": OpSpec(1, attrs=("scale",), check=_check_upsample, shape=_upsample_shape,
+                               moves_values=True),
+    "dequantize_output": OpSpec(1, attrs=("scale",), check=lambda n, p, g: _check_scale(n.attrs, "output"),
+                                shape=_same, moves_values=True),
+}.items():
+    register_op(_name, _spec)
