@@ -39,6 +39,7 @@ from lowbit.deploy.bench import (  # noqa: E402
     compile_call,
     describe_paths,
     float_model,
+    latency_table,
     machine_info,
     peak_memory,
     summarize,
@@ -269,6 +270,9 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res.get("targets"):
         lines += ["## Targets (issue #13)", ""] + [f"- {t}" for t in res["targets"]] + [""]
+        lines += [f"- why ({g}): {w}" for g, w in why(res)] + [""]
+    if res.get("note"):
+        lines += [res["note"], ""]
     if res.get("embedded"):
         e = res["embedded"]
         from lowbit.deploy.verify import format_report
@@ -300,6 +304,28 @@ def targets(res: dict) -> list[str]:
     return out
 
 
+def why(res: dict) -> list[tuple[str, str]]:
+    """From each group's batch-64 profile: the int8 kernels alone against PyTorch int8's whole model, and the
+    compiled glue."""
+    out = []
+    for group, cell in res["groups"].items():
+        prof = cell.get("profile")
+        rows = {r["variant"]: r for r in cell["rows"] if r["batch"] == 64}
+        int8 = next((r for v, r in rows.items() if v.startswith("PyTorch int8")), None)
+        ours = next((r for v, r in rows.items() if v.startswith("lowbit w4a4")), None)
+        if not (prof and int8 and ours):
+            continue
+        conv = sum(e["ms"] for e in prof["ops"] if e["op"].startswith(("onednn::", "lowbit::")))
+        glue = sum(e["ms"] for e in prof["ops"] if "CompiledFxGraph" in e["op"])
+        total = sum(e["ms"] for e in prof["ops"]) or 1
+        out.append((group, f"the oneDNN int8 kernels writing exact float32 accumulators take {conv:.0f} ms "
+                           f"({100 * conv / total:.0f}% of the profiled call), against {int8['median_ms']:.0f} ms "
+                           f"for PyTorch int8's whole model, whose kernels requantize in the kernel and write "
+                           f"uint8; the compiled requantization/add/pool glue takes {glue:.0f} ms "
+                           f"({100 * glue / total:.0f}%), reading those float32 accumulators back"))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from", dest="source", default=None, help="a quantized run directory (embedded ResNet)")
@@ -314,11 +340,21 @@ def main() -> None:
     ap.add_argument("--mixed", action="store_true", help="also the mostly-2-bit resnet18")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (one profiled call each)")
     ap.add_argument("--force", action="store_true", help="redo cells already in docs/results/deploy.json")
+    ap.add_argument("--note", default=None, help="a paragraph to add to the report (kept in the JSON)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the report from the JSON")
     args = ap.parse_args()
+    if args.render:
+        res = load_json(RESULTS / "deploy.json")
+        res["note"] = args.note or res.get("note")
+        res["targets"] = targets(res)
+        write_results("deploy", res, markdown(res))
+        return
     torch.set_num_threads(args.threads)
     out_json = RESULTS / "deploy.json"
     res = load_json(out_json) if out_json.exists() and not args.force else {}
     res.setdefault("groups", {})
+    if args.note:
+        res["note"] = args.note
     res.update(machine=machine_info(), machine_common=machine(), threads=args.threads, args=vars(args),
                command=COMMAND)
     res["loaded"] = res["machine"].get("loadavg", [0])[0] > 0.5 * (res["machine"].get("logical_cpus") or 1)
@@ -336,6 +372,9 @@ def main() -> None:
                 save_json(out_json, res)
             m = IntegerModel.load(path)
             jobs.append((f"embedded ResNet ({args.source})", {"w4a4": path}, float_model(m.manifest)))
+            name = (res["embedded"].get("model") or Path(args.source).name).replace(":", "_")
+            save_json(RESULTS / f"latency_{name}.json", latency_table(path, batch=8, runs=20))
+            print(f"per-layer latency table -> {RESULTS / f'latency_{name}.json'}")
         elif not args.skip_resnet8:
             jobs.append(("embedded resnet8 28x28 (registry, random weights)", *resnet8_model(tmp)))
         for group, paths, fp in jobs:

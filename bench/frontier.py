@@ -10,8 +10,9 @@ Writes docs/results/frontier.{md,json,png}: the frontier averaged over seeds, ti
 ALPS and the issue's targets with whether each was met. Every stage is resumable (rerun the same command).
 
     python bench/frontier.py --seeds 0,1 --budgets 0.1,0.25,0.5,0.75,1.0 --epochs 1 --workers 2
-    python bench/frontier.py --model resnet20 --w4a4-epochs 5 --seeds 0,1,2 --budgets 0.25,0.5,0.75 \
-        --epochs 5 --distill --alps-epochs 1 --hessian-rse 0.1 --runs runs/bench-frontier-r20   # issue #12 scale
+    python bench/frontier.py --model resnet20 --fp32-weights bench/state/resnet20-fp32 --w4a4-epochs 5 \
+        --seeds 0,1,2 --budgets 0.25,0.5,0.75 --epochs 5 --distill --alps-epochs 1 --hessian-rse 0.1 \
+        --runs runs/bench-frontier-r20       # issue #12 scale (bench/state: the fp32 resnet20 trained here)
     python bench/frontier.py --data synthetic --tiny      # smoke test (a minute); writes under --runs only
 
 With several seeds the file also gives, per budget, the paired difference (same seed, same data order) of
@@ -47,14 +48,16 @@ def _complete(run: Path) -> bool:
 
 
 def build_base(runs: Path, data, tiny: bool, seed: int, model: str = "resnet8", fp32_epochs: float = 10,
-               w4a4_epochs: float | None = None) -> Path:
-    """fp32 ``model``, then W4A4 LSQ from it; a finished stage is reused (resumable)."""
+               w4a4_epochs: float | None = None, fp32_weights: str | None = None) -> Path:
+    """fp32 ``model`` (trained here, or from ``fp32_weights`` that an earlier run trained), then W4A4 LSQ from it;
+    a finished stage is reused (resumable)."""
     fp, w4 = runs / "fp32", runs / "w4a4"
     if not _complete(fp):
-        resume = (fp / "checkpoint.pt").exists()
-        fit = FitConfig(epochs=2 if tiny else fp32_epochs, batch_size=64 if tiny else 128, seed=seed, quiet=True)
-        train(TrainConfig(model=model, width=0.5 if tiny else None, data=data.name, out=str(fp), fit=fit),
-              data=data, resume=resume, overwrite=not resume)
+        resume = (fp / "checkpoint.pt").exists() and not fp32_weights
+        epochs = 0 if fp32_weights else 2 if tiny else fp32_epochs
+        fit = FitConfig(epochs=epochs, batch_size=64 if tiny else 128, seed=seed, quiet=True)
+        train(TrainConfig(model=model, width=0.5 if tiny else None, data=data.name, out=str(fp), fit=fit,
+                          weights=fp32_weights), data=data, resume=resume, overwrite=not resume)
     if not _complete(w4):
         resume = (w4 / "checkpoint.pt").exists()
         over = {"epochs": 1, "batch_size": 64} if tiny else ({"epochs": w4a4_epochs} if w4a4_epochs else {})
@@ -208,6 +211,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="processes for ALPS candidates and frontier points")
     ap.add_argument("--model", default="resnet8", help="registry model of the base run (resnet8/14/20)")
     ap.add_argument("--fp32-epochs", type=float, default=10, help="epochs of the fp32 base run")
+    ap.add_argument("--fp32-weights", default=None,
+                    help="start from these fp32 weights instead of training (e.g. bench/state/resnet20-fp32)")
     ap.add_argument("--w4a4-epochs", type=float, default=None, help="epochs of the W4A4 base run (recipe: 5)")
     ap.add_argument("--distill", action="store_true", help="fine-tune every point with LSQ+KD from the fp32 run")
     ap.add_argument("--hessian-rse", type=float, default=None,
@@ -225,8 +230,11 @@ def main() -> None:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     runs = Path(a.runs)
     data = get_data(a.data, a.data_dir)
+    weights = a.fp32_weights
+    if weights and Path(weights).is_dir():
+        weights = str(Path(weights) / "weights.safetensors")
     base = Path(a.source) if a.source else build_base(runs, data, a.tiny, seeds[0], a.model, a.fp32_epochs,
-                                                      a.w4a4_epochs)
+                                                      a.w4a4_epochs, weights)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     small = {"examples_per_epoch": 64, "batch_size": 32} if a.tiny else {}
     options = {"alps": {"epochs": a.alps_epochs, **({"examples_per_epoch": 64, "batch_size": 32} if a.tiny else {})},

@@ -8,13 +8,16 @@ rules over the tokens, which attention has to gather from anywhere in the sequen
   positive: a weighted vote, decided by a hair near zero, where the precision of the network shows;
 * bit 1: ``TRIGGER`` occurs at least twice (2-3 times against 0-1): a count against a threshold.
 
-Factories for the command line (needs ``pip install 'lowbit[hf]'``)::
+Factories for the command line (needs ``pip install 'lowbit[hf]'``). The CLI fine-tunes with SGD; encoders want small
+learning rates there (``--lr 1e-3``; the recipes' CNN defaults wreck them), or train fp32 by API with AdamW as
+:func:`walk_through` does and hand the weights over with ``--weights``::
 
-    lowbit train --model examples/tiny_bert.py:make_model --data examples/tiny_bert.py:make_data \\
-        --epochs 3 --lr 0.05 --out runs/bert-fp32
-    lowbit quantize --from runs/bert-fp32 --bits w4a4 --per-channel --distill --epochs 2 --out runs/bert-w4a4
+    lowbit plan --show --model examples/tiny_bert.py:make_model --bits w4a8 --quantize-matmuls
+    lowbit train --model examples/tiny_bert.py:make_model --data examples/tiny_bert.py:make_data \
+        --weights fp32.pt --epochs 0 --out runs/bert-fp32
+    lowbit quantize --from runs/bert-fp32 --bits w4a4 --per-channel --distill --lr 1e-3 --out runs/bert-w4a4
     lowbit sensitivity --from runs/bert-w4a4 --method eagl --out runs/bert-eagl
-    lowbit plan --show --model examples/tiny_bert.py:make_model --bits w4a8
+    lowbit frontier --from runs/bert-w4a4 --methods eagl,alps,random --lr 1e-3 --out runs/bert-frontier
 
 Run this file for the same by API (``python examples/tiny_bert.py``); see :func:`walk_through`.
 """

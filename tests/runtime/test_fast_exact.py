@@ -206,7 +206,7 @@ def test_bounds_contain_every_value(exports):
 def test_an_op_without_a_kernel_runs_on_the_reference_with_one_warning(exports, monkeypatch):
     registry = importlib.import_module("lowbit.ir.kernels")  # the module (lowbit.ir.kernels is also a function)
     monkeypatch.delitem(registry._KERNELS["cpu_fast"], "maxpool2d")
-    ref = IntegerModel.load(exports["resnet18-shaped w4a4"])
+    ref = IntegerModel.load(exports["resnet18-shaped, positive stem BN"])  # its conv1 would pool accumulators
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fast = FastModel(ref)

@@ -6,6 +6,8 @@ import pytest
 
 from lowbit.cli import main
 
+pytest.importorskip("transformers")
+
 MODEL = "examples/tiny_bert.py:make_model"
 DATA = "examples/tiny_bert.py:make_data"
 DATA_ARGS = "{n_train: 192, n_val: 48, n_test: 48, seq_len: 16}"
@@ -41,11 +43,6 @@ def test_quantize_run_gets_bits_by_role(runs):
 
 
 def test_plan_show_from_a_run(runs, capsys):
-    from lowbit.cli import plan as plan_cli
-    from lowbit.cli.main import _stage_commands, register
-
-    if "plan" not in _stage_commands():
-        register("plan", *plan_cli.COMMANDS["plan"])
     out = _cli(["plan", "--show", "--from", runs / "w4a4"], capsys)
     assert "head" in out and "w4a4 x12" in out
     out = _cli(["plan", "--from", runs / "fp32", "--bits", "w4a8", "--data", DATA, "--data-args", DATA_ARGS], capsys)
@@ -69,3 +66,16 @@ def test_frontier_on_an_encoder(runs, tmp_path, capsys):
           "--quiet", "--out", tmp_path / "fr"], capsys)
     payload = json.loads((tmp_path / "fr" / "frontier.json").read_text())
     assert len(payload["points"]) == 4 and all(p["val_acc"] is not None for p in payload["points"])
+
+
+def test_a_w4a8_encoder_with_quantized_matmuls_through_the_cli(runs, tmp_path, capsys):
+    _cli(["quantize", "--from", runs / "fp32", "--bits", "w4a8", "--quantize-matmuls", "--activation-init", "mse",
+          "--epochs", "0", "--quiet", "--out", tmp_path / "w4a8"], capsys)
+    from lowbit.io import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "w4a8" / "checkpoint.pt")
+    assert ckpt["quant_config"]["quantize_matmuls"] is True
+    assert any("qk_matmul" in k for k in ckpt["state_dict"])
+    _cli(["sensitivity", "--from", tmp_path / "w4a8", "--method", "eagl", "--quiet", "--out", tmp_path / "s"], capsys)
+    table = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert len(table["rows"]) == 12  # the blocks' 4-bit-weight layers are the W4A8 candidates

@@ -1,5 +1,9 @@
 """examples/tiny_bert.py runs end to end at a small size."""
 
+import pytest
+
+pytest.importorskip("transformers")
+
 
 def test_walk_through_small(capsys):
     import tiny_bert

@@ -7,6 +7,8 @@ import pytest
 from lowbit.cli import plan as plan_cli
 from lowbit.quant import Plan, is_transformer, layer_roles
 
+pytest.importorskip("transformers")
+
 
 def test_roles_of_a_bert_classifier(bert):
     roles = layer_roles(bert)

@@ -19,6 +19,8 @@ from lowbit.quant import (
 )
 from lowbit.train import FitConfig, evaluate, fit
 
+pytest.importorskip("transformers")
+
 
 def _inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
@@ -66,9 +68,10 @@ def test_quantize_calibrate_with_dict_batches_and_matmuls(bert, batch):
     torch.testing.assert_close(rebuilt(**_inputs(batch)).logits, out.detach())
 
 
-def test_transformers_default_to_per_channel_weight_steps(bert):
-    model = quantize_(copy.deepcopy(bert), "w4a8")
-    assert all(m.weight_quantizer.per_channel for m in quant_layers(model).values())
+def test_preset_by_name_and_new_config_fields(bert):
+    model = quantize_(copy.deepcopy(bert), "w4a8")  # per-tensor by default: per-channel did not measure better
+    assert not any(m.weight_quantizer.per_channel for m in quant_layers(model).values())
+    assert quant_layers(model)["classifier"].w_bits == 8
     assert QuantConfig(quantize_matmuls=True).to_dict()["quantize_matmuls"] is True
     assert "quantize_matmuls" not in QuantConfig().to_dict()  # old fingerprints still match
 

@@ -283,6 +283,10 @@ def _quantize():
                        help="distillation loss: kl on logits (classification, default), mse or cosine on the "
                             "outputs (embeddings, regression)")
         p.add_argument("--per-channel", action="store_true", help="one weight step per output channel")
+        p.add_argument("--quantize-matmuls", action="store_true",
+                       help="also quantize the two attention matmuls (Q·Kᵀ, softmax·V) of Hugging Face encoders")
+        p.add_argument("--activation-init", default="mean", choices=["mean", "mse", "percentile"],
+                       help="LSQ input steps: the paper's 2·mean|x|/sqrt(Q_P), or outlier-robust MSE / percentile")
         p.add_argument("--first-last-bits", type=_bits_or_float, default=8,
                        help="bits of the first and last layers in presets ('float' keeps them fp32)")
         add_fit(p, epochs=None, lr=None, wd=None, schedule=None)
@@ -308,6 +312,7 @@ def _quantize():
             data = cli_data(a, load_checkpoint(checkpoint_path(a.source)).get("spec"))
         cfg = QuantizeConfig(source=a.source, out=a.out, bits=None if a.plan_file else a.bits,
                              plan_file=a.plan_file, recipe=a.recipe, method=a.method, per_channel=a.per_channel,
+                             quantize_matmuls=a.quantize_matmuls, activation_init=a.activation_init,
                              first_last_bits=a.first_last_bits, distill=a.distill, data=a.data,
                              data_dir=a.data_dir, loss=a.loss, metric=a.metric)
         s = quantize_run(cfg, resume=a.resume, overwrite=a.overwrite, fit_overrides=over, data=data)
@@ -353,9 +358,9 @@ def register(name: str, factory, help: str, description: str | None = None) -> N
 
 def _stage_commands() -> dict:
     """Commands of the later stages live beside their stage; imported here, lazily (they import this module)."""
-    from lowbit.cli import deploy, mixed, walk
+    from lowbit.cli import deploy, mixed, plan, walk
 
-    return {**SUBCOMMANDS, **mixed.COMMANDS, **deploy.COMMANDS, **walk.COMMANDS}
+    return {**SUBCOMMANDS, **plan.COMMANDS, **mixed.COMMANDS, **deploy.COMMANDS, **walk.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,6 +129,13 @@ def format_report(r: dict[str, Any]) -> str:
                          f"{100 * max(v['codes_differing_first_batch'].values(), default=0):.3f}% "
                          f"(max {v['max_code_diff_first_batch']})")
             lines.append(text)
+            if name == "fast_path" and v.get("paths"):
+                other = {n: p for n, p in v["paths"].items() if p != "int8"}
+                n = len(v["paths"])
+                lines.append(f"fast path layers: {n - len(other)}/{n} conv/linear on oneDNN int8 (exact int32 "
+                             "accumulators)"
+                             + (f"; exact float path for {', '.join(f'{n} [{p}]' for n, p in other.items())}"
+                                if other else ""))
     if "lowering" in r:
         lines.append(format_lowering(r["lowering"]))
     return "\n".join(lines)

@@ -10,7 +10,6 @@ Typical use::
 from lowbit.quant.api import (
     build_quantized,
     calibrate_,
-    default_config,
     plan_of,
     quant_layers,
     quant_matmuls,
@@ -55,7 +54,6 @@ __all__ = [
     "build_quantized",
     "calibrate_",
     "check_bits",
-    "default_config",
     "edge_layers",
     "execution_order",
     "fake_quant",

@@ -33,15 +33,9 @@ def _as_plan(plan: Plan | Mapping | str, model: nn.Module) -> Plan:
     return Plan.preset(plan, model) if isinstance(plan, str) else Plan.coerce(plan)
 
 
-def default_config(model: nn.Module) -> QuantConfig:
-    """The config ``quantize_`` uses when given none: per-channel weight steps for transformers (measured better
-    on encoders, docs/results/transformer.md), the LSQ defaults otherwise."""
-    return QuantConfig(per_channel=True) if is_transformer(model) else QuantConfig()
-
-
-def _as_config(config: QuantConfig | Mapping | None, model: nn.Module | None = None) -> QuantConfig:
+def _as_config(config: QuantConfig | Mapping | None) -> QuantConfig:
     if config is None:
-        return QuantConfig() if model is None else default_config(model)
+        return QuantConfig()
     return config if isinstance(config, QuantConfig) else QuantConfig.from_dict(dict(config))
 
 
@@ -53,9 +47,9 @@ def quantize_(model: nn.Module, plan: Plan | Mapping | str, config: QuantConfig 
     changes. Returns ``model`` for chaining. Steps are not initialised yet: call :func:`calibrate_`.
     A Hugging Face transformer switches to eager attention (:func:`lowbit.models.hf.use_eager_attention_`);
     with ``config.quantize_matmuls`` its attention matmuls are quantized too
-    (:func:`lowbit.models.hf.quantize_matmuls_`). ``config=None`` is :func:`default_config` for this model.
+    (:func:`lowbit.models.hf.quantize_matmuls_`).
     """
-    config = _as_config(config, model)
+    config = _as_config(config)
     plan = _as_plan(plan, model)
     plan.validate(model)
     todo = {name: bits for name, bits in plan.layers.items() if bits != (None, None)}
@@ -224,5 +218,5 @@ def build_quantized(model_fp: nn.Module, plan: Plan | Mapping, config: QuantConf
     return model
 
 
-__all__ = ["QuantConfig", "build_quantized", "calibrate_", "default_config", "plan_of", "quant_layers", "quant_matmuls",
-           "quantize_", "reset_layer_"]
+__all__ = ["QuantConfig", "build_quantized", "calibrate_", "plan_of", "quant_layers", "quant_matmuls", "quantize_",
+           "reset_layer_"]

@@ -312,10 +312,10 @@ class FastModel:
         for node in model.nodes:
             for v in node.inputs:
                 readers.setdefault(v, []).append(node.op)
-        self._pool_first = {n.output for n in model.nodes
-                            if n.op == "conv2d" and readers.get(n.output) == ["maxpool2d"]}
-        self._deferred: dict[str, tuple[Any, int | None]] = {}  # conv output held as accumulators -> (rq, zp)
         builders = kernels("cpu_fast")
+        self._pool_first = {n.output for n in model.nodes if n.op == "conv2d" and "maxpool2d" in builders
+                            and readers.get(n.output) == ["maxpool2d"]}
+        self._deferred: dict[str, tuple[Any, int | None]] = {}  # conv output held as accumulators -> (rq, zp)
         self._steps = []
         for node in model.nodes:
             self._zp[node.output] = self._rep(node)

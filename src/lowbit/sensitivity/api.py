@@ -109,9 +109,10 @@ def score_layers(method: str, model: nn.Module, data: DataSplits | None = None, 
 
 
 def load_w4a4_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained W4A4 model of a ``lowbit quantize --bits w4a4`` run and its checkpoint dict.
+    """The trained W4A4 (or W4A8) model of a ``lowbit quantize --bits w4a4`` run and its checkpoint dict.
 
-    Every quantized layer must be at 4/4 or 8/8 bits (float layers are allowed and never candidates).
+    Every quantized layer must be at 4/4, 4/8 or 8/8 bits (float layers are allowed and never candidates); a
+    W4A8 encoder's 4-bit-weight layers are its candidates.
     """
     ckpt = load_checkpoint(checkpoint_path(run))
     if ckpt.get("kind") != "quantized":
@@ -119,8 +120,8 @@ def load_w4a4_run(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                           f"found a {ckpt.get('kind')!r} checkpoint")
     model = build_model(ckpt)
     bits = {n: (m.w_bits, m.a_bits) for n, m in quant_layers(model).items()}
-    odd = [f"{n} at w{w}a{a}" for n, (w, a) in bits.items() if (w, a) not in ((4, 4), (8, 8))]
-    if odd or (4, 4) not in bits.values():
+    odd = [f"{n} at w{w}a{a}" for n, (w, a) in bits.items() if (w, a) not in ((4, 4), (4, 8), (8, 8))]
+    if odd or not any(w == 4 for w, _ in bits.values()):
         raise LowbitError(f"{run}: not a W4A4-quantized run ({', '.join(odd[:3]) or 'no 4-bit layer'}); "
                           "quantize it with `lowbit quantize --bits w4a4` first")
     return model, ckpt

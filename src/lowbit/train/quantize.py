@@ -100,6 +100,8 @@ class QuantizeConfig:
     recipe: str = "lsq"
     method: str | None = None  # quantizer: lsq | faq | minmax (default: the recipe's)
     per_channel: bool = False
+    quantize_matmuls: bool = False  # also the attention matmuls of Hugging Face encoders
+    activation_init: str = "mean"  # LSQ input steps: mean (the paper) | mse | percentile (outlier-robust)
     first_last_bits: int | None = 8
     distill: bool = False
     data: str | None = None  # None: the fp32 run's own data (its factory and split)
@@ -112,6 +114,9 @@ class QuantizeConfig:
         d = asdict(self)
         for key in ("loss", "metric"):
             if d[key] is None:
+                del d[key]
+        for key, default in (("quantize_matmuls", False), ("activation_init", "mean")):
+            if d[key] == default:  # recorded when used: configs of earlier runs compare as before
                 del d[key]
         return d
 
@@ -148,7 +153,8 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     if cfg.loss:
         spec["loss"] = loss_name(cfg.loss)
     plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits, data.example(1))
-    qcfg = QuantConfig(method=cfg.method or cfg.recipe, per_channel=cfg.per_channel)
+    qcfg = QuantConfig(method=cfg.method or cfg.recipe, per_channel=cfg.per_channel,
+                       quantize_matmuls=cfg.quantize_matmuls, activation_init=cfg.activation_init)
     fit_cfg = cfg.fit or recipe_fit_config(cfg.recipe, plan_min_bits(plan), **(fit_overrides or {}))
     if cfg.distill:
         fit_cfg = replace(fit_cfg, distill=True)
