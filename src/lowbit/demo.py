@@ -56,7 +56,7 @@ def demo(out: str | Path = "runs/demo", *, data: str = "fashion-mnist", data_dir
                  "seconds": s["train_seconds"]})
 
     # W8A8 needs no fine-tuning to stay at fp32 accuracy (min/max calibration); W4A4 is LSQ+KD from fp32
-    stages = (("w8a8", "w8a8", 0, "minmax", False), ("w4a4", "w4a4", 0.25 if fast else 1, None, True))
+    stages = (("w8a8", "w8a8", 0, "minmax", False), ("w4a4", "w4a4", 0.25 if fast else 2, None, True))
     for name, bits, epochs, method, distill in stages:
         q_dir = out / name
         q_cfg = QuantizeConfig(source=str(fp_dir), out=str(q_dir), bits=bits, recipe="lsq", method=method,
@@ -71,10 +71,10 @@ def demo(out: str | Path = "runs/demo", *, data: str = "fashion-mnist", data_dir
     summary = {"stages": rows}
     fr_dir = out / "frontier"
     # short fine-tunes at a low lr with distillation: enough to recover from the drop, too little to move W4A4
-    points = recipe_fit_config("lsq", 2, epochs=0.1 if fast else 0.3, lr=0.005, distill=True, seed=seed,
+    points = recipe_fit_config("lsq", 2, epochs=0.1 if fast else 0.5, lr=0.005, distill=True, seed=seed,
                                device=device, quiet=True)
-    fr_cfg = FrontierConfig(methods=("eagl", "alps", "random"), budgets=(0.5,), fit=points, seed=seed,
-                            device=device, quiet=quiet, options={"alps": {"epochs": 0.05 if fast else 0.1}})
+    fr_cfg = FrontierConfig(methods=("eagl", "alps", "random"), budgets=(0.25, 0.5), fit=points, seed=seed,
+                            device=device, quiet=quiet, options={"alps": {"epochs": 0.05 if fast else 0.25}})
     fr_file = fr_dir / "frontier.json"
     if fr_file.exists() and not overwrite and load_json(fr_file).get("complete", True):
         fr = load_json(fr_file)

@@ -7,8 +7,10 @@ export but the file under test and the PyTorch model:
 * **codes**: for every quantized layer, the codes the runtime feeds it (the file's graph, run by the reference
   backend) against the codes the fake-quant model's own input quantizer makes from its float input, with the
   model in eval mode (batch norms use their running statistics). Rounding is decided by float arithmetic in
-  one and by exact integers in the other, so codes may differ by one near a rounding tie: each layer must
-  agree within 1 everywhere and exactly on all but ``max_frac_differing`` of its codes;
+  one and by exact integers in the other, so codes may differ by one near a rounding tie, and such a difference
+  moves the float input of every later layer (a 2-bit layer turns it into a whole step), so a rare code further
+  down may differ by two: each layer must agree exactly on all but ``max_frac_differing`` of its codes and
+  within 1 on all but a tenth of that;
 * **folds**: for every conv/linear node, the per-channel affine map its requantization computes,
   ``m_c * 2^-k_c`` and ``b_c * 2^-k_c`` in real units (``out_scale``), against the one recomputed from the
   model: ``g_c * s_x * s_w,c`` and ``g_c * bias_c + h_c``, where ``s_x, s_w`` are the quantizers' steps and
@@ -45,11 +47,16 @@ class LayerCodes:
 
     elements: int = 0
     differing: int = 0
+    over_one: int = 0  # codes that differ by more than 1
     max_diff: int = 0
 
     @property
     def frac_differing(self) -> float:
         return self.differing / max(1, self.elements)
+
+    @property
+    def frac_over_one(self) -> float:
+        return self.over_one / max(1, self.elements)
 
 
 @dataclass
@@ -75,8 +82,9 @@ class LoweringCheck:
     @property
     def failures(self) -> list[str]:
         """One line per layer whose codes or fold are out of bounds."""
-        bad = [f"{n}: codes differ by up to {c.max_diff} on {100 * c.frac_differing:.3f}%"
-               for n, c in self.layers.items() if c.max_diff > 1 or c.frac_differing > self.max_frac_differing]
+        bad = [f"{n}: codes differ on {100 * c.frac_differing:.3f}%, by more than 1 on {100 * c.frac_over_one:.4f}% "
+               f"(up to {c.max_diff})" for n, c in self.layers.items()
+               if c.frac_differing > self.max_frac_differing or c.frac_over_one > self.max_frac_differing / 10]
         bad += [f"{n}: folded {'batch norm ' + f.batch_norm if f.batch_norm else 'bias'} off by "
                 f"{f.gain_error:.1e} (gain, relative) / {f.offset_error:.1e} (offset, output units)"
                 for n, f in self.folds.items() if f.gain_error > GAIN_TOLERANCE or f.offset_error > OFFSET_TOLERANCE]
@@ -93,7 +101,8 @@ class LoweringCheck:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "images": self.images, "failures": self.failures,
                 "logits_max_diff_relative": self.logits_max_diff_relative, "notes": self.notes,
-                "layers": {n: {"frac_differing": c.frac_differing, "max_diff": c.max_diff}
+                "layers": {n: {"frac_differing": c.frac_differing, "frac_over_one": c.frac_over_one,
+                               "max_diff": c.max_diff}
                            for n, c in self.layers.items()},
                 "folds": {n: {"batch_norm": f.batch_norm, "gain_error": f.gain_error, "offset_error": f.offset_error}
                           for n, f in self.folds.items()}}
@@ -104,9 +113,11 @@ def format_lowering(d: dict[str, Any]) -> str:
     layers = d["layers"].values()
     worst = max((v["max_diff"] for v in layers), default=0)
     frac = max((v["frac_differing"] for v in layers), default=0.0)
+    over = max((v.get("frac_over_one", 0.0) for v in layers), default=0.0)
     folded = sum(f["batch_norm"] is not None for f in d["folds"].values())
     text = (f"lowering vs fake-quant model (independent, {d['images']} images): {'OK' if d['ok'] else 'WRONG'}, "
-            f"{len(d['layers'])} layers' input codes within {worst} (differing <= {100 * frac:.3f}%), "
+            f"{len(d['layers'])} layers' input codes differing <= {100 * frac:.3f}% (by more than 1 <= "
+            f"{100 * over:.2g}%, at most {worst}), "
             f"{len(d['folds'])} folds ({folded} batch norms) recomputed from the model, logits within "
             f"{d['logits_max_diff_relative']:.1e} of the largest")
     return text + "".join(f"\n  {line}" for line in d["failures"][:5])
@@ -139,6 +150,7 @@ def check_lowering(runtime: IntegerModel | Graph, fake_quant: nn.Module, images:
                 c = codes[name]
                 c.elements += d.numel()
                 c.differing += int((d > 0).sum())
+                c.over_one += int((d > 1).sum())
                 c.max_diff = max(c.max_diff, int(d.max()) if d.numel() else 0)
             logits = env["logits"].double() * runtime.output_scale
             logit_diff = max(logit_diff, float((logits - ref_logits).abs().max()))
