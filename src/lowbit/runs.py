@@ -35,10 +35,6 @@ class RunDir:
             for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
                 (self.path / name).unlink(missing_ok=True)
 
-    def mkdir(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        return self.path
-
     def file(self, name: str) -> Path:
         return self.path / name
 

@@ -185,11 +185,13 @@ def user_num_batches(ds: Any, batch_size: int, limit: int | None = None) -> int:
     if is_map_style(ds):
         n = len(ds) if limit is None else min(limit, len(ds))
         return math.ceil(n / batch_size)
-    if isinstance(ds, DataLoader) and ds.batch_size and limit is None:
+    if isinstance(ds, DataLoader) and ds.batch_size:  # counted from its length: no pass over the data
         try:
-            return len(ds)
+            n = len(ds)
         except TypeError:
-            pass
+            n = None
+        if n is not None:
+            return n if limit is None else min(n, math.ceil(limit / ds.batch_size))
     return sum(1 for _ in user_batches(ds, batch_size, limit=limit, device=None))
 
 

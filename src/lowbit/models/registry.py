@@ -96,10 +96,6 @@ def create_model(name: str, num_classes: int | None = 10, **kw) -> nn.Module:
     return fn(num_classes=num_classes, **kw)
 
 
-def is_user_model(name: str) -> bool:
-    return is_import_path(name)
-
-
 def user_model(path: str, kwargs: dict | None = None) -> nn.Module:
     """``factory(**kwargs)`` from the user's code; anything but an nn.Module is one error line."""
     model = call_factory(path, "model factory", kwargs)

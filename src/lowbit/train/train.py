@@ -18,7 +18,8 @@ from lowbit.data import get_data
 from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint, save_checkpoint
 from lowbit.metrics import get_metric
-from lowbit.models import create_model, is_user_model, load_weights_
+from lowbit.models import create_model, load_weights_
+from lowbit.plugins import is_import_path
 from lowbit.runs import RunDir, plot_curves
 from lowbit.train.checkpoint import CHECKPOINT_NAME, loss_name, model_spec, resolve_loss
 from lowbit.train.loop import FitConfig, FitState, evaluate, fit, make_optimizer
@@ -113,7 +114,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 def model_kwargs(cfg: TrainConfig, data) -> dict[str, Any]:
     """A factory gets its ``model_args`` only; a registry model also its classes and input channels."""
     args = dict(cfg.model_args or {})
-    if is_user_model(cfg.model):
+    if is_import_path(cfg.model):
         if cfg.width is not None:
             raise LowbitError("--width applies to lowbit's ResNets; pass your factory's options with --model-args")
         return args
