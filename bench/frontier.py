@@ -12,7 +12,7 @@ ALPS and the issue's targets with whether each was met. Every stage is resumable
     python bench/frontier.py --seeds 0,1 --budgets 0.1,0.25,0.5,0.75,1.0 --epochs 1 --workers 2
     python bench/frontier.py --model resnet20 --fp32-weights bench/state/resnet20-fp32 --w4a4-epochs 5 \
         --seeds 0,1,2 --budgets 0.25,0.5,0.75 --epochs 5 --distill --alps-epochs 1 --hessian-rse 0.1 \
-        --runs runs/bench-frontier-r20       # issue #12 scale (bench/state: the fp32 resnet20 trained here)
+        --runs runs/bench-frontier-r20 --state bench/state/frontier-r20   # issue #12 scale, across sessions
     python bench/frontier.py --data synthetic --tiny      # smoke test (a minute); writes under --runs only
 
 With several seeds the file also gives, per budget, the paired difference (same seed, same data order) of
@@ -37,6 +37,7 @@ from lowbit.frontier.report import fmt_rho  # noqa: E402
 from lowbit.frontier.stats import compare_methods  # noqa: E402
 from lowbit.io import atomic_write_bytes, atomic_write_text, load_json, save_json  # noqa: E402
 from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, recipe_fit_config, train  # noqa: E402
+from mirror import mirror  # noqa: E402
 
 METHODS = ("eagl", "alps", "hessian", "random")
 TARGET_BUDGET, TARGET_GAP_PT, TARGET_SPEEDUP = 0.5, 0.3, 1000.0
@@ -48,21 +49,21 @@ def _complete(run: Path) -> bool:
 
 
 def build_base(runs: Path, data, tiny: bool, seed: int, model: str = "resnet8", fp32_epochs: float = 10,
-               w4a4_epochs: float | None = None, fp32_weights: str | None = None) -> Path:
+               w4a4_epochs: float | None = None, fp32_weights: str | None = None, device: str = "cpu") -> Path:
     """fp32 ``model`` (trained here, or from ``fp32_weights`` that an earlier run trained), then W4A4 LSQ from it;
     a finished stage is reused (resumable)."""
     fp, w4 = runs / "fp32", runs / "w4a4"
     if not _complete(fp):
         resume = (fp / "checkpoint.pt").exists() and not fp32_weights
         epochs = 0 if fp32_weights else 2 if tiny else fp32_epochs
-        fit = FitConfig(epochs=epochs, batch_size=64 if tiny else 128, seed=seed, quiet=True)
+        fit = FitConfig(epochs=epochs, batch_size=64 if tiny else 128, seed=seed, quiet=True, device=device)
         train(TrainConfig(model=model, width=0.5 if tiny else None, data=data.name, out=str(fp), fit=fit,
                           weights=fp32_weights), data=data, resume=resume, overwrite=not resume)
     if not _complete(w4):
         resume = (w4 / "checkpoint.pt").exists()
         over = {"epochs": 1, "batch_size": 64} if tiny else ({"epochs": w4a4_epochs} if w4a4_epochs else {})
         quantize_run(QuantizeConfig(source=str(fp), out=str(w4), data=data.name), data=data, resume=resume,
-                     overwrite=not resume, fit_overrides={"seed": seed, "quiet": True, **over})
+                     overwrite=not resume, fit_overrides={"seed": seed, "quiet": True, "device": device, **over})
     return w4
 
 
@@ -223,18 +224,24 @@ def main() -> None:
                     help="smoke test: tiny model, a fraction of an epoch everywhere; results under --runs only")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of this process (1 avoids OpenMP spin-waits on a busy 2-core machine)")
+    ap.add_argument("--state", default=None,
+                    help="committed mirror of the resumable state (e.g. bench/state/frontier-r20): restored into "
+                         "--runs first, kept up to date while running (see bench/mirror.py)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every stage runs there)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     runs = Path(a.runs)
+    if a.state:
+        mirror(runs, Path(a.state))
     data = get_data(a.data, a.data_dir)
     weights = a.fp32_weights
     if weights and Path(weights).is_dir():
         weights = str(Path(weights) / "weights.safetensors")
     base = Path(a.source) if a.source else build_base(runs, data, a.tiny, seeds[0], a.model, a.fp32_epochs,
-                                                      a.w4a4_epochs, weights)
+                                                      a.w4a4_epochs, weights, a.device)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     small = {"examples_per_epoch": 64, "batch_size": 32} if a.tiny else {}
     options = {"alps": {"epochs": a.alps_epochs, **({"examples_per_epoch": 64, "batch_size": 32} if a.tiny else {})},
@@ -244,8 +251,9 @@ def main() -> None:
     for seed in seeds:
         out = runs / f"frontier-seed{seed}"
         fit = recipe_fit_config("lsq", 2, epochs=a.epochs, seed=seed, quiet=True, distill=a.distill or None,
-                                **small)
+                                device=a.device, **small)
         cfg = FrontierConfig(methods=methods, budgets=a.budgets, fit=fit, seed=seed, workers=a.workers,
+                             device=a.device,
                              options={m: o for m, o in options.items() if m in methods}, quiet=a.quiet)
         payloads.append(frontier(base, out, cfg, data=data, resume=(out / "config.yaml").exists()))
         print(f"seed {seed}: {len(payloads[-1]['points'])} points -> {out}")

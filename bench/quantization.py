@@ -5,6 +5,8 @@ directory under ``--runs`` (finished runs are reused, so the benchmark resumes).
 (data order, augmentation). Writes docs/results/quantization.{json,md}.
 
 Usage: python bench/quantization.py --fp32 runs/bench-baseline/resnet8 --seeds 0,1,2 --epochs 2
+       python bench/quantization.py --fp32-weights bench/state/resnet20-fp32 --model resnet20 --seeds 0,1,2 \
+           --epochs 5 --runs runs/bench-quant-r20 --state bench/state/quant-r20     # issue #12 scale
 """
 
 from __future__ import annotations
@@ -18,20 +20,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, write_results  # noqa: E402
 from lowbit.data import get_data  # noqa: E402
 from lowbit.io import load_json  # noqa: E402
-from lowbit.train import QuantizeConfig, quantize_run  # noqa: E402
+from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, train  # noqa: E402
+from mirror import mirror  # noqa: E402
 
 # Targets from the issue, in accuracy points relative to fp32 (fine-tuned rows).
 TARGETS = {"w8a8": 0.0, "w4a4": 0.0, "w3a3": -0.3, "w2a2": -1.0}
 
 
-def run_one(fp32: str, out: Path, bits: str, recipe: str, seed: int, epochs: float, data, method=None):
+def run_one(fp32: str, out: Path, bits: str, recipe: str, seed: int, epochs: float, data, method=None,
+            device: str = "cpu"):
     if (out / "summary.json").exists() and load_json(out / "summary.json").get("complete"):
         return load_json(out / "summary.json")
     resume = (out / "checkpoint.pt").exists()
     cfg = QuantizeConfig(source=fp32, out=str(out), bits=bits, recipe=recipe.replace("+kd", ""),
                          distill=recipe.endswith("+kd"), method=method)
     return quantize_run(cfg, data=data, resume=resume, overwrite=not resume,
-                        fit_overrides={"epochs": epochs, "seed": seed})
+                        fit_overrides={"epochs": epochs, "seed": seed, "device": device})
 
 
 def main() -> None:
@@ -44,16 +48,36 @@ def main() -> None:
     ap.add_argument("--recipes", default="lsq,lsq+kd,faq")
     ap.add_argument("--long", default="", help="extra longer rows, e.g. w4a4:lsq+kd:5 (bits:recipe:epochs, "
                                                "comma-separated; seed 0 only)")
+    ap.add_argument("--fp32-weights", default=None,
+                    help="build the fp32 run from these weights (a folder with weights.safetensors, e.g. "
+                         "bench/state/resnet20-fp32) under --runs instead of reading --fp32")
+    ap.add_argument("--model", default="resnet8", help="registry model of --fp32-weights")
+    ap.add_argument("--state", default=None, help="committed mirror of the resumable state (bench/mirror.py)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args()
     data = get_data("fashion-mnist")
+    if args.state:
+        mirror(Path(args.runs), Path(args.state))
+    if args.fp32_weights:
+        args.fp32 = str(Path(args.runs) / "fp32")
+        if not (Path(args.fp32) / "summary.json").exists():
+            w = Path(args.fp32_weights)
+            w = w / "weights.safetensors" if w.is_dir() else w
+            train(TrainConfig(model=args.model, data=data.name, out=args.fp32, weights=str(w),
+                              fit=FitConfig(epochs=0, quiet=True, device=args.device)), data=data,
+                  overwrite=True)
     fp = load_json(Path(args.fp32) / "summary.json")
+    trained = Path(args.fp32_weights or "-") / "summary.json"
+    if trained.exists():  # the run that trained the weights: its epochs and training time
+        fp = {**fp, **{k: load_json(trained)[k] for k in ("epochs", "train_seconds")}}
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = [{"config": "fp32", "bits": "fp32", "recipe": "-", "epochs": fp["epochs"], "seeds": 1,
              "test_acc": [fp["test_acc"]], "val_acc": [fp["val_acc"]], "seconds": [fp["train_seconds"]]}]
     runs = Path(args.runs)
     for bits in ("w8a8", "w4a4"):  # post-training: calibration only
         for method in ("lsq", "minmax"):
-            s = run_one(args.fp32, runs / f"ptq-{bits}-{method}", bits, "lsq", 0, 0, data, method=method)
+            s = run_one(args.fp32, runs / f"ptq-{bits}-{method}", bits, "lsq", 0, 0, data, method=method,
+                        device=args.device)
             rows.append({"config": f"post-training {bits} ({'LSQ init' if method == 'lsq' else 'min/max'})",
                          "bits": bits, "recipe": f"ptq-{method}", "epochs": 0, "seeds": 1,
                          "test_acc": [s["test_acc"]], "val_acc": [s["val_acc"]],
@@ -61,21 +85,22 @@ def main() -> None:
     for bits in args.bits.split(","):
         epochs = 1 if bits == "w8a8" else args.epochs
         for recipe in args.recipes.split(","):
-            res = [run_one(args.fp32, runs / f"{bits}-{recipe}-s{seed}", bits, recipe, seed, epochs, data)
-                   for seed in seeds]
+            res = [run_one(args.fp32, runs / f"{bits}-{recipe}-s{seed}", bits, recipe, seed, epochs, data,
+                           device=args.device) for seed in seeds]
             rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": epochs,
                          "seeds": len(seeds), "test_acc": [r["test_acc"] for r in res],
                          "val_acc": [r["val_acc"] for r in res], "seconds": [r["train_seconds"] for r in res]})
             print(rows[-1])
     for spec in filter(None, args.long.split(",")):  # longer fine-tunes of a few configurations, one seed
         bits, recipe, ep = spec.split(":")
-        r = run_one(args.fp32, runs / f"{bits}-{recipe}-e{float(ep):g}-s0", bits, recipe, 0, float(ep), data)
+        r = run_one(args.fp32, runs / f"{bits}-{recipe}-e{float(ep):g}-s0", bits, recipe, 0, float(ep), data,
+                    device=args.device)
         rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": float(ep), "seeds": 1,
                      "test_acc": [r["test_acc"]], "val_acc": [r["val_acc"]], "seconds": [r["train_seconds"]]})
         print(rows[-1])
     fp_acc = 100 * fp["test_acc"]
     m = machine()
-    md = ["# Quantization results (Fashion-MNIST, resnet8)", "",
+    md = [f"# Quantization results (Fashion-MNIST, {fp.get('model', args.model)})", "",
           f"All runs start from one fp32 checkpoint (`{args.fp32}`, test {fp_acc:.2f}%). First and last layers at "
           f"8 bits. Fine-tuned rows: W8A8 for 1 epoch, lower precisions for {args.epochs:g} epochs, recipes as in "
           "the README; mean ± std over the listed seeds (fine-tuning seeds: data order and augmentation). "
@@ -99,8 +124,7 @@ def main() -> None:
            "(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
            "assume the full recipe; rows marked 'no' are what this budget reached. Rows with more epochs and one "
            "seed (`--long`) show what the full 5-epoch recipe reaches.", "",
-           f"Reproduce: `python bench/quantization.py --fp32 {args.fp32} --seeds {args.seeds} "
-           f"--epochs {args.epochs:g}{f' --long {args.long}' if args.long else ''}` "
+           f"Reproduce: `python bench/quantization.py {' '.join(sys.argv[1:])}` "
            "(resumable; e.g. `--seeds 0,1,2 --epochs 5` for the full table).", ""]
     write_results("quantization", {"machine": m, "args": vars(args), "fp32": fp, "rows": rows}, "\n".join(md))
 

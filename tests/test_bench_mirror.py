@@ -1,0 +1,45 @@
+"""bench/mirror.py: the committed copy that lets a long benchmark resume in another session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from mirror import main, restore, sync  # noqa: E402
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_sync_keeps_records_and_base_checkpoints_not_point_models(tmp_path):
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    _write(runs / "w4a4" / "checkpoint.pt", "base")
+    _write(runs / "frontier-seed0" / "points" / "eagl-0.5.json", "{}")
+    _write(runs / "frontier-seed0" / "points" / "eagl-0.5.pt", "model")
+    _write(runs / "frontier-seed0" / "frontier.png", "png")
+    assert sync(runs, state) == 2
+    kept = sorted(str(p.relative_to(state)) for p in state.rglob("*") if p.is_file())
+    assert kept == ["frontier-seed0/points/eagl-0.5.json", "w4a4/checkpoint.pt"]
+    assert sync(runs, state) == 0  # unchanged files are not rewritten
+    _write(runs / "w4a4" / "checkpoint.pt", "later epoch")
+    assert sync(runs, state) == 1 and (state / "w4a4" / "checkpoint.pt").read_text() == "later epoch"
+
+
+def test_restore_fills_gaps_and_never_overwrites_local_progress(tmp_path):
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    _write(state / "w4a4" / "checkpoint.pt", "old")
+    _write(state / "alps" / "layer1.json", "{}")
+    _write(runs / "w4a4" / "checkpoint.pt", "newer")
+    assert restore(state, runs) == 1
+    assert (runs / "w4a4" / "checkpoint.pt").read_text() == "newer"
+    assert (runs / "alps" / "layer1.json").exists()
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    assert main(["copy", "a", "b"]) == 2
+    assert main(["sync", str(tmp_path / "missing"), str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()
+    assert "error" in capsys.readouterr().err
