@@ -238,8 +238,10 @@ def markdown(res: dict) -> str:
              "", "Variants were timed round-robin in one process; median of the runs shown. Speed-ups are against "
              "fp32 eager (NCHW), bf16 autocast and PyTorch's own int8 of the same architecture (random weights; "
              "the int8 anchor calibrated on random inputs: speed only). The lowbit rows are the bit-exact fast "
-             "backend (oneDNN int8 convs returning exact int32 accumulators, requantization/adds/pools compiled "
-             "into one Inductor graph); every cell checks it against the reference runtime.", ""]
+             "backend (oneDNN int8 convs that requantize in the kernel and write uint8 codes where a float32 "
+             "epilogue is provably exact, the others returning exact int32 accumulators; requantization/adds/pools "
+             "compiled into one Inductor graph on uint8 codes and int32 values); every cell checks it against the "
+             "reference runtime.", ""]
     for group, cell in res["groups"].items():
         load = " / ".join(f"{v:.1f}" for v in cell.get("loadavg") or [])
         lines += [f"## {group}", "", f"torch threads {cell.get('threads')}, load average {load} when timed.", "",
@@ -318,11 +320,17 @@ def why(res: dict) -> list[tuple[str, str]]:
         conv = sum(e["ms"] for e in prof["ops"] if e["op"].startswith(("onednn::", "lowbit::")))
         glue = sum(e["ms"] for e in prof["ops"] if "CompiledFxGraph" in e["op"])
         total = sum(e["ms"] for e in prof["ops"]) or 1
-        out.append((group, f"the oneDNN int8 kernels writing exact float32 accumulators take {conv:.0f} ms "
-                           f"({100 * conv / total:.0f}% of the profiled call), against {int8['median_ms']:.0f} ms "
-                           f"for PyTorch int8's whole model, whose kernels requantize in the kernel and write "
+        paths = (cell.get("paths") or {}).get("w4a4") or {}
+        fused = sum(p == "int8 fused" for p in paths.get("paths", {}).values())
+        n = len(paths.get("paths", {}))
+        split = f" ({fused} of {n} writing uint8 codes, the others exact float32 accumulators)" if n else ""
+        out.append((group, f"the oneDNN int8 kernels{split} take {conv:.0f} ms ({100 * conv / total:.0f}% of the "
+                           f"profiled call), against {int8['median_ms']:.0f} ms for PyTorch int8's whole model, "
+                           f"whose kernels requantize in the kernel, add the residual in a sum post-op and write "
                            f"uint8; the compiled requantization/add/pool glue takes {glue:.0f} ms "
-                           f"({100 * glue / total:.0f}%), reading those float32 accumulators back"))
+                           f"({100 * glue / total:.0f}%): it reads the float32 accumulators of every conv that "
+                           f"feeds the wide (int32, 16 bits below the code step) residual stream and reads and "
+                           f"writes that stream, about 4x PyTorch int8's bytes per residual block"))
     return out
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from lowbit.data import synthetic
 from lowbit.frontier import FrontierConfig, frontier, select
+from lowbit.io import load_checkpoint
 from lowbit.sensitivity import SensitivityTable, sensitivity
 from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, recipe_fit_config, train
 
@@ -29,12 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _lowbit(*args: str, ranks: int = 1, ok: bool = True) -> subprocess.CompletedProcess:
+def _lowbit(*args: str, ranks: int = 1, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     launch = [sys.executable]
     if ranks > 1:
         launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
                    "--master-port", str(_free_port())]
-    r = subprocess.run([*launch, "-m", "lowbit", *args, "--quiet"], env=ENV, capture_output=True, text=True,
+    r = subprocess.run([*launch, "-m", "lowbit", *args, "--quiet"], env={**ENV, **(env or {})}, capture_output=True,
+                       text=True,
                        timeout=300)
     assert (r.returncode == 0) == ok, r.stderr[-3000:]
     return r
@@ -84,6 +86,18 @@ def test_quantize_resumes_on_two_ranks(fp32, quantized):
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == row1  # continued from rank 0's checkpoint
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no stray temporary files
+
+
+def test_compiled_quantize_on_two_ranks_resumes_with_plain_checkpoint_keys(fp32, tmp_path):
+    """DDP under torch.compile (Dynamo with the eager backend: the wiring, not Inductor's kernels)."""
+    out, env = tmp_path / "compiled", {"LOWBIT_COMPILE_BACKEND": "eager"}
+    _lowbit("quantize", *_quantize_flags(fp32), "--epochs", "1", "--compile", "--out", str(out), ranks=2, env=env)
+    _lowbit("quantize", *_quantize_flags(fp32), "--epochs", "2", "--compile", "--resume", "--out", str(out),
+            ranks=2, env=env)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["compiled_steps"] for r in rows] == [16, 16]  # 256 examples per rank, batches of 16
+    keys = load_checkpoint(out / "checkpoint.pt")["state_dict"]
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
 
 
 @pytest.fixture(scope="module")

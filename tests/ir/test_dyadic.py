@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowbit.ir import dyadic
 from lowbit.ir.dyadic import requantize, round_shift, to_dyadic, to_dyadic_common, to_fixed
 
 # Scales whose normalised 31-bit multiplier needs a shift in [0, 62]: 2^-32 <= |s| < 2^31 (with margin).
@@ -159,3 +160,57 @@ def test_requantize_at_the_overflow_bound(sign):
     for k in (0, 1, 61, 62):
         out = requantize(torch.tensor([acc]), m, k, b, lo=-(2**31), hi=2**31 - 1).item()
         assert out == exact_requant(acc, m, k, b, -(2**31), 2**31 - 1)
+
+
+# ------------------------------------------------------------------- requantization in a float32 epilogue
+def _epilogue(acc, m, k, b, lo, hi, zp, fma):
+    """A float32 kernel epilogue, emulated: ``rne(clip(|s|*float(acc') + beta, lo, hi) + zp)`` with a multiply
+    then an add (two roundings) or one fused multiply-add (one rounding), every step in float32."""
+    s = np.float32(abs(m) * 2.0**-k)
+    beta = np.float32(b * 2.0**-k)
+    a = np.float32(acc * (-1 if m < 0 else 1))
+    v = np.float32(float(a) * float(s) + float(beta)) if fma else np.float32(np.float32(a * s) + beta)
+    v = np.float32(min(max(v, np.float32(lo)), np.float32(hi)) + np.float32(zp))
+    return int(np.rint(v)) - zp  # np.rint: half to even
+
+
+@pytest.mark.parametrize("fma", [False, True])
+def test_float32_epilogue_equals_requantize_wherever_it_is_proved(fma):
+    g = torch.Generator().manual_seed(0)
+    proved = 0
+    for trial in range(60):
+        lo, hi = [(0, 15), (-8, 7), (0, 3), (-2, 1), (0, 255)][trial % 5]
+        zp = -lo
+        gain = float(torch.rand((), generator=g)) * 0.05 + 1e-3
+        gain *= -1 if trial % 7 == 0 else 1
+        offset = (float(torch.rand((), generator=g)) * 2 - 1) * 10
+        m31, k31 = to_dyadic(gain)
+        m, k, b = dyadic.float32_epilogue_dyadic(torch.tensor([gain]), torch.tensor([offset]), lo, hi, zp,
+                                                 torch.tensor([m31]), torch.tensor([k31]),
+                                                 torch.tensor([to_fixed(offset, k31)]))
+        if trial % 3 == 0:  # a tie on every 2^(k-1)-th step
+            b = (b >> k << k) + (1 << (k - 1))
+        acc_lo, acc_hi = torch.tensor([-40000]), torch.tensor([40000])
+        ok, why = dyadic.float32_epilogue_exact(m, k, b, lo, hi, zp, acc_lo, acc_hi)
+        if not bool(ok.all()):
+            continue
+        proved += 1
+        accs = torch.arange(-40000, 40001)
+        want = requantize(accs, int(m), int(k), int(b), lo=lo, hi=hi, axis=0).tolist()
+        mm, kk, bb = int(m), int(k), int(b)
+        got = [_epilogue(a, mm, kk, bb, lo, hi, zp, fma) for a in accs.tolist()[::13]]
+        assert got == want[::13], (trial, mm, kk, bb)
+    assert proved >= 30
+
+
+def test_float32_epilogue_refuses_what_it_cannot_prove():
+    m, k = to_dyadic(0.0123)  # a 31-bit multiplier
+    ok, why = dyadic.float32_epilogue_exact(torch.tensor([m]), torch.tensor([k]), torch.tensor([0]), 0, 15, 0,
+                                            torch.tensor([-5000]), torch.tensor([5000]))
+    assert not bool(ok.all()) and "24 bits" in why
+    ok, why = dyadic.float32_epilogue_exact(torch.tensor([403]), torch.tensor([15]), torch.tensor([0]), -7, 7, 7,
+                                            torch.tensor([-5000]), torch.tensor([5000]))
+    assert not bool(ok.all()) and "odd" in why
+    ok, _ = dyadic.float32_epilogue_exact(torch.tensor([403]), torch.tensor([15]), torch.tensor([0]), -8, 7, 8,
+                                          torch.tensor([-5000]), torch.tensor([5000]))
+    assert bool(ok.all())

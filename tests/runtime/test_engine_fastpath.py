@@ -185,11 +185,12 @@ def test_bench_lists_paths():
 
     result = {"machine": {"cpu": "x", "threads": 1, "flags": [], "torch": "2"}, "rows": [], "capability": "avx2",
               "sizes": {"lowbit_file_bytes": 1000, "fp32_weight_bytes": 4000},
-              "paths": {"conv1": "fp32 conv2d (why)", "layer1.0.conv2": "int8", "fc": "int8"},
-              "requant": {"conv1": "float64", "add": "int64 (big)"}, "fallbacks": ["neg"]}
+              "paths": {"conv1": "fp32 conv2d (why)", "layer1.0.conv2": "int8", "fc": "int8 fused"},
+              "requant": {"conv1": "int32", "add": "int64", "fc": "in the int8 kernel"}, "fallbacks": ["neg"]}
     line = next(v for v in format_table(result).splitlines() if v.startswith("fast path"))
-    assert line == ("fast path (avx2 assumed), bit-exact: 2/3 conv/linear layers on oneDNN int8; exact float conv "
-                    "for conv1 [fp32 conv2d (why)]; int64 requantization for add; reference kernel for neg")
+    assert line == ("fast path (avx2 assumed), bit-exact: 2/3 conv/linear layers on oneDNN int8 (1 requantizing in "
+                    "the kernel, uint8 out); exact float conv for conv1 [fp32 conv2d (why)]; glue requantization in "
+                    "int32 x1, int64 x1; reference kernel for neg")
 
 
 def test_int8_kernel_rounds_ties_like_requantize(capability):

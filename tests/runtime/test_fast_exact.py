@@ -3,6 +3,7 @@
 compiled, under every forced CPU capability (tests/runtime/conftest.py); a model it cannot take runs on the
 reference with one warning."""
 
+import copy
 import importlib
 import warnings
 
@@ -11,10 +12,11 @@ import torch
 from torch import nn
 
 from lowbit.export.exporter import export_model
+from lowbit.ir.dyadic import float32_epilogue_exact
 from lowbit.models import create_model
 from lowbit.quant import Plan, calibrate_, quantize_
 from lowbit.runtime.engine import IntegerModel
-from lowbit.runtime.fastpath import FastModel, available, compare, value_bounds
+from lowbit.runtime.fastpath import FastModel, acc_bounds, available, compare, value_bounds
 
 pytestmark = pytest.mark.skipif(not available(), reason="no oneDNN quantized ops in this PyTorch build")
 
@@ -125,8 +127,14 @@ def test_real_exports_are_bit_exact(exports, name, capability):
     assert {n.op for n in ref.nodes} >= ({"add", "adaptive_avgpool"} | ({"maxpool2d"} if "18" in name else set()))
     # 4-bit (and 2-bit) layers always take the int8 kernel; 8-bit first/last layers may not on AVX2
     narrow = [n.name for n in ref.nodes if n.op in ("conv2d", "linear") and n.attrs["w_bits"] <= 4]
-    assert narrow and all(fast.paths[n] == "int8" for n in narrow)
-    assert all(p == "int8" or p.startswith(("fp32", "fp64")) for p in fast.paths.values())
+    assert narrow and all(fast.paths[n].startswith("int8") for n in narrow)
+    assert all(p in ("int8", "int8 fused") or p.startswith(("fp32", "fp64")) for p in fast.paths.values())
+    # a 4-bit layer that writes codes requantizes in the kernel, or says why not (random BN gammas near 0 keep
+    # some channels' 31-bit multipliers: narrowing them would move values by more than 2^-10 steps)
+    codes_out = [n for n in narrow if fast.model.graph.node(n).attrs["hi"] < 256]
+    assert codes_out and all(n in fast.epilogue for n in codes_out)
+    assert all(fast.paths[n] == "int8 fused" or "not exact in a float32 epilogue" in fast.epilogue[n]
+               for n in codes_out), fast.epilogue
     assert bool(fast._deferred) == ("positive" in name and fast.paths["conv1"] == "int8")  # pool before requant
     _assert_exact(fast, ref, _pixels(ref.input_spec["shape"]))
 
@@ -194,6 +202,109 @@ def test_random_full_range_codes_are_bit_exact(exports, capability, ties):
         _assert_exact(fast, ref, x)
 
 
+def _epilogue_worst_case(path, seed):
+    """The export with random full-range weights and, on every layer that writes codes, random constants a float32
+    epilogue computes exactly (:func:`float32_epilogue_exact`): multipliers of either sign and of 4 to 12 bits,
+    shifts so that the output range is crossed, biases on exact ties (``b = 2^(k-1) mod 2^k``) on half the
+    channels, zero multipliers on a few."""
+    ref = _worst_case(path, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    bounds = value_bounds(ref)
+    for node in ref.nodes:
+        a = node.attrs
+        if node.op not in ("conv2d", "linear") or a["hi"] > 255:
+            continue
+        p = ref.params[node.name]
+        c = p["weight"].shape[0]
+        lo_c, hi_c = acc_bounds(p["weight"], bounds[node.inputs[0]])
+        span = (hi_c - lo_c).clamp_min(1).double()
+        bits = torch.randint(4, 13, (c,), generator=g)
+        m = torch.randint(0, 1 << 20, (c,), generator=g) % (1 << bits) | (1 << (bits - 1))
+        m = m * torch.where(torch.rand(c, generator=g) < 0.3, -1, 1) * (torch.rand(c, generator=g) > 0.1)
+        # |m| * 2^-k ~ (hi - lo) / (span / 4): the middle of the accumulator range crosses the codes
+        k = torch.floor(torch.log2(m.abs().clamp_min(1) * span / 4 / (a["hi"] - a["lo"] + 1))).to(torch.int64)
+        k = k.clamp(1, 30)
+        b = torch.randint(-(2**20), 2**20, (c,), generator=g) % (1 << (k + 3)) - (1 << (k + 2))
+        tie = torch.rand(c, generator=g) < 0.5
+        b = torch.where(tie, (b >> k << k) + (1 << (k - 1)), b)
+        zp = max(0, -bounds[node.output][0])
+        ok, _ = float32_epilogue_exact(m, k, b, a["lo"], a["hi"], zp, lo_c, hi_c)
+        # a channel the epilogue cannot take gets multiplier 0 (a constant output) on odd layers, keeps
+        # _worst_case's 31-bit constants on even ones (that layer then stays in the glue)
+        if len(node.name) % 2:
+            m, k, b = torch.where(ok, m, 0), torch.where(ok, k, 4), torch.where(ok, b, b % 512 - 256)
+        else:
+            m, k, b = (torch.where(ok, v, p[r].to(torch.int64)) for v, r in ((m, "multiplier"), (k, "shift"),
+                                                                           (b, "bias")))
+        p.update(multiplier=m.to(torch.int32), shift=k.to(torch.int8), bias=b)
+    return ref
+
+
+def test_in_kernel_requantization_worst_cases_are_bit_exact(exports, capability):
+    """Random codes, exact ties, negative and zero multipliers, extreme inputs: the uint8-output kernels equal the
+    reference on every value."""
+    fused = 0
+    for seed, name in enumerate(("resnet8 w4a4", "resnet8 mixed 4/2", "resnet18-shaped w4a4")):
+        ref = _epilogue_worst_case(exports[name], seed)
+        fast = FastModel(ref, compile=False)
+        fused += sum(p == "int8 fused" for p in fast.paths.values())
+        x = _pixels(ref.input_spec["shape"], n=8, seed=seed)
+        _assert_exact(fast, ref, x)
+    assert fused >= 4
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE", "AVX512_CORE_VNNI"])
+def test_in_kernel_requantization_is_exact_under_capped_isa(isa):
+    """oneDNN's own kernels for a weaker ISA (its epilogue may order the multiply and add differently): the same
+    worst cases, in a subprocess with ``ONEDNN_MAX_CPU_ISA`` set (read once, at oneDNN's first use)."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        pytest.skip("already capped")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+    test = f"{__file__}::test_in_kernel_requantization_worst_cases_are_bit_exact"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
+                        test], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_trained_like_exports_requantize_every_code_layer_in_the_kernel(tmp_path, capability):
+    """BN gammas of trained size (|gamma| in [0.5, 1.5], either sign): the export narrows every code-writing
+    layer's multipliers, the fast path runs all of them with uint8 output, bit-exact; with
+    ``EPILOGUE_MULTIPLIERS`` off the same model keeps 31-bit multipliers and the accumulator path."""
+    import lowbit.export.lower as lower
+
+    def trained_like(model):
+        g = torch.Generator().manual_seed(3)
+        for m in _randomise_bn(model).modules():
+            if isinstance(m, nn.BatchNorm2d):
+                sign = torch.where(torch.rand(m.num_features, generator=g) < 0.2, -1.0, 1.0)
+                m.weight.data = (torch.rand(m.num_features, generator=g) + 0.5) * sign
+        return model
+
+    for name, model, plan, shape, pixels in (
+            ("r8m", create_model("resnet8", width=0.5), _mixed_42, (1, 28, 28), PIXELS1),
+            ("tv", TinyResNet18(), "w4a4", (3, 32, 32), PIXELS3)):
+        for on in (True, False):
+            lower.EPILOGUE_MULTIPLIERS = on
+            try:
+                path = _export(trained_like(copy.deepcopy(model)), tmp_path / f"{name}{on}.lowbit", plan, shape,
+                               pixels)
+            finally:
+                lower.EPILOGUE_MULTIPLIERS = True
+            ref = IntegerModel.load(path)
+            fast = FastModel(ref, compile=False)
+            codes_out = [n.name for n in ref.nodes if n.op in ("conv2d", "linear") and n.attrs["hi"] < 256]
+            assert codes_out
+            want = "int8 fused" if on else "int8"
+            assert all(fast.paths[n] == want for n in codes_out), fast.epilogue
+            if not on:
+                assert all("more than 24 bits" in fast.epilogue[n] for n in codes_out)
+            _assert_exact(fast, ref, _pixels(shape))
+
+
 def test_bounds_contain_every_value(exports):
     ref = IntegerModel.load(exports["resnet18-shaped w4a4"])
     bounds = value_bounds(ref)
@@ -215,3 +326,169 @@ def test_an_op_without_a_kernel_runs_on_the_reference_with_one_warning(exports, 
     assert fast.fallbacks == ["maxpool"] and not fast.compiled
     x = _pixels(ref.input_spec["shape"], n=4)
     assert torch.equal(fast.run_int(x), ref.run_int(x))
+
+
+class _PoolNet(nn.Module):
+    """conv -> ReLU -> max pool twice, then two linear layers: max pools on uint8 codes, a fused linear_u8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+@pytest.fixture(scope="module")
+def pool_net(tmp_path_factory):
+    return _export(_randomise_bn(_PoolNet()), tmp_path_factory.mktemp("pool") / "pool.lowbit", "w4a4", (3, 16, 16),
+                   PIXELS3)
+
+
+def test_max_pool_on_codes_and_linear_u8_are_bit_exact(pool_net, capability):
+    """Max pools select on the uint8 codes themselves, the hidden linear layer requantizes in oneDNN's epilogue
+    (``lowbit::linear_u8``): equal to the reference eagerly and compiled, on the export and on worst-case
+    constants (random full-range weights, ties, negative and zero multipliers)."""
+    ref = IntegerModel.load(pool_net)
+    fast = FastModel(ref, compile=False)
+    pools = [n for n in ref.nodes if n.op == "maxpool2d"]
+    assert len(pools) == 2 and all(fast._zp[n.inputs[0]] is not None for n in pools)  # codes in, codes out
+    assert fast.paths["fc1"].startswith("int8")  # fused where its multipliers allow (the worst cases below)
+    x = _pixels(ref.input_spec["shape"])
+    _assert_exact(fast, ref, x)
+    assert torch.equal(FastModel(ref, compile=True).run_int(x), ref.run_int(x))
+    fused = 0
+    for seed in range(3):
+        worst = _epilogue_worst_case(pool_net, seed)
+        fast = FastModel(worst, compile=False)
+        fused += fast.paths["fc1"] == "int8 fused"
+        _assert_exact(fast, worst, _pixels(worst.input_spec["shape"], seed=seed))
+    assert fused >= 1
+
+
+# ------------------------------------------------------------------------ glue arithmetic at its bounds
+def _requant_ref(v, m, k, b, lo, hi):
+    from lowbit.ir.dyadic import requantize
+
+    return requantize(v.to(torch.int64), m, k, b, lo=lo, hi=hi, axis=1).to(torch.int64)
+
+
+def _edge_values(v_max, n, g, m=None, k=None, b=None):
+    """Random values in [-v_max, v_max], both ends, and (given m, k, b) values whose ``v*m + b`` is an exact
+    tie ``(q + 1/2) * 2^k`` where one exists nearby."""
+    v = torch.randint(-v_max, v_max + 1, (n,), generator=g, dtype=torch.int64)
+    v[:4] = torch.tensor([-v_max, v_max, 0, 1])
+    if m is not None and m % 2 == 1 and k > 0:  # m odd: v = (2^(k-1) - b) * m^-1 mod 2^k is a tie
+        inv = pow(m, -1, 1 << k)
+        t = ((1 << (k - 1)) - b) * inv % (1 << k)
+        ties = torch.tensor([t - (1 << k) * i for i in range(8) if abs(t - (1 << k) * i) <= v_max], dtype=torch.int64)
+        v[4:4 + ties.numel()] = ties
+    return v
+
+
+@pytest.mark.parametrize("mode, limit", [("float32", 2**24), ("int32", 2**31), ("int64", 2**53), ("int64", 2**61)])
+def test_glue_requantization_is_exact_at_its_bounds(mode, limit):
+    """Each arithmetic :class:`_Requant` picks, with ``max|v|*|m| + |b|`` at the edge of its limit (``2^24`` on
+    float32 accumulators, ``2^31`` with the rounding offset) or far past float64's ``2^53``, on random
+    full-range values, both ends and exact ties, for every output clamp (narrow codes, a ReLU, the int32
+    limits): equal to the reference's shift-and-round, eagerly and compiled."""
+    from lowbit.runtime.fastpath import _Requant
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(6):
+        k = int(torch.randint(1, 30, (1,), generator=g)) if mode != "float32" else int(torch.randint(1, 12, (1,),
+                                                                                                      generator=g))
+        m = int(torch.randint(1, 1 << 20, (1,), generator=g)) | 1
+        if trial % 2:
+            m = -m
+        b = int(torch.randint(-(1 << k), 1 << k, (1,), generator=g))
+        room = limit - abs(b) - (1 << (k - 1) if mode == "int32" else 0) - 1
+        v_max = room // abs(m)
+        if mode != "int64":  # at the edge of the narrower arithmetic
+            assert v_max * abs(m) + abs(b) + (1 << (k - 1) if mode == "int32" else 0) < limit  # at the edge
+        for lo, hi in ((0, 15), (-8, 7), (0, 2**31 - 1), (-(2**31), 2**31 - 1)):
+            rq = _Requant(m, k, b, lo, hi, v_max, 1, 2, float32_input=mode == "float32")
+            assert rq.mode == mode, (rq.mode, v_max, m, k, b)
+            v = _edge_values(min(v_max, 2**31 - 1), 4096, g, m, k, b).reshape(-1, 1)
+            if mode == "float32":
+                v = v.clamp(-(2**24), 2**24)
+            x = v.to(torch.float32 if mode == "float32" else torch.int32 if v_max < 2**31 else torch.int64)
+            want = _requant_ref(v, m, k, b, lo, hi)
+            assert torch.equal(rq(x).to(torch.int64), want)
+            if trial == 0:
+                _assert_compiled_equal(rq, (x,), want)
+
+
+def _assert_compiled_equal(fn, args, want):
+    """Compiled by Inductor with its widest vectors and with 256-bit (AVX2) ones: the same integers."""
+    import torch._inductor.config as inductor_config
+
+    for simdlen in (None, 256):
+        with inductor_config.patch({"cpp.simdlen": simdlen}):
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(fn, dynamic=False)(*args).to(torch.int64), want), simdlen
+
+
+def _add_case(ma, mb, s, bias, va, vb, lo, hi, za=None, zb=None, zp=None):
+    """A stand-alone ``add`` node with the given constants and input bounds, as the fast backend builds it."""
+    from types import SimpleNamespace
+
+    from lowbit.runtime.fastpath import _fast_add
+
+    node = SimpleNamespace(name="add", inputs=["a", "b"], output="y",
+                           attrs={"multiplier_a": ma, "multiplier_b": mb, "shift": s, "bias": bias, "lo": lo, "hi": hi})
+    fm = SimpleNamespace(_zp={"a": za, "b": zb, "y": zp}, bounds={"a": (-va, va), "b": (-vb, vb)}, requant={})
+    return _fast_add(fm, node, {}), fm.requant["add"]
+
+
+@pytest.mark.parametrize("path", ["int32", "below 2^53", "past 2^53 into codes", "wide"])
+def test_residual_add_paths_are_exact_at_their_bounds(path):
+    """The residual add in int32 (at the edge of ``2^31``) and int64 (sums below ``2^53``, sums up to ``2^55.6``
+    into codes: large terms that cancel into the output window, exact ties; a wide output): random full-range
+    inputs, the ends, values that land in the output window after cancelling and exact ties, against the
+    reference's :func:`add_requant`."""
+    from lowbit.runtime.reference import add_requant
+
+    g = torch.Generator().manual_seed(11)
+    n = 20000
+    for trial in range(4):
+        odd = int(torch.randint(1 << 28, 1 << 30, (1,), generator=g)) | 1
+        b0 = int(torch.randint(-40, 40, (1,), generator=g))
+        if path == "int32":
+            ma, mb, s, bias, va, vb, lo, hi = 1 << 3, odd >> 17, 12, 1 << 11, 2**20, 2**17, 0, 15
+            va = (2**31 - 1 - (1 << 11) - vb * mb - bias) // ma
+        elif path == "below 2^53":
+            ma, mb, s, bias, va, vb, lo, hi = 1 << 29, odd, 45, 0, 2**21, 2**22, 0, 15
+        elif path == "past 2^53 into codes":  # up to 2^55.5; ties where b = b0 and a is a multiple of 2^16
+            ma, mb, s, va, vb, lo, hi = 1 << 29, odd, 45, 2**25, 2**25, 0, 15
+            bias = (1 << 44) - b0 * mb
+        else:  # a wide output: no narrow window, int64
+            ma, mb, s, bias, va, vb, lo, hi = 1 << 29, odd, 23, 0, 2**25, 2**25, -(2**31), 2**31 - 1
+        if trial % 2:
+            mb = -mb
+            bias = (1 << 44) - b0 * mb if path == "past 2^53 into codes" else bias
+        step, how = _add_case(ma, mb, s, bias, va, vb, lo, hi)
+        assert how == ("int32" if path == "int32" else "int64"), how
+        a = torch.randint(-va, va + 1, (n,), generator=g, dtype=torch.int64)
+        b = torch.randint(-vb, vb + 1, (n,), generator=g, dtype=torch.int64)
+        a[:4], b[:4] = torch.tensor([-va, va, va, -va]), torch.tensor([-vb, vb, -vb, vb])
+        # terms that cancel into the output window: a ~ -(b*m_b + bias) / m_a, plus a few steps
+        q = torch.randint(-3, 20, (n // 4,), generator=g)
+        bw = torch.randint(-min(vb, va * abs(ma) // abs(mb)), min(vb, va * abs(ma) // abs(mb)) + 1, (n // 4,),
+                           generator=g)
+        aw = (q * (1 << s) - bw * mb - bias) // ma
+        ok = aw.abs() <= va
+        a[4:4 + int(ok.sum())], b[4:4 + int(ok.sum())] = aw[ok], bw[ok]
+        if path == "past 2^53 into codes":  # exact ties: T = a*2^29 + 2^44 with a = 2^16 * q
+            t = torch.arange(-3, 20) * (1 << 16)
+            a[-t.numel():], b[-t.numel():] = t, b0
+        want = add_requant(a.to(torch.int32), b.to(torch.int32), ma, mb, s, bias=bias, lo=lo, hi=hi).to(torch.int64)
+        env = {"a": a.to(torch.int32), "b": b.to(torch.int32)}
+        assert torch.equal(step(env).to(torch.int64), want)
+        if trial == 0:
+            _assert_compiled_equal(step, (env,), want)

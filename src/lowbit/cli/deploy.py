@@ -78,12 +78,16 @@ def _export():
                   f"({result.fp32_bytes / size:.1f}x smaller)")
         if a.verify:
             from lowbit.export.onnx_export import OnnxModel
-            from lowbit.export.simulate import Simulation
+            from lowbit.export.simulate import EncoderSimulation, Simulation
 
             lowered = result.lowered
-            images, labels = _test_set(a, runtime.manifest, a.limit)
+            images, labels = _test_set(a, runtime.manifest, a.limit, tokens=runtime.token_input)
             onnx = OnnxModel(path) if a.format == "onnx" else None
-            _verify(a, runtime, images, labels, simulation=Simulation(lowered), fake_quant=lowered.model, onnx=onnx)
+            if runtime.token_input:
+                _verify(a, runtime, images, labels, simulation=EncoderSimulation(lowered), lowered=lowered, onnx=onnx)
+            else:
+                _verify(a, runtime, images, labels, simulation=Simulation(lowered), fake_quant=lowered.model,
+                        onnx=onnx)
         return 0
 
     return add, run
@@ -114,21 +118,25 @@ def _infer():
         model = IntegerModel.load(a.model)
         backend = _backend(model, a.backend)
         if a.images:
+            if model.token_input:
+                raise LowbitError(f"{a.model} is an encoder (token inputs): it runs on its run's test set, not on "
+                                  f"--images")
             images = _read_images(a.images, model)
             labels = _read_labels(a.labels, len(images)) if a.labels else None
         else:
-            images, labels = _test_set(a, model.manifest, None)
+            images, labels = _test_set(a, model.manifest, None, tokens=model.token_input)
         if a.limit is not None:
-            images, labels = images[:a.limit], None if labels is None else labels[:a.limit]
-        preds = torch.cat([backend(images[i:i + a.batch_size]).argmax(1) for i in range(0, len(images), a.batch_size)])
-        result = {"model": a.model, "backend": a.backend, "images": len(images)}
+            images, labels = _head(images, a.limit), None if labels is None else labels[:a.limit]
+        n = _count(images)
+        preds = torch.cat([backend(_head(images, i + a.batch_size, i)).argmax(1) for i in range(0, n, a.batch_size)])
+        result = {"model": a.model, "backend": a.backend, "images": n}
         if a.images and not a.quiet:
             for i, c in enumerate(preds.tolist()):
                 print(f"{i}\t{c}")
         if labels is not None:
             acc = float((preds == labels).double().mean())
             result["accuracy"] = acc
-            print(f"{a.backend}: accuracy {100 * acc:.2f}% on {len(images)} images")
+            print(f"{a.backend}: accuracy {100 * acc:.2f}% on {n} {'sequences' if model.token_input else 'images'}")
         if a.out:
             save_json(a.out, {**result, "predictions": preds.tolist()})
         return 0
@@ -219,17 +227,26 @@ def _backend(model, name: str):
         return OnnxModel(_onnx(model, Path(tmp) / "model.onnx", True))
 
 
+def _head(x, stop: int, start: int = 0):
+    """Rows ``start:stop`` of a tensor or of every tensor of a dict (token inputs)."""
+    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+def _count(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
 def _fast(model):
     """The exact fast backend, or None (one warning line) when it cannot take the model; a node it has no kernel
     for runs on the reference kernel (one warning line)."""
     import warnings
 
-    from lowbit.runtime.fastpath import FastModel
+    from lowbit.runtime.fast_encoder import fast_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            fast = FastModel(model)
+            fast = fast_model(model)
         except LowbitError as e:
             print(f"warning: {e}; running the reference runtime", file=sys.stderr)
             return None
@@ -238,9 +255,10 @@ def _fast(model):
     return fast
 
 
-def _test_set(a, manifest: dict, limit: int | None):
+def _test_set(a, manifest: dict, limit: int | None, tokens: bool = False):
     """The test split of the run's data as the exported model takes it: uint8 pixels (N, C, H, W) for lowbit's
-    image sets, the float input tensors of a user's data (its recorded factory), and the labels (or None)."""
+    image sets, the float input tensors of a user's data (its recorded factory), a dict of token tensors for an
+    encoder (``tokens``), and the labels (or None)."""
     import torch
 
     from lowbit.data import iterate, split_batch
@@ -260,11 +278,15 @@ def _test_set(a, manifest: dict, limit: int | None):
     xs, ys = [], []
     for batch in iterate(ds, 256, limit=limit, device=None):
         x, y = split_batch(batch)
-        if not isinstance(x, torch.Tensor):
+        if tokens:
+            if not isinstance(x, dict):
+                raise LowbitError("the encoder takes a dict of token tensors; this data gives one tensor per batch")
+            x = {k: v for k, v in x.items() if isinstance(v, torch.Tensor)}
+        elif not isinstance(x, torch.Tensor):
             raise LowbitError("the exported model takes one input tensor; this data gives several inputs per batch")
-        xs.append(x.float())
+        xs.append(x if tokens else x.float())
         ys.append(y if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.ndim == 1 else None)
-    x = torch.cat(xs)[:limit]
+    x = {k: torch.cat([b[k] for b in xs])[:limit] for k in xs[0]} if tokens else torch.cat(xs)[:limit]
     labels = None if any(y is None for y in ys) else torch.cat(ys)[:limit]
     return x, labels
 
@@ -320,12 +342,16 @@ def _read_labels(path: str, n: int):
 
 
 def _verify(a, runtime, images, labels, **impls) -> None:
-    from lowbit.deploy.verify import format_report, verify
+    from lowbit.deploy.verify import format_encoder_report, format_report, verify, verify_encoder
     from lowbit.io import save_json
 
     fast = _fast(runtime)
-    report = verify(runtime, images, labels, fast=fast, batch_size=a.batch_size, **impls)
-    print(format_report(report))
+    if runtime.token_input:
+        report = verify_encoder(runtime, images, labels, fast=fast, batch_size=min(a.batch_size, 64), **impls)
+        print(format_encoder_report(report))
+    else:
+        report = verify(runtime, images, labels, fast=fast, batch_size=a.batch_size, **impls)
+        print(format_report(report))
     if a.report:
         save_json(a.report, report)
         print(f"saved {a.report}")

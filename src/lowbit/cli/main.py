@@ -88,7 +88,10 @@ def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", ba
                    help="training augmentation of lowbit's image sets (random crop with 2-pixel padding, "
                         "horizontal flip); default: the set's own (flip for Fashion-MNIST); never applied to "
                         "your own data")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training steps (--compile: always, --no-compile: never); default auto: "
+                        "a quantized model is compiled when the steps left would repay the compile, measured on "
+                        "its first eager steps (LOWBIT_COMPILE=0|1 forces it, also for ALPS)")
     g.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for 4-D inputs (faster convs on CPU); default: on for lowbit's and "
                         "torchvision/timm models, off for your own (whose forward may call x.view)")
@@ -104,7 +107,7 @@ def fit_config(a: argparse.Namespace, **over):
               weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
               lr_decay=a.lr_decay, label_smoothing=a.label_smoothing, seed=a.seed, device=a.device,
               augmentation=a.augmentation,
-              channels_last=a.channels_last, compile=a.compile, quiet=a.quiet)
+              channels_last=a.channels_last, compile="auto" if a.compile is None else a.compile, quiet=a.quiet)
     kw.update(_amp(a))
     kw.update(over)
     return FitConfig(**kw)

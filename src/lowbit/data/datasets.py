@@ -179,13 +179,16 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 def augment(x: torch.Tensor, g: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, vectorised over the batch (x: B, C, H, W)."""
     B, _, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    rows = (dy[:, None] + torch.arange(H)[None, :])[:, None, :, None]  # B, 1, H, 1
-    cols = (dx[:, None] + torch.arange(W)[None, :])[:, None, None, :]  # B, 1, 1, W
-    bidx = torch.arange(B)[:, None, None, None]
-    out = xp[bidx, torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)  # drawn even for pad 0: the same random stream
+    if pad:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        rows = (dy[:, None] + torch.arange(H)[None, :])[:, None, :, None]  # B, 1, H, 1
+        cols = (dx[:, None] + torch.arange(W)[None, :])[:, None, None, :]  # B, 1, 1, W
+        bidx = torch.arange(B)[:, None, None, None]
+        out = xp[bidx, torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    else:  # flips only: the crop of an unpadded image is the image (a gather saved per batch)
+        out = x
     if flip:
         mask = torch.rand(B, generator=g) < 0.5
         out = torch.where(mask[:, None, None, None], out.flip(-1), out)

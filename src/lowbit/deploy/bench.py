@@ -270,6 +270,9 @@ def benchmark(path: str | os.PathLike, batches: list[int], *, runs: int = 30, wa
     own int8 (:func:`anchor_variants`).
     """
     model = IntegerModel.load(path)
+    if model.token_input:
+        return benchmark_encoder(model, batches, runs=runs, warmup=warmup, budget_s=budget_s, onnx=onnx, seed=seed,
+                                 progress=progress, model_name=model_name, model_kwargs=model_kwargs)
     fast = FastModel(model, compile=True)
     spec = model.input_spec
     fp = float_model(model.manifest, model_name, model_kwargs)
@@ -323,6 +326,80 @@ def benchmark(path: str | os.PathLike, batches: list[int], *, runs: int = 30, wa
             "rows": rows}
 
 
+def token_inputs(model: IntegerModel, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token inputs for an encoder file: ids below each embedding's vocabulary, an all-ones attention
+    mask, zeros for inputs nothing embeds."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, *model.input_spec["shape"])
+    out = {}
+    for name in model.graph.inputs:
+        readers = model.graph.readers(name)
+        emb = next((n for n in readers if n.op == "embedding"), None)
+        if emb is not None:
+            out[name] = torch.randint(0, model.params[emb.name]["weight"].shape[0], shape, generator=g)
+        elif any(n.op == "attention_mask" for n in readers):
+            out[name] = torch.ones(shape, dtype=torch.int64)
+        else:
+            out[name] = torch.zeros(shape, dtype=torch.int64)
+    return out
+
+
+def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """PyTorch's own dynamic int8 quantization of every Linear (``torch.ao.quantization.quantize_dynamic``): the
+    int8 a user of an encoder would pick first (activations quantized per call, float output)."""
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+def benchmark_encoder(model: IntegerModel, batches: list[int], *, runs: int = 30, warmup: int = 3,
+                      budget_s: float = 60.0, onnx: bool = True, seed: int = 0,
+                      progress: Callable[[str], None] | None = None, model_name: str | None = None,
+                      model_kwargs: dict[str, Any] | None = None, reference: bool = False) -> dict[str, Any]:
+    """:func:`benchmark` for an encoder file (token inputs): fp32 eager, bf16 autocast and PyTorch's dynamic
+    int8 (:func:`int8_dynamic`) of the float architecture, the lowbit fast path (compiled, bit-exact) and
+    onnxruntime; ``reference`` adds the integer reference runtime."""
+    from lowbit.runtime.fast_encoder import FastEncoderModel
+
+    fast = FastEncoderModel(model, compile=True)
+    fp = float_model(model.manifest, model_name, model_kwargs)
+    sizes = {"lowbit_file_bytes": Path(model.source).stat().st_size if Path(model.source).is_file() else None,
+             "fp32_weight_bytes": model.manifest.get("fp32_weight_bytes")}
+    onnx_model, onnx_note = _onnx_session(model, sizes) if onnx else (None, None)
+    dyn = int8_dynamic(fp) if fp is not None else None
+    rows, compile_s = [], {}
+    for batch in batches:
+        x = token_inputs(model, batch, seed)
+        variants: dict[str, Callable[[], Any]] = {}
+        if fp is not None:
+            variants["fp32 eager"] = lambda x=x: fp(**x)
+
+            def bf16(x=x):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return fp(**x)
+
+            variants["bf16 autocast"] = bf16
+            variants["PyTorch int8 (dynamic, Linear)"] = lambda x=x: dyn(**x)
+        if reference:
+            variants["lowbit reference"] = lambda x=x: model(x)
+        compile_s[f"lowbit fast path (batch {batch})"] = compile_call(lambda x=x: fast(x))
+        variants["lowbit fast path"] = lambda x=x: fast(x)
+        if onnx_model is not None:
+            variants["onnxruntime"] = lambda x=x: onnx_model(x)
+        if progress:
+            progress(f"batch {batch}: timing {', '.join(variants)}")
+        with torch.inference_mode():
+            times = time_variants(variants, runs, warmup, budget_s)
+        rows.extend(summarize(batch, times, {}))
+    return {"model": model.source, "machine": machine_info(), "vnni": fast.vnni, "capability": fast.capability,
+            "paths": fast.paths, "requant": fast.requant, "fallbacks": fast.fallbacks, "compile_s": compile_s,
+            "sizes": sizes, "onnx_note": onnx_note, "runs": runs, "warmup": warmup, "budget_s": budget_s,
+            "rows": rows}
+
+
 def _channels_last_copy(m: torch.nn.Module) -> torch.nn.Module:
     import copy
 
@@ -371,7 +448,7 @@ def format_table(result: dict[str, Any]) -> str:
     s = result["sizes"]
     fp32 = s.get("fp32_weight_bytes")
     ratio = f" ({fp32 / s['lowbit_file_bytes']:.1f}x smaller)" if fp32 else ""
-    lines.append(f"file: {s['lowbit_file_bytes'] / 2**20:.3f} MiB .lowbit vs fp32 weights "
+    lines.append(f"file: {(s['lowbit_file_bytes'] or 0) / 2**20:.3f} MiB .lowbit vs fp32 weights "
                  f"{'-' if not fp32 else format(fp32 / 2**20, '.3f')} MiB{ratio}"
                  + (f"; ONNX {s['onnx_file_bytes'] / 2**20:.3f} MiB" if "onnx_file_bytes" in s else ""))
     lines.append(describe_paths(result))
@@ -388,15 +465,20 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def describe_paths(result: dict[str, Any]) -> str:
-    """One line: which conv/linear layers run on oneDNN int8 (exact int32 accumulators), which on an exact
-    float conv and why, which requantizations need int64 and which nodes run on the reference kernel."""
+    """One line: which conv/linear layers run on oneDNN int8 (how many requantizing in the kernel), which on an
+    exact float conv and why, the glue's arithmetic (requantizations per type) and the reference-kernel nodes."""
     paths = result["paths"]
-    other = {n: p for n, p in paths.items() if p != "int8"}
-    wide = {n: r for n, r in (result.get("requant") or {}).items() if r != "float64"}
+    other = {n: p for n, p in paths.items() if not p.startswith("int8")}
+    fused = sum(p == "int8 fused" for p in paths.values())
+    modes: dict[str, int] = {}
+    for r in (result.get("requant") or {}).values():
+        if r != "in the int8 kernel":
+            modes[r.split(" ")[0]] = modes.get(r.split(" ")[0], 0) + 1
     cap = f" ({result['capability']} assumed)" if "capability" in result else ""
     return (f"fast path{cap}, bit-exact: {len(paths) - len(other)}/{len(paths)} conv/linear layers on oneDNN int8"
+            + (f" ({fused} requantizing in the kernel, uint8 out)" if fused else "")
             + (f"; exact float conv for {', '.join(f'{n} [{p}]' for n, p in other.items())}" if other else "")
-            + (f"; int64 requantization for {', '.join(wide)}" if wide else "")
+            + (f"; glue requantization in {', '.join(f'{m} x{n}' for m, n in modes.items())}" if modes else "")
             + (f"; reference kernel for {', '.join(result['fallbacks'])}" if result.get("fallbacks") else ""))
 
 

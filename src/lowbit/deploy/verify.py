@@ -140,3 +140,141 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(format_lowering(r["lowering"]))
     return "\n".join(lines)
 
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+def _rows(inputs: dict[str, torch.Tensor], i: int, j: int) -> dict[str, torch.Tensor]:
+    return {k: v[i:j] for k, v in inputs.items()}
+
+
+def verify_encoder(runtime: IntegerModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None, *,
+                   simulation: Any = None, lowered: Any = None, fast: Callable | None = None,
+                   onnx: Callable | None = None, batch_size: int = 64,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """An exported encoder against its simulation (every integer node, bit for bit), the fake-quant model (top-1
+    and the codes each quantized layer receives: :func:`encoder_code_agreement`), the fast path and ONNX."""
+    n = len(next(iter(inputs.values())))
+    counts = {k: _Count() for k, v in (("runtime", 1), ("fake_quant", lowered), ("fast_path", fast), ("onnx", onnx))
+              if v is not None}
+    sim_nodes: dict[str, list[int]] = {}
+    fast_diff = fast_total = 0
+    onnx_rel = 0.0
+    codes: dict[str, list[int]] = {}
+    for i in range(0, n, batch_size):
+        x = _rows(inputs, i, i + batch_size)
+        y = labels[i:i + batch_size] if labels is not None else None
+        trace = runtime.run_trace(x)
+        ref = trace["logits"].to(torch.int64)
+        ref_pred = ref.argmax(1)
+        counts["runtime"].add(ref_pred, ref_pred, y)
+        if simulation is not None:
+            for k, v in simulation.run_trace(x).items():
+                d = v.to(torch.int64) != trace[k].to(torch.int64)
+                acc = sim_nodes.setdefault(k, [0, 0])
+                acc[0] += int(d.sum())
+                acc[1] += d.numel()
+        if lowered is not None:
+            agreement, logits = encoder_code_agreement(trace, lowered, x)
+            counts["fake_quant"].add(logits.argmax(1), ref_pred, y)
+            for k, (diff, total) in agreement.items():
+                acc = codes.setdefault(k, [0, 0])
+                acc[0] += diff
+                acc[1] += total
+        if fast is not None:
+            got = fast.run_int(x).to(torch.int64)
+            fast_diff += int((got != ref).sum())
+            fast_total += ref.numel()
+            counts["fast_path"].add(got.argmax(1), ref_pred, y)
+        if onnx is not None:
+            out = onnx(x)
+            scale = runtime.output_scale
+            onnx_rel = max(onnx_rel, float((out.double() - ref.double() * scale).abs().max())
+                           / max(1e-30, float(ref.abs().max()) * scale))
+            counts["onnx"].add(out.argmax(1), ref_pred, y)
+        if progress:
+            progress(min(i + batch_size, n), n)
+    labelled = labels is not None
+    out: dict[str, Any] = {"images": n, "runtime": counts["runtime"].result(labelled)}
+    out["runtime"].pop("top1_agreement_with_runtime")
+    if simulation is not None:
+        differing = {k: v[0] for k, v in sim_nodes.items() if v[0]}
+        out["simulation"] = {"bit_exact": not differing, "integer_nodes": len(sim_nodes),
+                             "integer_values": sum(v[1] for v in sim_nodes.values()), "differing_nodes": differing,
+                             "images_with_differing_logits": int(sim_nodes.get("logits", [0])[0] > 0),
+                             "max_logit_diff": 0 if not differing else None}
+    for name in ("fake_quant", "fast_path", "onnx"):
+        if name in counts:
+            out[name] = counts[name].result(labelled)
+            if labelled:
+                out[name]["accuracy_delta_pt"] = 100 * (out[name]["accuracy"] - out["runtime"]["accuracy"])
+    if fast is not None:
+        out["fast_path"].update(logits_differing=fast_diff / max(1, fast_total), paths=getattr(fast, "paths", {}),
+                                codes_differing_first_batch={}, max_code_diff_first_batch=0,
+                                max_logit_diff_relative=0.0 if fast_diff == 0 else None)
+    if onnx is not None:
+        out["onnx"]["max_logit_diff_relative"] = onnx_rel
+    if lowered is not None:
+        out["codes_vs_fake_quant"] = {k: v[0] / max(1, v[1]) for k, v in codes.items()}
+    return out
+
+
+def encoder_code_agreement(trace: dict[str, torch.Tensor], lowered: Any, x: dict[str, torch.Tensor]
+                           ) -> tuple[dict[str, tuple[int, int]], torch.Tensor]:
+    """The fake-quant model's logits for ``x`` and, per quantized operand (``layer``, or ``matmul.a`` / ``.b``),
+    how many of the codes the runtime feeds it differ from those the model's own quantizer makes from its float
+    input (eval mode), and how many there are. They differ only where float rounding (the fake-quant model's
+    float32 layers against exact integer products) moves a value across a rounding tie."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    names = {}
+    for name, step in lowered.program.steps.items():
+        qs = [step.module.input_quantizer] if step.kind == "linear" else [step.module.a_quantizer,
+                                                                          step.module.b_quantizer]
+        for i, q in enumerate(qs):
+            key = name if step.kind == "linear" else f"{name}.{'ab'[i]}"
+            names[key] = step.inputs[i]
+            hooks.append(q.register_forward_hook(
+                lambda mod, args, out, key=key: seen.__setitem__(key, mod.codes(args[0]).to(torch.int64))))
+    try:
+        with torch.no_grad():
+            logits = lowered.model(**x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for key, codes in seen.items():
+        got = trace[names[key]].to(torch.int64)
+        out[key] = (int((got != codes).sum()), codes.numel())
+    logits = getattr(logits, "logits", logits)
+    return out, logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def format_encoder_report(r: dict[str, Any]) -> str:
+    """A few lines for :func:`verify_encoder`'s result."""
+    lines = [f"{r['images']} sequences"]
+    acc = r["runtime"].get("accuracy")
+    lines.append("runtime (integer reference)" + (f": accuracy {100 * acc:.2f}%" if acc is not None else ""))
+    if "simulation" in r:
+        s = r["simulation"]
+        lines.append(f"simulation vs runtime: {'bit-exact' if s['bit_exact'] else 'DIFFERENT'} on "
+                     f"{s['integer_nodes']} integer nodes ({s['integer_values']} values"
+                     + (f"; differing: {s['differing_nodes']}" if s["differing_nodes"] else "") + ")")
+    for name, label in (("fake_quant", "fake-quant model"), ("fast_path", "fast path"), ("onnx", "onnxruntime")):
+        if name in r:
+            v = r[name]
+            text = f"{label}: top-1 agreement {100 * v['top1_agreement_with_runtime']:.2f}%"
+            if "accuracy" in v:
+                text += f", accuracy {100 * v['accuracy']:.2f}% ({v['accuracy_delta_pt']:+.2f} pt)"
+            if name == "fast_path":
+                text += (", integer logits bit-exact (0 differ)" if v["logits_differing"] == 0 else
+                         f", integer logits differing {100 * v['logits_differing']:.2f}%")
+            if name == "onnx":
+                text += f", max logit difference {v['max_logit_diff_relative']:.1e} of the largest"
+            lines.append(text)
+    if "codes_vs_fake_quant" in r:
+        c = r["codes_vs_fake_quant"]
+        worst = max(c.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        lines.append(f"codes fed to the {len(c)} quantized operands vs the fake-quant model's quantizers: "
+                     f"{100 * sum(c.values()) / max(1, len(c)):.3f}% differ on average, at most "
+                     f"{100 * worst[1]:.3f}% ({worst[0]})")
+    return "\n".join(lines)

@@ -1,18 +1,22 @@
 """Export a quantized model (or a ``lowbit quantize`` run) to a ``.lowbit`` integer model.
 
     result = export_model(model, "model.lowbit", input_shape=(1, 28, 28), pixels=FMNIST_PIXELS)
+    result = export_model(bert, "bert.lowbit", example={"input_ids": ids, "attention_mask": mask, ...})
     result = export_run("runs/w4a4", "model.lowbit")      # model, plan and normalisation from the run
 
 The model is captured with torch.fx (:mod:`lowbit.export.capture`), lowered to integer nodes with dyadic
 requantization (:mod:`lowbit.export.lower`) and written as the integer IR with the validating writer of
 :mod:`lowbit.ir.format`. What the written file computes is defined by the op table (:mod:`lowbit.ir.ops`) and
-the reference backend's kernels.
+the reference backend's kernels. A model called with a dict of token tensors (an ``example`` batch: a Hugging
+Face encoder) goes through :mod:`lowbit.export.encoder` instead (``torch.export``, integer GEMMs with float
+glue, format version 2).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +58,7 @@ class ExportResult:
     path: Path
     file_bytes: int
     fp32_bytes: int
-    lowered: Lowered | None = None
+    lowered: Any = None  # Lowered (images) or LoweredEncoder (tokens)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -86,17 +90,40 @@ def lower_model(model: nn.Module, input_shape: tuple[int, ...], pixels: dict[str
     return Lowered(model, fnodes, program, spec)
 
 
-def export_model(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...],
-                 pixels: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> ExportResult:
+def export_model(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...] | None = None,
+                 pixels: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+                 example: Mapping[str, torch.Tensor] | None = None) -> ExportResult:
     """Export ``model`` (quantized with :func:`lowbit.quant.quantize_`, calibrated) to ``path``.
 
+    ``input_shape``: the one input tensor of an image model; ``example``: instead, a batch of the token tensors
+    an encoder is called with (``model(**example)``), which fixes the sequence length of the export.
+
     Raises:
-        LowbitError: a layer the integer format cannot express (named), or an unwritable path.
+        LowbitError: a layer or operation the integer format cannot express (named), or an unwritable path.
     """
+    if example is not None:
+        if not isinstance(example, Mapping):
+            raise LowbitError("example must be a dict of token tensors (model(**example)); give an image model "
+                              "input_shape instead")
+        return export_encoder(model, path, example, metadata)
+    if input_shape is None:
+        raise LowbitError("export_model needs input_shape (one input tensor) or example (a dict of token tensors)")
     lowered = lower_model(model, input_shape, pixels)
     fp32 = fp32_weight_bytes(model)
     extra = {"fp32_weight_bytes": fp32, **(metadata or {})}
     path = write_model(path, lowered.manifest(extra), lowered.program.tensors)
+    return ExportResult(Path(path), Path(path).stat().st_size, fp32, lowered)
+
+
+def export_encoder(model: nn.Module, path: str | os.PathLike, example: Mapping[str, torch.Tensor],
+                   metadata: dict[str, Any] | None = None) -> ExportResult:
+    """Export an encoder called with token tensors (:mod:`lowbit.export.encoder`) to ``path`` (version 2)."""
+    from lowbit.export.encoder import lower_encoder
+
+    model = copy.deepcopy(model).cpu().float().eval()
+    lowered = lower_encoder(model, example)
+    fp32 = fp32_weight_bytes(model)
+    path = write_model(path, lowered.manifest({"fp32_weight_bytes": fp32, **(metadata or {})}), lowered.program.tensors)
     return ExportResult(Path(path), Path(path).stat().st_size, fp32, lowered)
 
 
@@ -143,18 +170,34 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
     from lowbit.train.quantize import load_quantized_run
 
     model, ckpt = load_quantized_run(run)
-    shape, pixels = run_input_spec(ckpt)
     spec = ckpt["spec"]
+    example = _token_example(ckpt)
+    if example is None:
+        shape, pixels = run_input_spec(ckpt)
     meta = {"model": {"name": spec["model"], "kwargs": spec.get("model_kwargs", {}),
                       "num_classes": spec["num_classes"]},
             "data": spec.get("data"), "plan": ckpt.get("plan"), "quant_config": ckpt.get("quant_config"),
             "data_spec": {k: spec[k] for k in ("data", "data_args", "val_fraction") if spec.get(k) is not None},
             "source": {"quantized_run": str(run), "fp32_run": ckpt.get("source")}}
-    result = export_model(model, out, input_shape=shape, pixels=pixels, metadata=meta)
+    if example is not None:
+        result = export_model(model, out, example=example, metadata=meta)
+    else:
+        result = export_model(model, out, input_shape=shape, pixels=pixels, metadata=meta)
     fp32_ckpt = Path(ckpt["source"]) / CHECKPOINT_NAME if ckpt.get("source") else None
     if fp32_ckpt is not None and fp32_ckpt.is_file():
         result.info["fp32_checkpoint_bytes"] = fp32_ckpt.stat().st_size
     return result
+
+
+def _token_example(ckpt: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Two validation examples of a run whose model is called with a dict of tensors (an encoder), else None."""
+    spec = ckpt.get("spec", {})
+    if spec.get("input_shape") or ":" not in str(spec.get("data", "")):
+        return None
+    from lowbit.train.checkpoint import run_data
+
+    example = run_data(spec).example(2)
+    return dict(example) if isinstance(example, Mapping) else None
 
 
 def _as_list(v: Any) -> list[float]:

@@ -23,7 +23,10 @@ Each producer is one requantization ``clamp(round_half_even((acc*m_c + b_c) * 2^
   ``B_c = (g_c*bias_c + h_c) / s_out``; ``m_c, k_c`` from :func:`dyadic_affine`, ``b_c = round(B_c*2^k_c)``.
   The float model computes ``round(relu?(g_c*(s_x*s_w,c*acc + bias_c) + h_c) / s_out)``; the integer one
   differs only through the 31-bit multiplier (relative error <= 2^-31) and the 2^-k_c bias grid, i.e. only
-  for values within ~2^-20 of a rounding tie. A negative ``gamma`` simply gives a negative ``m_c``.
+  for values within ~2^-20 of a rounding tie. A negative ``gamma`` simply gives a negative ``m_c``. When the
+  output is narrow codes, ``m_c`` is narrowed (:data:`EPILOGUE_MULTIPLIERS`) to the bits an int8 kernel's
+  float32 epilogue computes exactly (~19 below the output step for 4-bit codes), where that moves no value by
+  more than 2^-10 steps: the fast path then requantizes inside the kernel and writes uint8 codes.
 * residual add: ``a*m_a + b*m_b`` on one common shift (``s_a/s_out``, ``s_b/s_out``), rounded once.
 * average pool (``avg_pool2d``, adaptive, ``x.mean((2, 3))``): the exact integer window sum times
   ``s_in / (D * s_out)``, rounded once, where ``D`` is the divisor (the window size, or ``divisor_override``).
@@ -57,7 +60,15 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export.capture import JOINS, PRODUCERS, TRANSPARENT, FNode, users
-from lowbit.ir.dyadic import INT32_MAX, INT32_MIN, MAX_SHIFT, to_dyadic, to_dyadic_common, to_fixed
+from lowbit.ir.dyadic import (
+    INT32_MAX,
+    INT32_MIN,
+    MAX_SHIFT,
+    float32_epilogue_dyadic,
+    to_dyadic,
+    to_dyadic_common,
+    to_fixed,
+)
 from lowbit.ir.format import pack_tensor
 from lowbit.ir.graph import Node
 from lowbit.ir.ops import op_spec
@@ -65,6 +76,9 @@ from lowbit.quant.modules import QuantConv2d
 
 WIDE_FRAC_BITS = 16  # fractional bits of a wide value below the step of the codes made from it
 LOGIT_BITS = 30  # logits use |value| <= 2^30 for the largest logit the last layer can produce
+# A conv/linear that writes narrow codes gets multipliers an int8 kernel's float32 epilogue computes exactly
+# (:func:`lowbit.ir.dyadic.float32_epilogue_dyadic`) wherever that moves no value by more than 2^-10 steps.
+EPILOGUE_MULTIPLIERS = True
 
 
 @dataclass(frozen=True)
@@ -371,6 +385,9 @@ def _emit_qlayer(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode]) -> No
     x = _needed(p, n.inputs[0], x_rep, n.name)
     w_codes, gain, offset, s_w = _layer_terms(n)
     mult, shift, bias = dyadic_affine(gain / rep.scale, offset / rep.scale)
+    if EPILOGUE_MULTIPLIERS and not rep.wide:
+        mult, shift, bias = float32_epilogue_dyadic(gain / rep.scale, offset / rep.scale, rep.lo, rep.hi,
+                                                    max(0, -rep.lo), mult, shift, bias)
     p.consts[n.name] = Requant(mult, shift, bias, rep.lo, rep.hi)
     w_bits = m.weight_quantizer.bits
     params = {"weight": pack_tensor(w_codes, w_bits, signed=True), "multiplier": _int_entry(mult, "int32"),

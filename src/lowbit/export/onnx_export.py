@@ -12,6 +12,13 @@ an output code, else a float ``Add``: a trained layer's bias rounded to a multip
 moves about 1% of roundings. Layers whose u8 x s8 products could saturate the int16 pair sums of int8
 kernels without VNNI (8-bit weights on 8-bit inputs) are exported as float convs on integer values (exact
 below 2^24) followed by the per-channel scale, as the fast path's exact path.
+
+Encoders (token graphs) take their int64 inputs by name; a ``linear`` on (N, T, K) codes becomes ``MatMul``
+with the dequantized weights transposed, an attention ``matmul`` a float ``MatMul`` of the two dequantized code
+tensors (exact below 2^24), and the float glue the ONNX operators of the same names (``Gather``,
+``LayerNormalization``, ``Softmax``, ``Gelu``, ``Tanh``, ``Where`` for the mask). onnxruntime computes the float
+glue with its own kernels, so its codes may differ from the reference near rounding ties: the verification
+reports top-1 agreement and the largest logit difference.
 """
 
 from __future__ import annotations
@@ -112,13 +119,15 @@ def export_onnx(model: Graph | Any, path: str | os.PathLike, int4: bool = True) 
     spec = model.input_spec
     shape = ["N", *spec["shape"]]
     pixel = spec.get("dtype") == "uint8"
-    x_in = b.helper.make_tensor_value_info("input", b.TP.UINT8 if pixel else b.TP.FLOAT, shape)
-    b.zp["input"] = None
+    dtype = b.TP.INT64 if model.token_input else b.TP.UINT8 if pixel else b.TP.FLOAT
+    x_in = [b.helper.make_tensor_value_info(name, dtype, shape) for name in model.inputs]
+    for name in model.inputs:
+        b.zp[name] = None
     for node in model.nodes:
         _emit(b, node, model.params[node.name])
     out = b.nodes[-1].output[0]
     y = b.helper.make_tensor_value_info(out, b.TP.FLOAT, ["N", None])
-    graph = b.helper.make_graph(b.nodes, "lowbit", [x_in], [y], b.inits)
+    graph = b.helper.make_graph(b.nodes, "lowbit", x_in, [y], b.inits)
     onnx_model = b.helper.make_model(graph, opset_imports=[b.helper.make_opsetid("", OPSET)],
                                      producer_name="lowbit")
     onnx_model.ir_version = 10
@@ -287,13 +296,19 @@ def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.T
     w_max = int(w.abs().max()) if w.numel() else 0
     conv = node.op == "conv2d"
     shape = [1, -1, 1, 1] if conv else [1, -1]
+    tokens = not conv and len(b.model.shapes[x]) > 1  # (N, T, K): MatMul with the weights transposed
     if 2 * (hi_x + zp_in) * w_max > INT16_MAX and w[0].numel() * max(abs(lo_x), abs(hi_x)) * w_max < 2**24:
         # u8 x s8 pairs could saturate int16 in int8 kernels without VNNI (onnxruntime's included): run the
         # layer as a float conv on integer values (exact below 2^24), then scale, as the fast path does
         xf = b.op("Sub", [b.op("Cast", [x], "x", to=b.TP.FLOAT), b.scalar(float(zp_in))], "x")
         wf = b.const("w", w.numpy().astype(np.float32))
-        y = b.op("Conv", [xf, wf], "conv", strides=a["stride"], pads=list(a["padding"]) * 2,
-                 dilations=a["dilation"], group=a["groups"]) if conv else b.op("Gemm", [xf, wf], "gemm", transB=1)
+        if conv:
+            y = b.op("Conv", [xf, wf], "conv", strides=a["stride"], pads=list(a["padding"]) * 2,
+                     dilations=a["dilation"], group=a["groups"])
+        elif tokens:
+            y = b.op("MatMul", [xf, b.op("Transpose", [wf], "wt", perm=[1, 0])], "matmul")
+        else:
+            y = b.op("Gemm", [xf, wf], "gemm", transB=1)
         y = b.op("Mul", [y, b.const("scale", scale.numpy().astype(np.float32).reshape(shape))], "y")
         y = b.op("Add", [y, b.const("bias", bias.numpy().astype(np.float32).reshape(shape))], "y")
         _bind(b, b.finish(y, a, zp, "y"), out, zp)
@@ -308,7 +323,8 @@ def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.T
     # The QDQ bias convention (int32 in accumulator units, scale x_scale * w_scale) rounds the bias to a
     # multiple of |M_c| output steps; only where that is below 2^-9 of a code does it keep (almost) every
     # rounding of the reference, else the bias is a float Add (and onnxruntime may not fuse the layer).
-    int_bias = zp is not None and float(scale.max()) <= 2.0**-9 and bool(np.all(np.abs(bias_acc) < 2**30))
+    int_bias = zp is not None and float(scale.max()) <= 2.0**-9 and bool(np.all(np.abs(bias_acc) < 2**30)) \
+        and not tokens
     if int_bias:
         bq = b.const("b", np.rint(bias_acc).astype(np.int32))
         bias_in = [b.op("DequantizeLinear", [bq, b.const("bs", scale.numpy().astype(np.float32))], "bias", axis=0)]
@@ -317,11 +333,143 @@ def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.T
     if conv:
         y = b.op("Conv", [xf, w_float, *bias_in], "conv", strides=a["stride"], pads=list(a["padding"]) * 2,
                  dilations=a["dilation"], group=a["groups"])
+    elif tokens:
+        y = b.op("MatMul", [xf, b.op("Transpose", [w_float], "wt", perm=[1, 0])], "matmul")
     else:
         y = b.op("Gemm", [xf, w_float, *bias_in], "gemm", transB=1)
     if not int_bias:
         y = b.op("Add", [y, b.const("bias", bias.numpy().astype(np.float32).reshape(shape))], "bias")
     _bind(b, b.finish(y, a, zp, "y"), out, zp)
+
+
+# ---------------------------------------------------------------------------------------- encoder ops
+@kernel("quantize", backend="onnx")
+def _onnx_quantize(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, x = node.attrs, node.inputs[0]
+    zp = _out_zp(a)
+    v = b.op("Round", [b.op("Div", [x, b.scalar(a["scale"])], "x")], "x")
+    _bind(b, b.to_codes(v, a["lo"], a["hi"], zp, "codes"), node.output, zp)
+
+
+@kernel("matmul", backend="onnx")
+def _onnx_matmul(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, (xa, xb) = node.attrs, node.inputs
+    zp = _out_zp(a)
+    v = b.op("MatMul", [b.to_float(xa), b.to_float(xb)], "matmul")  # integer values, exact below 2^24
+    v = b.op("Mul", [v, b.scalar(a["multiplier"] * 2.0 ** -a["shift"])], "rq")
+    if a["bias"]:
+        v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "rq")
+    _bind(b, b.finish(v, a, zp, "rq"), node.output, zp)
+
+
+@kernel("dequantize", backend="onnx")
+def _onnx_dequantize(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    v = b.op("Mul", [b.to_float(node.inputs[0]), b.scalar(node.attrs["scale"])], "dq")
+    _bind(b, v, node.output, None)
+
+
+@kernel("embedding", backend="onnx")
+def _onnx_embedding(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    w = b.const("emb", p["weight"].numpy())
+    _bind(b, b.op("Gather", [w, node.inputs[0]], "emb", axis=0), node.output, None)
+
+
+@kernel("constant", backend="onnx")
+def _onnx_constant(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    _bind(b, b.const("const", p["value"].numpy()), node.output, None)
+
+
+@kernel("binary", backend="onnx")
+def _onnx_binary(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, xs = node.attrs, list(node.inputs)
+    op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}[a["fn"]]
+    if len(xs) == 1:
+        xs.append(b.scalar(a["scalar"]))
+        if a.get("reverse"):
+            xs.reverse()
+    _bind(b, b.op(op, xs, a["fn"]), node.output, None)
+
+
+@kernel("layer_norm", backend="onnx")
+def _onnx_layer_norm(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    w, bias = p["weight"], p["bias"]
+    v = b.op("LayerNormalization", [node.inputs[0], b.const("ln_w", w.numpy()), b.const("ln_b", bias.numpy())],
+             "ln", axis=-w.dim(), epsilon=float(node.attrs["eps"]))
+    _bind(b, v, node.output, None)
+
+
+@kernel("softmax", backend="onnx")
+def _onnx_softmax(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    _bind(b, b.op("Softmax", [node.inputs[0]], "softmax", axis=int(node.attrs["dim"])), node.output, None)
+
+
+@kernel("gelu", backend="onnx")
+def _onnx_gelu(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    v = b.op("Gelu", [node.inputs[0]], "gelu", approximate=str(node.attrs["approximate"]))
+    _bind(b, v, node.output, None)
+
+
+@kernel("tanh", backend="onnx")
+def _onnx_tanh(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    _bind(b, b.op("Tanh", [node.inputs[0]], "tanh"), node.output, None)
+
+
+@kernel("float_linear", backend="onnx")
+def _onnx_float_linear(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    v = b.op("MatMul", [node.inputs[0], b.const("w", p["weight"].T.contiguous().numpy())], "linear")
+    if "bias" in p:
+        v = b.op("Add", [v, b.const("b", p["bias"].numpy())], "linear")
+    _bind(b, v, node.output, None)
+
+
+@kernel("float_matmul", backend="onnx")
+def _onnx_float_matmul(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    _bind(b, b.op("MatMul", list(node.inputs), "matmul"), node.output, None)
+
+
+@kernel("attention_mask", backend="onnx")
+def _onnx_mask(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    a, t = node.attrs, b.model.shapes[node.inputs[0]][-1]
+    keep = b.op("Equal", [node.inputs[0], b.const("zero", np.array(0, np.int64))], "masked")
+    v = b.op("Where", [keep, b.scalar(a["fill"]), b.scalar(0.0)], "mask")
+    v = b.op("Unsqueeze", [v, b.const("axes", np.array([1, 2], np.int64))], "mask")
+    if a["square"]:
+        v = b.op("Expand", [v, b.const("shape", np.array([1, 1, t, t], np.int64))], "mask")
+    _bind(b, v, node.output, None)
+
+
+@kernel("reshape", backend="onnx")
+def _onnx_reshape(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    x = node.inputs[0]
+    shape = b.const("shape", np.array([0, *node.attrs["shape"]], np.int64))  # 0: keep the batch
+    _bind(b, b.op("Reshape", [x, shape], "reshape"), node.output, b.zp[x])
+
+
+@kernel("transpose", backend="onnx")
+def _onnx_transpose(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    x = node.inputs[0]
+    perm = list(range(len(b.model.shapes[x]) + 1))
+    d0, d1 = node.attrs["dim0"] % len(perm), node.attrs["dim1"] % len(perm)
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    _bind(b, b.op("Transpose", [x], "transpose", perm=perm), node.output, b.zp[x])
+
+
+@kernel("select", backend="onnx")
+def _onnx_select(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    x, a = node.inputs[0], node.attrs
+    index = b.name("index")  # a 0-d index (const() stores arrays at least 1-d), so Gather drops the dimension
+    b.inits.append(b.nh.from_array(np.array(a["index"], np.int64), index))
+    v = b.op("Gather", [x, index], "select", axis=int(a["dim"]))
+    _bind(b, v, node.output, b.zp[x])
+
+
+@kernel("slice", backend="onnx")
+def _onnx_slice(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
+    x, a = node.inputs[0], node.attrs
+    args = [b.const(k, np.array([a[k]], np.int64)) for k in ("start", "end")]
+    v = b.op("Slice", [x, *args, b.const("axes", np.array([a["dim"]], np.int64)),
+                       b.const("steps", np.array([a["step"]], np.int64))], "slice")
+    _bind(b, v, node.output, b.zp[x])
 
 
 def _bind(b: _Builder, value: str, out: str, zp: int | None) -> None:
@@ -345,5 +493,9 @@ class OnnxModel:
             opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"input": x.numpy()})[0])
+    def __call__(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, dict):  # an encoder: its token tensors by input name
+            feed = {i.name: x[i.name].to(torch.int64).numpy() for i in self.session.get_inputs()}
+        else:
+            feed = {"input": x.numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])

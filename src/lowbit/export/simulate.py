@@ -139,3 +139,83 @@ def _reads(fnodes: list[FNode], node: FNode, source: str) -> bool:
         if byname[name].kind in TRANSPARENT or byname[name].kind in JOINS:
             todo.extend(byname[name].inputs)
     return False
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+class _Codes:
+    """Integer codes travelling through the replay (moved by reshapes and transposes, never by float ops)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+class EncoderSimulation:
+    """``EncoderSimulation(lowered).run_trace(inputs)``: the integer values of an exported encoder, computed by
+    replaying the *traced program* of the PyTorch model (its own ATen float glue) with the export's integer
+    arithmetic at each quantized layer: codes from the model's own quantizers, weight codes from its weight
+    quantizers, exact products in float64 and the lowering's dyadic constants rounded by the floor-division
+    formula. Keys are the file's value names (``quantize``, ``linear`` and ``matmul`` outputs, ``"logits"``)."""
+
+    def __init__(self, lowered):
+        self.lowered = lowered
+        self.steps = lowered.program.steps
+
+    def run_int(self, inputs) -> torch.Tensor:
+        return self.run_trace(inputs)["logits"]
+
+    def run_trace(self, inputs) -> dict[str, torch.Tensor]:
+        from torch import fx
+
+        from lowbit.export.encoder import _IDENTITY, _MOVES, QLINEAR, QMATMUL
+
+        cap, steps, trace = self.lowered.capture, self.steps, {}
+
+        def codes(x, step, i: int) -> torch.Tensor:
+            if isinstance(x, _Codes):
+                return x.t
+            q = [step.module.input_quantizer] if step.kind == "linear" else \
+                [step.module.a_quantizer, step.module.b_quantizer]
+            c = q[i].codes(x).to(torch.int64)
+            trace[step.inputs[i]] = c
+            return c
+
+        def finish(y: torch.Tensor, step) -> object:
+            trace[step.node] = y
+            if step.out == "codes":
+                return _Codes(y)
+            if step.out == "logits":
+                trace["logits"] = y
+            return (y.to(torch.float64) * step.out_scale).to(torch.float32)
+
+        class Replay(fx.Interpreter):
+            def run_node(self, n):
+                if n.op == "call_module" and n.target.startswith("_guards"):
+                    return None
+                return super().run_node(n)
+
+            def call_function(self, target, args, kwargs):
+                if target is QLINEAR:
+                    step = steps[args[1]]
+                    m = step.module
+                    x = codes(args[0], step, 0)
+                    w = m.weight_quantizer.codes(m.weight.detach()).to(torch.float64)
+                    return finish(apply((x.to(torch.float64) @ w.T).to(torch.int64), step.requant, axis=-1), step)
+                if target is QMATMUL:
+                    step = steps[args[2]]
+                    a, b = codes(args[0], step, 0), codes(args[1], step, 1)
+                    acc = torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int64)
+                    return finish(apply(acc, step.requant), step)
+                if args and isinstance(args[0], _Codes):
+                    if target not in _MOVES:
+                        raise LowbitError(f"internal: {target} applied to integer codes")
+                    if target in _IDENTITY:
+                        return args[0]
+                    return _Codes(target(args[0].t, *args[1:], **kwargs))
+                return super().call_function(target, args, kwargs)
+
+        from lowbit.export.encoder import active
+
+        ex = {k: inputs[k] for k in cap.inputs}
+        with active(cap.modules), torch.no_grad():
+            Replay(cap.gm).run(*[ex[k] for k in cap.inputs])
+        return trace

@@ -193,3 +193,82 @@ def _as_float64(x: ScaleLike) -> tuple[np.ndarray, bool]:
         return arr, False
     arr = np.asarray(x, dtype=np.float64)
     return arr, arr.ndim == 0
+
+
+# --------------------------------------------------------------------- requantization in a float32 epilogue
+# An int8 kernel (oneDNN) can requantize in its float32 epilogue and write uint8 codes: with scale
+# ``s = m * 2^-k``, bias ``beta = b * 2^-k``, a clip to ``[lo, hi]`` and output zero point ``zp`` it computes
+# ``rne(clip(s*float(acc) + beta, lo, hi) + zp)`` (a multiply and an add, or one fused multiply-add). Every value
+# there is a multiple of ``2^-k``; float32 holds such a value exactly while its magnitude is below
+# ``2^(24-k)``. :func:`float32_epilogue_exact` checks that this holds wherever it matters, which makes the
+# epilogue equal to :func:`requantize`; :func:`float32_epilogue_dyadic` picks constants for which it holds.
+FLOAT32_SIGNIFICAND = 2**24
+EPILOGUE_MAX_ERROR = 2.0**-10  # narrowed multipliers may move a value by at most this many output steps
+
+
+def float32_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, lo: int, hi: int, zp: int,
+                           acc_lo: torch.Tensor, acc_hi: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Per channel: does a float32 epilogue ``rne(clip(|s|*float(acc') + beta, lo, hi) + zp)`` with
+    ``s = m*2^-k``, ``beta = b*2^-k``, ``acc' = sign(m)*acc`` equal ``requantize(acc, m, k, b, lo, hi) + zp`` for
+    every ``acc`` in ``[acc_lo, acc_hi]``? Returns the per-channel verdict and, if any channel fails, why.
+
+    The argument: let the *window* be the accumulators whose exact value ``t = (acc'*|m| + b) * 2^-k`` lies in
+    ``[lo - 1 - |s|, hi + 1 + |s|]``. If (1) ``|m| < 2^24``, (2) ``|acc'*m| < 2^24`` and (3) ``|acc'*|m| + b| <
+    2^24`` on the window, (4) ``|b| < 2^24`` and (5) ``(max(|lo + zp|, |hi + zp|) + 1) * 2^k < 2^24``, then the
+    scale, the bias, the product, the sum (or the single rounding of a fused multiply-add) and the zero-point
+    add are all exact float32 values, so the kernel rounds the exact ``t + zp``; with (6) ``zp`` even, rounding
+    half to even (the MXCSR default the conversion uses) gives ``rne(t) + zp``, and the clip to integer bounds
+    commutes with rounding. Outside the window both sides are non-decreasing in ``acc'`` and already at
+    ``lo``/``hi`` at its ends (consecutive accumulators move ``t`` by ``|s|``), so they saturate alike. A channel
+    with ``m = 0`` is the constant ``rne(b*2^-k)`` clipped: exact under (4) and (5)."""
+    m, k, b = (torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (m, k, b))
+    acc_lo, acc_hi = torch.as_tensor(acc_lo).to(torch.int64), torch.as_tensor(acc_hi).to(torch.int64)
+    am, lim = m.abs(), FLOAT32_SIGNIFICAND
+    if int(k.max()) > 40:  # every product below would pass int64; and (5) fails anyway
+        return torch.zeros_like(m, dtype=torch.bool), f"shift {int(k.max())}: the multiplier has too many bits"
+    p2 = torch.ones_like(k) << k
+    safe = am.clamp_min(1)
+    w_lo = -((b + am - (lo - 1) * p2) // safe)  # ceil(((lo-1)*2^k - b - |m|) / |m|)
+    w_hi = ((hi + 1) * p2 - b + am) // safe
+    neg = m < 0
+    a_lo, a_hi = torch.where(neg, -acc_hi, acc_lo), torch.where(neg, -acc_lo, acc_hi)
+    w_lo, w_hi = torch.maximum(w_lo, a_lo), torch.minimum(w_hi, a_hi)
+    empty = w_lo > w_hi
+    a_max = torch.where(empty, 0, torch.maximum(w_lo.abs(), w_hi.abs()))
+    t_max = torch.where(empty, 0, torch.maximum((w_lo * am + b).abs(), (w_hi * am + b).abs()))
+    checks = (("the multiplier needs more than 24 bits", am < lim),
+              ("|acc*m| may reach 2^24 on the accumulators that round into [lo, hi]", a_max * am < lim),
+              ("|acc*m + b| may reach 2^24 there", t_max < lim),
+              ("|bias| * 2^k reaches 2^24", b.abs() < lim),
+              ("(code + zero point) * 2^k may reach 2^24", (max(abs(lo + zp), abs(hi + zp)) + 1) * p2 < lim),
+              ("odd output zero point (ties would round to its parity)", torch.full_like(neg, zp % 2 == 0)))
+    ok = torch.ones_like(neg)
+    why = ""
+    for reason, c in checks:
+        if not why and not bool(c.all()):
+            why = reason
+        ok &= c
+    return ok, why
+
+
+def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, hi: int, zp: int,
+                            m: torch.Tensor, k: torch.Tensor, b: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, k, b)`` for ``gain``/``offset`` (real multiplier and bias, output steps) narrowed, per channel, to
+    the largest shift for which :func:`float32_epilogue_exact` holds whatever the accumulators, where that moves
+    no value by more than :data:`EPILOGUE_MAX_ERROR` output steps; other channels keep the given ``m, k, b``.
+
+    On the window the exact value and ``acc*s`` stay within ``top = max(|lo|, |hi|) + 2 + |gain| + |offset|``
+    output steps, so ``k = floor(log2((2^24 - 1) / top))`` (also bounded by the zero-point condition). The
+    multiplier then carries ``k`` bits below the output step, a rounding of at most ``2^-(k+1)`` per accumulator
+    unit: at most ``top / |gain| * 2^-(k+1)`` steps on the window (the values that are not clipped)."""
+    g, off = torch.as_tensor(gain, dtype=torch.float64), torch.as_tensor(offset, dtype=torch.float64)
+    top = (max(abs(lo), abs(hi)) + 2.0) + g.abs() + off.abs()
+    top = torch.maximum(top, torch.full_like(top, max(abs(lo + zp), abs(hi + zp)) + 1.0))
+    k_e = torch.floor(torch.log2((FLOAT32_SIGNIFICAND - 1) / top)).to(torch.int64).clamp(0, MAX_SHIFT)
+    k_e = torch.minimum(k_e, k)
+    m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
+    b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
+    err = top / g.abs().clamp_min(1e-300) * torch.ldexp(torch.ones_like(g), -(k_e + 1))
+    use = (err <= EPILOGUE_MAX_ERROR) & (g != 0) & (zp % 2 == 0)
+    return torch.where(use, m_e, m), torch.where(use, k_e, k), torch.where(use, b_e, b)

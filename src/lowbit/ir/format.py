@@ -28,8 +28,12 @@ keys (provenance, scales for reports) are kept as they are. Ops and their requir
 roles live in the op table (:mod:`lowbit.ir.ops`). The exporter writes this file; backends read it as a
 validated :class:`~lowbit.ir.graph.Graph` (:meth:`Graph.load <lowbit.ir.graph.Graph.load>`).
 
-Version 1 is the only version: files written by every earlier lowbit load unchanged (the typed IR reads the
-same manifest). A file of another version is refused with the version this lowbit reads.
+Versions: 1 is the integer image model (every CNN export, and every file earlier lowbit wrote: they load
+unchanged). 2 adds what an encoder needs: several named int64 inputs (``"input": {"dtype": "int64", "shape":
+[T]}``, one shape for all), float glue ops and a ``"domain": "int" | "float"`` on every node; the exporter writes
+version 2 only for such graphs, so an older lowbit refuses an encoder file by its version (one line saying to
+upgrade) instead of failing on an unknown op. A file of another version is refused with the versions this lowbit
+reads.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ from lowbit.ir.packing import pack, packed_nbytes, unpack
 from lowbit.quant.bits import SUPPORTED_BITS
 
 FORMAT_NAME = "lowbit-integer-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what image (CNN) exports write
+TOKEN_FORMAT_VERSION = 2  # encoders: several int64 inputs, float glue, per-node domains
+READ_VERSIONS = (1, 2)
 MANIFEST_KEY = "lowbit_manifest"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
@@ -115,8 +121,9 @@ def validate_manifest(manifest: Any) -> None:
              f"manifest format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("version")
     _require(type(version) is int, f"manifest version must be an integer, got {version!r}")
-    _require(version == FORMAT_VERSION, f"format version {version} is not supported "
-                                        f"(this lowbit reads version {FORMAT_VERSION}); upgrade lowbit")
+    _require(version in READ_VERSIONS, f"format version {version} is not supported "
+                                       f"(this lowbit reads versions {', '.join(map(str, READ_VERSIONS))}); "
+                                       f"upgrade lowbit")
     for key, kind in (("inputs", list), ("outputs", list), ("graph", list), ("tensors", dict)):
         _require(isinstance(manifest.get(key), kind), f"manifest needs {key!r} as a JSON {kind.__name__}")
     for name, entry in manifest["tensors"].items():
@@ -142,6 +149,10 @@ def validate_manifest(manifest: Any) -> None:
         params = node.get("params", {})
         _require(isinstance(attrs, dict), f"{where}: 'attrs' must be a JSON object")
         _require(isinstance(params, dict), f"{where}: 'params' must be a JSON object")
+        if version >= 2:
+            _require(node.get("domain") in ("int", "float"),
+                     f"{where}: format version {version} marks every node's domain ('int' or 'float'), "
+                     f"found {node.get('domain')!r}")
         missing = [a for a in spec.attrs if a not in attrs]
         _require(not missing, f"{where}: {op} needs attrs {missing}")
         missing = [p for p in spec.params if p not in params]

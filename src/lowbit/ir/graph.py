@@ -4,6 +4,11 @@ The file stores the graph as JSON (:mod:`lowbit.ir.format`); :meth:`Graph.from_m
 manifest into typed nodes, unpacks each node's tensors and checks every node against the op table
 (:mod:`lowbit.ir.ops`): attribute values and tensor dtypes/shapes, then shapes through the graph on the meta
 device, so a mismatched file fails at load with a :class:`LowbitError`, not in a backend mid-run.
+
+Two kinds of graph exist. An *image* graph (format version 1: every CNN export) has one input, starts with
+``quantize_input`` and is integer throughout. A *token* graph (version 2: encoders) takes several int64 inputs of
+one shape (``input_ids``, ``attention_mask``, ``token_type_ids``), mixes integer nodes with float glue and marks
+each node's domain; both end with ``dequantize_output`` (integer logits).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Node:
     outputs: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    domain: str | None = None  # "int" or "float": marked in version-2 files, derived from the op otherwise
 
     @property
     def output(self) -> str:
@@ -39,11 +45,13 @@ class Node:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Node:
         return cls(d["op"], d["name"], list(d["inputs"]), list(d["outputs"]), dict(d.get("attrs", {})),
-                   dict(d.get("params", {})))
+                   dict(d.get("params", {})), d.get("domain"))
 
     def to_json(self) -> dict[str, Any]:
         d = {"op": self.op, "name": self.name, "inputs": self.inputs, "outputs": self.outputs, "attrs": self.attrs}
-        return {**d, "params": self.params} if self.params else d
+        if self.params:
+            d["params"] = self.params
+        return {**d, "domain": self.domain} if self.domain is not None else d
 
 
 @dataclass
@@ -63,6 +71,7 @@ class Graph:
     manifest: dict[str, Any]
     source: str = "model"
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    domains: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Graph:
@@ -115,7 +124,7 @@ class Graph:
             if "lo" in a:
                 r = (a["lo"], a["hi"])
             else:
-                r = ranges.get(node.inputs[0], (INT32_MIN, INT32_MAX))
+                r = ranges.get(node.inputs[0], (INT32_MIN, INT32_MAX)) if node.inputs else (INT32_MIN, INT32_MAX)
                 if node.op == "relu":
                     r = (max(0, r[0]), max(0, r[1]))
             ranges[node.output] = r
@@ -128,8 +137,13 @@ class Graph:
 
     @property
     def pixel_input(self) -> bool:
-        """Whether the model takes uint8 pixels (else the float input of the PyTorch model)."""
+        """Whether the model takes uint8 pixels (else the float input of the PyTorch model, or tokens)."""
         return self.input_spec.get("dtype") == "uint8"
+
+    @property
+    def token_input(self) -> bool:
+        """Whether the model takes int64 token tensors by name (an encoder: ``model({"input_ids": ...})``)."""
+        return self.input_spec.get("dtype") == "int64"
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest again, with the graph from the typed nodes."""
@@ -139,18 +153,44 @@ class Graph:
     def _check(self) -> None:
         """Graph structure, every node against its op spec, and shapes through the graph (meta tensors)."""
         nodes = self.nodes
-        if not nodes or nodes[0].op != "quantize_input" or nodes[-1].op != "dequantize_output":
-            raise LowbitError("the graph must start with quantize_input and end with dequantize_output")
-        if sum(n.op in ("quantize_input", "dequantize_output") for n in nodes) != 2:
-            raise LowbitError("the graph needs exactly one quantize_input and one dequantize_output")
+        version = self.manifest.get("version", 1)
+        if self.token_input:
+            if version < 2:
+                raise LowbitError("int64 token inputs need format version 2")
+            if not nodes or nodes[-1].op != "dequantize_output" or sum(n.op == "dequantize_output" for n in nodes) != 1:
+                raise LowbitError("the graph must end with its only dequantize_output")
+            if any(n.op == "quantize_input" for n in nodes):
+                raise LowbitError("a graph of token inputs has no quantize_input (it quantizes float values inside)")
+        else:
+            if not nodes or nodes[0].op != "quantize_input" or nodes[-1].op != "dequantize_output":
+                raise LowbitError("the graph must start with quantize_input and end with dequantize_output")
+            if sum(n.op in ("quantize_input", "dequantize_output") for n in nodes) != 2:
+                raise LowbitError("the graph needs exactly one quantize_input and one dequantize_output")
+            if len(self.inputs) != 1:
+                raise LowbitError(f"an image graph takes one input, found {len(self.inputs)}")
         shape = self.input_spec.get("shape")
         if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
             raise LowbitError(f"manifest 'input' needs a positive integer 'shape', got {shape!r}")
-        meta = {self.inputs[0]: torch.empty((1, *shape), device="meta")}
+        dtype = torch.int64 if self.token_input else torch.float32
+        meta = {i: torch.empty((1, *shape), dtype=dtype, device="meta") for i in self.inputs}
+        self.domains = {i: "int" for i in self.inputs}
+        self.shapes.update({i: list(shape) for i in self.inputs})
         for node in nodes:
             spec = op_spec(node.op)
             where = f"node {node.name!r} ({node.op})"
             try:
+                if version >= 2 and node.domain not in ("int", "float"):
+                    raise LowbitError(f"format version {version} marks every node's domain ('int' or 'float'), "
+                                      f"found {node.domain!r}")
+                if spec.takes is not None:
+                    wrong = [i for i in node.inputs if self.domains[i] != spec.takes]
+                    if wrong:
+                        raise LowbitError(f"takes {spec.takes} values, but {wrong[0]!r} is {self.domains[wrong[0]]}")
+                domain = self.domains[node.inputs[0]] if spec.domain == "same" else spec.domain
+                if node.domain is not None and node.domain != domain:
+                    raise LowbitError(f"is marked {node.domain!r}, but its output is {domain}")
+                node.domain = node.domain or (domain if version >= 2 else None)
+                self.domains[node.output] = domain
                 if spec.check is not None:
                     spec.check(node, self.params[node.name], self)
                 if spec.shape is None:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from lowbit.errors import LowbitError
 from lowbit.ir.ops import OPS
 
-BACKENDS = ("reference", "cpu_fast", "gpu", "onnx")  # who reads the IR (see each backend's module)
+BACKENDS = ("reference", "cpu_fast", "cpu_fast_encoder", "gpu", "onnx")  # who reads the IR (each backend's module)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _KERNELS: dict[str, dict[str, Callable[..., Any]]] = {b: {} for b in BACKENDS}

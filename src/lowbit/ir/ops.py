@@ -23,6 +23,33 @@ upsample_nearest    each value repeated ``scale[0] x scale[1]`` times (nearest u
 dequantize_output   ``float32(x * scale)``: the only float operation after the input
 =================== =======================================================================================
 
+Encoders (format version 2) mix integer nodes with float *glue*; every node is marked ``"domain": "int"`` or
+``"float"`` in the manifest (its output's domain, checked at load against the op's rule):
+
+=================== ===== =================================================================================
+op                  out   computes
+=================== ===== =================================================================================
+quantize            int   ``clamp(round_half_even(x / scale), lo, hi)`` in float32, exactly as an LSQ quantizer
+linear              int   as above, on ``(..., K)`` codes (the requantization is per output channel, last axis)
+matmul              int   ``rq(a @ b)`` of two code tensors ``(..., M, K) x (..., K, N)``, per-tensor ``m, k, b``
+dequantize          float ``float32(float64(x) * scale)`` (a power-of-two ``scale``: exact, one rounding)
+embedding           float ``weight[ids]`` (token ids, int64 input)
+constant            float a stored float32 tensor (a folded subgraph, e.g. position embeddings), no input
+binary              float ``a fn b`` (``fn``: add, sub, mul, div) with broadcasting, or ``x fn scalar``
+layer_norm          float ``F.layer_norm`` over the last ``weight.dim()`` dims, float32
+softmax / gelu      float ``torch.softmax(x, dim)`` / ``F.gelu(x, approximate)``, float32
+tanh                float ``torch.tanh(x)``
+float_linear        float ``F.linear(x, weight, bias)`` in float32 (a layer the plan left float)
+float_matmul        float ``torch.matmul(a, b)`` in float32 (attention products left float)
+attention_mask      float ``where(mask != 0, 0, fill)`` as ``(N, 1, 1, T)`` or ``(N, 1, T, T)`` (``square``)
+reshape             same  ``x.reshape(N, *shape)`` (the batch dimension is kept)
+transpose / select  same  ``x.transpose(dim0, dim1)`` / ``x.select(dim, index)`` (never the batch dim)
+slice               same  ``x[..., start:end:step]`` along ``dim`` (never the batch dim)
+=================== ===== =================================================================================
+
+Float glue is computed by the reference backend with the ATen operator the traced model called, in float32,
+so a backend or simulation that calls the same operator on the same values gets the same bits.
+
 Adding an op: :func:`register_op` here (or from a plugin), emit it in the lowering, and register one kernel
 per backend that runs it (a backend without one falls back to the reference kernel or refuses the file with
 the op's name).
@@ -56,7 +83,9 @@ class OpSpec:
     ``arity``: number of inputs (at least ``arity`` when ``variadic``); ``attrs``/``params``: required attribute
     keys and tensor roles; ``check``: validation of the node's values (raises :class:`LowbitError`);
     ``shape``: the output on the meta device; ``moves_values``: the output holds input values moved or
-    selected, in the input's representation (relu and clamp narrow its range).
+    selected, in the input's representation (relu and clamp narrow its range); ``domain``: what the output
+    holds, ``"int"`` (codes, integer values, token ids), ``"float"`` (float32 glue) or ``"same"`` (the first
+    input's); ``takes``: the domain every input must have (None: not checked).
     """
 
     arity: int
@@ -66,6 +95,8 @@ class OpSpec:
     check: CheckFn | None = None
     shape: ShapeFn | None = None
     moves_values: bool = False
+    domain: str = "int"
+    takes: str | None = None
 
 
 OPS: dict[str, OpSpec] = {}
@@ -194,9 +225,9 @@ def _conv_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _linear_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
-    if xs[0].dim() != 2:
-        raise LowbitError(f"linear needs a 2-D input, got {xs[0].dim()}-D (flatten first)")
-    return F.linear(xs[0], torch.empty(p["weight"].shape, device="meta"))
+    if xs[0].dim() < 2:
+        raise LowbitError(f"linear needs a (batch, ..., features) input, got {xs[0].dim()}-D")
+    return F.linear(xs[0].float(), torch.empty(p["weight"].shape, device="meta"))
 
 
 def _add_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -260,3 +291,183 @@ for _name, _spec in {
                                 shape=_same, moves_values=True),
 }.items():
     register_op(_name, _spec)
+
+
+IMAGE_OPS = tuple(OPS)  # what image (CNN) graphs are made of
+
+# ------------------------------------------------------------------------------------- encoder ops (v2)
+BINARY_FNS = ("add", "sub", "mul", "div")
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def _float_tensor(p: Params, role: str, dims: int | None = None) -> torch.Tensor:
+    t = p[role]
+    if t.dtype != torch.float32 or (dims is not None and t.dim() != dims):
+        raise LowbitError(f"{role} must be a float32 tensor{f' of {dims} dims' if dims else ''}, got "
+                          f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise LowbitError(f"{role} holds non-finite values")
+    return t
+
+
+def _check_quantize(node: Node, p: Params, graph: Graph) -> None:
+    _check_range(node.attrs)
+    _check_scale(node.attrs, "quantize")
+
+
+def _check_dequantize(node: Node, p: Params, graph: Graph) -> None:
+    _check_scale(node.attrs, "dequantize")
+
+
+def _check_matmul(node: Node, p: Params, graph: Graph) -> None:
+    _check_requant_attrs(node, p, graph)
+
+
+def _check_binary(node: Node, p: Params, graph: Graph) -> None:
+    a = node.attrs
+    if a["fn"] not in BINARY_FNS:
+        raise LowbitError(f"binary fn must be one of {', '.join(BINARY_FNS)}, got {a['fn']!r}")
+    if len(node.inputs) == 1:
+        v = a.get("scalar")
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise LowbitError(f"binary with one input needs a finite 'scalar', got {v!r}")
+    elif len(node.inputs) != 2:
+        raise LowbitError(f"binary takes one or two inputs, got {len(node.inputs)}")
+
+
+def _check_layer_norm(node: Node, p: Params, graph: Graph) -> None:
+    w, b = _float_tensor(p, "weight"), _float_tensor(p, "bias")
+    if w.shape != b.shape:
+        raise LowbitError(f"layer_norm weight {list(w.shape)} and bias {list(b.shape)} differ")
+    eps = node.attrs["eps"]
+    if not (isinstance(eps, float) and math.isfinite(eps) and eps >= 0):
+        raise LowbitError(f"layer_norm eps must be a non-negative number, got {eps!r}")
+
+
+def _check_gelu(node: Node, p: Params, graph: Graph) -> None:
+    if node.attrs["approximate"] not in GELU_APPROXIMATIONS:
+        raise LowbitError(f"gelu approximate must be one of {GELU_APPROXIMATIONS}, got {node.attrs['approximate']!r}")
+
+
+def _check_float_linear(node: Node, p: Params, graph: Graph) -> None:
+    w = _float_tensor(p, "weight", 2)
+    if "bias" in p and list(_float_tensor(p, "bias", 1).shape) != [w.shape[0]]:
+        raise LowbitError(f"float_linear bias must have {w.shape[0]} values")
+
+
+def _check_mask(node: Node, p: Params, graph: Graph) -> None:
+    fill = node.attrs["fill"]
+    if not (isinstance(fill, float) and math.isfinite(fill)) or not isinstance(node.attrs["square"], bool):
+        raise LowbitError(f"attention_mask needs a finite float 'fill' and a boolean 'square', got "
+                          f"{fill!r}, {node.attrs['square']!r}")
+
+
+def _not_batch(dim: Any, rank: int, what: str) -> int:
+    if type(dim) is not int or not -rank <= dim < rank or dim % rank == 0:
+        raise LowbitError(f"{what} must be a dimension other than the batch (0) of a {rank}-D value, got {dim!r}")
+    return dim % rank
+
+
+def _embedding_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    w = _float_tensor(p, "weight", 2)
+    return F.embedding(xs[0].long(), torch.empty(w.shape, device="meta"))
+
+
+def _binary_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.broadcast_shapes(*(x.shape for x in xs))
+    if len(xs) == 2 and out != xs[0].shape and out != xs[1].shape:
+        raise LowbitError(f"broadcasts {list(xs[0].shape)} and {list(xs[1].shape)} to a third shape")
+    return torch.empty(out, device="meta")
+
+
+def _layer_norm_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    shape = list(p["weight"].shape)
+    if list(xs[0].shape[-len(shape):]) != shape:
+        raise LowbitError(f"normalizes the trailing dims {shape} of a {list(xs[0].shape)} value")
+    return torch.empty_like(xs[0], dtype=torch.float32)
+
+
+def _reshape_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    shape = node.attrs["shape"]
+    if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape)):
+        raise LowbitError(f"reshape needs positive integer sizes (batch excluded), got {shape!r}")
+    if math.prod(shape) != math.prod(xs[0].shape[1:]):
+        raise LowbitError(f"cannot reshape {list(xs[0].shape[1:])} to {shape}")
+    return xs[0].new_empty((xs[0].shape[0], *shape))
+
+
+def _transpose_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    r = xs[0].dim()
+    a, b = (_not_batch(node.attrs[k], r, k) for k in ("dim0", "dim1"))
+    return xs[0].transpose(a, b)
+
+
+def _select_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    d = _not_batch(node.attrs["dim"], xs[0].dim(), "select dim")
+    i = node.attrs["index"]
+    if type(i) is not int or not -xs[0].shape[d] <= i < xs[0].shape[d]:
+        raise LowbitError(f"select index {i!r} is out of range for size {xs[0].shape[d]}")
+    return xs[0].select(d, i)
+
+
+def _slice_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    d = _not_batch(a["dim"], xs[0].dim(), "slice dim")
+    if not all(type(a[k]) is int for k in ("start", "end", "step")) or a["step"] < 1:
+        raise LowbitError(f"slice needs integer start/end and a positive step, got {a['start']!r}:{a['end']!r}:"
+                          f"{a['step']!r}")
+    return xs[0].narrow(d, 0, len(range(*slice(a["start"], a["end"], a["step"]).indices(xs[0].shape[d]))))
+
+
+def _matmul_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.matmul(xs[0].float(), xs[1].float())
+
+
+def _float_linear_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return F.linear(xs[0].float(), torch.empty(p["weight"].shape, device="meta"))
+
+
+def _mask_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    if xs[0].dim() != 2:
+        raise LowbitError(f"attention_mask reads a (batch, tokens) mask, got {xs[0].dim()}-D")
+    n, t = xs[0].shape
+    return torch.empty((n, 1, t if node.attrs["square"] else 1, t), device="meta")
+
+
+def _as(dtype: torch.dtype) -> ShapeFn:
+    return lambda n, p, xs: torch.empty_like(xs[0], dtype=dtype)
+
+
+for _name, _spec in {
+    "quantize": OpSpec(1, attrs=("bits", "signed", "scale", "lo", "hi"), check=_check_quantize,
+                       shape=_as(torch.int32), takes="float"),
+    "dequantize": OpSpec(1, attrs=("scale",), check=_check_dequantize, shape=_as(torch.float32), domain="float",
+                         takes="int"),
+    "matmul": OpSpec(2, attrs=_REQUANT, check=_check_matmul, shape=lambda n, p, xs: _matmul_shape(n, p, xs).int(),
+                     takes="int"),
+    "embedding": OpSpec(1, params=("weight",), shape=_embedding_shape, domain="float", takes="int"),
+    "constant": OpSpec(0, params=("value",), check=lambda n, p, g: _float_tensor(p, "value") is None,
+                       shape=lambda n, p, xs: torch.empty(p["value"].shape, device="meta"), domain="float"),
+    "binary": OpSpec(1, attrs=("fn",), variadic=True, check=_check_binary, shape=_binary_shape, domain="float",
+                     takes="float"),
+    "layer_norm": OpSpec(1, attrs=("eps",), params=("weight", "bias"), check=_check_layer_norm,
+                         shape=_layer_norm_shape, domain="float", takes="float"),
+    "softmax": OpSpec(1, attrs=("dim",), shape=lambda n, p, xs: torch.softmax(xs[0], n.attrs["dim"]),
+                      domain="float", takes="float"),
+    "gelu": OpSpec(1, attrs=("approximate",), check=_check_gelu, shape=_same, domain="float", takes="float"),
+    "tanh": OpSpec(1, shape=_same, domain="float", takes="float"),
+    "float_linear": OpSpec(1, params=("weight",), check=_check_float_linear, shape=_float_linear_shape,
+                           domain="float", takes="float"),
+    "float_matmul": OpSpec(2, shape=_matmul_shape, domain="float", takes="float"),
+    "attention_mask": OpSpec(1, attrs=("fill", "square"), check=_check_mask, shape=_mask_shape, domain="float",
+                             takes="int"),
+    "reshape": OpSpec(1, attrs=("shape",), shape=_reshape_shape, moves_values=True, domain="same"),
+    "transpose": OpSpec(1, attrs=("dim0", "dim1"), shape=_transpose_shape, moves_values=True, domain="same"),
+    "select": OpSpec(1, attrs=("dim", "index"), shape=_select_shape, moves_values=True, domain="same"),
+    "slice": OpSpec(1, attrs=("dim", "start", "end", "step"), shape=_slice_shape, moves_values=True,
+                    domain="same"),
+}.items():
+    register_op(_name, _spec)
+
+# what token (encoder) graphs are made of: the ops above plus the integer linear layer and the logits
+TOKEN_OPS = (*(op for op in OPS if op not in IMAGE_OPS), "linear", "dequantize_output")

@@ -59,8 +59,18 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 
 def fake_quant(x: Tensor, s: Tensor, q_n: int, q_p: int) -> Tensor:
     """``s · round(clip(x / s, -Q_N, Q_P))`` with a straight-through round; ``s`` broadcasts against ``x``."""
+    return fake_quant_range(x, s, -q_n, q_p)
+
+
+def fake_quant_range(x: Tensor, s: Tensor, q_min: int | Tensor, q_max: int | Tensor) -> Tensor:
+    """:func:`fake_quant` with the code range given as ``q_min = -Q_N``, ``q_max = Q_P``: ints or 0-d tensors.
+
+    The quantizers pass tensors (their ``q_min``/``q_max`` buffers), so a compiled graph takes the bits as
+    inputs rather than constants and serves every precision plan of a network. Same values and gradients
+    either way.
+    """
     v = x / s
-    v = v.clamp(-q_n, q_p)
+    v = v.clamp(q_min, q_max)
     v = round_ste(v)
     return v * s
 
@@ -120,7 +130,10 @@ class _Quantizer(nn.Module):
 
     State that must survive ``state_dict`` round trips lives in buffers (``step``, ``initialized``,
     ``is_signed``); Python mirrors of the two flags keep forward free of device syncs and are refreshed
-    on load.
+    on load. The code range is both Python ints (``q_n``, ``q_p``: calibration, export) and two 0-d
+    non-persistent buffers (``q_min = -Q_N``, ``q_max = Q_P``, in the step's dtype) that forward reads: forward
+    touches no Python value derived from ``bits``, so ``torch.compile`` traces one graph for every precision
+    plan of a network (and checkpoints keep the keys they always had).
     """
 
     method: ClassVar[str]
@@ -144,6 +157,9 @@ class _Quantizer(nn.Module):
         self.observing = False
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("is_signed", torch.tensor(bool(signed)))
+        self.register_buffer("q_min", torch.zeros(()), persistent=False)
+        self.register_buffer("q_max", torch.zeros(()), persistent=False)
+        self._refresh_range()
         self._reset_stats()
 
     # --- code range and step ---------------------------------------------------------------------
@@ -168,6 +184,12 @@ class _Quantizer(nn.Module):
             self._not_ready()
         return self.signed
 
+    def _refresh_range(self) -> None:
+        """Copy ``(-Q_N, Q_P)`` into the ``q_min``/``q_max`` buffers (zeros while signedness is undecided)."""
+        q_n, q_p = (0, 0) if self.signed is None else qrange(self.bits, self.signed)
+        self.q_min.fill_(-q_n)
+        self.q_max.fill_(q_p)
+
     def set_step_(self, step: Tensor | float) -> None:
         """Set the step (any shape: ``[]`` or ``[C]``) and mark the quantizer initialised."""
         if self.signed is None:
@@ -176,6 +198,7 @@ class _Quantizer(nn.Module):
         self.step.data = self._finalize_step(step)
         self.initialized.fill_(True)
         self.is_signed.fill_(self._resolved_signed())
+        self._refresh_range()
         self._ready = True
 
     def _finalize_step(self, step: Tensor) -> Tensor:
@@ -247,7 +270,7 @@ class _Quantizer(nn.Module):
         if not self._ready:
             self._not_ready()
         s = _broadcast(self._forward_step(x), x, self.channel_axis)
-        return fake_quant(x, s, self.q_n, self.q_p)
+        return fake_quant_range(x, s, self.q_min, self.q_max)
 
     def codes(self, x: Tensor) -> Tensor:
         """Integer codes ``v̄`` of ``x`` (``torch.int32``), so that ``forward(x) == codes(x) * scale``."""
@@ -265,6 +288,7 @@ class _Quantizer(nn.Module):
         self._ready = bool(self.initialized)
         if self._ready:
             self.signed = bool(self.is_signed)
+            self._refresh_range()
 
     def extra_repr(self) -> str:
         signed = "auto" if self.signed is None else self.signed
@@ -329,7 +353,10 @@ class LsqQuantizer(_Quantizer):
         else:
             n = x.numel() // self.step.numel()
         s = clamp_min_ste(self.step, self._eps())
-        return grad_scale(s, 1.0 / math.sqrt(n * self.q_p))
+        # g = 1/sqrt(N·Q_P) from the q_max buffer, in float64 as Python computes it, then rounded to the step's
+        # dtype as the multiply by a Python float rounds it: bit-identical to the constant, yet a graph input.
+        g = torch.reciprocal(torch.sqrt(self.q_max.double() * n)).to(s.dtype)
+        return grad_scale(s, g)
 
 
 class FaqQuantizer(_Quantizer):
@@ -436,5 +463,5 @@ class MinMaxQuantizer(_Quantizer):
 
 __all__ = [
     "FAQ_PERCENTILE", "FAQ_STD_MULTIPLE", "ROLES", "SUPPORTED_BITS", "FaqQuantizer", "LsqQuantizer",
-    "MinMaxQuantizer", "check_bits", "fake_quant", "qrange", "quant_codes",
+    "MinMaxQuantizer", "check_bits", "fake_quant", "fake_quant_range", "qrange", "quant_codes",
 ]

@@ -14,10 +14,11 @@ def round_ste(x: Tensor) -> Tensor:
     return (x.round() - x).detach() + x
 
 
-def grad_scale(x: Tensor, g: float) -> Tensor:
+def grad_scale(x: Tensor, g: float | Tensor) -> Tensor:
     """``x`` in the forward pass; multiplies the gradient flowing into ``x`` by ``g``.
 
-    LSQ uses it on the step size only, so the step learns at a rate comparable to the weights.
+    LSQ uses it on the step size only, so the step learns at a rate comparable to the weights. ``g`` may be a
+    0-d tensor (no gradient flows into it), which keeps it out of a compiled graph's constants.
     """
     return (x - x * g).detach() + x * g
 

@@ -7,6 +7,12 @@ dequantization of the logits every value is an integer tensor, every conv/linear
 (:mod:`lowbit.ir.dyadic`). Each op's kernel is registered once, ``@kernel(op, backend="reference")``; a graph
 with an op that has no reference kernel is refused at load.
 
+Encoders (token graphs, format version 2) take a dict of int64 tensors by input name (``input_ids``,
+``attention_mask``, ``token_type_ids``) and mix integer nodes with float glue: the glue kernels call the ATen
+operator the traced model called (``F.layer_norm``, ``torch.softmax``, ``F.gelu``...) in float32, so the values
+reaching each ``quantize`` node are those of the model's own forward wherever the integer nodes before them
+produce the same floats.
+
 Loading validates the file (:class:`lowbit.ir.Graph`: parameter shapes and dtypes, constant ranges, and
 shapes through the graph on the meta device), so a mismatched file fails at load with a
 :class:`LowbitError`, not mid-run.
@@ -15,9 +21,11 @@ shapes through the graph on the meta device), so a mismatched file fails at load
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.ir.dyadic import requantize
@@ -30,6 +38,7 @@ from lowbit.runtime.reference import (
     clamp_int,
     conv2d_int,
     linear_int,
+    matmul_int,
     maxpool_int,
     relu_int,
     upsample_nearest_int,
@@ -70,14 +79,17 @@ class IntegerModel:
     def pixel_input(self) -> bool:
         return self.graph.pixel_input
 
-    def run_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer logits (int32) for input ``x`` of shape (N, *input shape)."""
+    @property
+    def token_input(self) -> bool:
+        return self.graph.token_input
+
+    def run_int(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Integer logits (int32) for input ``x`` of shape (N, *input shape), or a dict of token tensors."""
         return self.run_trace(x)["logits"]
 
-    def run_trace(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every integer value of the graph (by value name; the logits under ``"logits"``) for input ``x``."""
-        self._check_input(x)
-        env = {self.graph.inputs[0]: x}
+    def run_trace(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every value of the graph (by value name; the integer logits under ``"logits"``) for input ``x``."""
+        env = self.inputs(x)
         with torch.inference_mode():
             for node in self.nodes:
                 env[node.output] = self._step(node, [env[i] for i in node.inputs])
@@ -87,9 +99,34 @@ class IntegerModel:
         """``[lo, hi]`` of every integer value, from the producing node (ReLU raises ``lo`` to 0)."""
         return self.graph.value_ranges()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Float logits: the integer logits times the output scale."""
         return (self.run_int(x).to(torch.float64) * self.output_scale).to(torch.float32)
+
+    def inputs(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The graph's input values from ``x`` (checked): a tensor, or for token graphs a dict by input name
+        (other keys, such as ``labels``, are ignored)."""
+        if not self.token_input:
+            self._check_input(x)
+            return {self.graph.inputs[0]: x}
+        if not isinstance(x, Mapping):
+            raise LowbitError(f"{self.source}: the model takes a dict of token tensors "
+                              f"({', '.join(self.graph.inputs)}), got {type(x).__name__}")
+        missing = [k for k in self.graph.inputs if k not in x]
+        if missing:
+            raise LowbitError(f"{self.source}: input {missing[0]!r} is missing (the model takes "
+                              f"{', '.join(self.graph.inputs)})")
+        shape, n = list(self.input_spec["shape"]), None
+        for k in self.graph.inputs:
+            t = x[k]
+            if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise LowbitError(f"{self.source}: input {k!r} must be an integer tensor, got "
+                                  f"{getattr(t, 'dtype', type(t).__name__)}")
+            if list(t.shape[1:]) != shape or (n is not None and t.shape[0] != n):
+                raise LowbitError(f"{self.source}: input {k!r} has shape {tuple(t.shape)}; the model takes "
+                                  f"(N, {', '.join(map(str, shape))}) for every input (pad to {shape[-1]} tokens)")
+            n = t.shape[0]
+        return {k: x[k].to(torch.int64) for k in self.graph.inputs}
 
     def _step(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         """One node's reference kernel (other backends call it for ops they have no kernel for)."""
@@ -192,6 +229,122 @@ def _upsample_nearest(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Te
 @kernel("dequantize_output", backend="reference")
 def _dequantize_output(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
     return xs[0]  # the integer logits; __call__ applies the scale
+
+
+# ------------------------------------------------------------------------------ encoder ops (token graphs)
+@kernel("quantize", backend="reference")
+def _quantize(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    scale = torch.tensor(a["scale"], dtype=torch.float32)
+    return (xs[0].to(torch.float32) / scale).clamp(a["lo"], a["hi"]).round().to(torch.int32)
+
+
+@kernel("dequantize", backend="reference")
+def _dequantize(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return (xs[0].to(torch.float64) * node.attrs["scale"]).to(torch.float32)
+
+
+@kernel("matmul", backend="reference")
+def _matmul(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    acc = matmul_int(xs[0], xs[1])
+    return requantize(acc, a["multiplier"], a["shift"], a["bias"], lo=a["lo"], hi=a["hi"])
+
+
+@kernel("embedding", backend="reference")
+def _embedding(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    ids, w = xs[0], p["weight"]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]):
+        raise LowbitError(f"{node.name}: token ids must lie in [0, {w.shape[0]}), got "
+                          f"[{int(ids.min())}, {int(ids.max())}]")
+    return F.embedding(ids.to(torch.int64), w)
+
+
+@kernel("constant", backend="reference")
+def _constant(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return p["value"]
+
+
+def binary(fn: str, a: torch.Tensor, b: torch.Tensor | float, reverse: bool = False) -> torch.Tensor:
+    """``a fn b`` (``b fn a`` when ``reverse``) with ATen's float32 arithmetic."""
+    if reverse:
+        a, b = b, a
+    return {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[fn](a, b)
+
+
+@kernel("binary", backend="reference")
+def _binary(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    if len(xs) == 2:
+        return binary(a["fn"], xs[0], xs[1])
+    return binary(a["fn"], xs[0], a["scalar"], a.get("reverse", False))
+
+
+@kernel("layer_norm", backend="reference")
+def _layer_norm(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    w = p["weight"]
+    return F.layer_norm(xs[0], list(w.shape), w, p["bias"], node.attrs["eps"])
+
+
+@kernel("softmax", backend="reference")
+def _softmax(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.softmax(xs[0], node.attrs["dim"])
+
+
+@kernel("gelu", backend="reference")
+def _gelu(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return F.gelu(xs[0], approximate=node.attrs["approximate"])
+
+
+@kernel("tanh", backend="reference")
+def _tanh(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tanh(xs[0])
+
+
+@kernel("float_linear", backend="reference")
+def _float_linear(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return F.linear(xs[0], p["weight"], p.get("bias"))
+
+
+@kernel("float_matmul", backend="reference")
+def _float_matmul(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.matmul(xs[0], xs[1])
+
+
+def additive_mask(mask: torch.Tensor, fill: float, square: bool) -> torch.Tensor:
+    """``where(mask != 0, 0, fill)`` in float32 as (N, 1, 1, T), expanded to (N, 1, T, T) when ``square``."""
+    zero = torch.zeros((), dtype=torch.float32)
+    out = torch.where(mask[:, None, None, :] != 0, zero, torch.tensor(fill, dtype=torch.float32))
+    t = mask.shape[-1]
+    return out.expand(mask.shape[0], 1, t, t) if square else out
+
+
+@kernel("attention_mask", backend="reference")
+def _attention_mask(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return additive_mask(xs[0], node.attrs["fill"], node.attrs["square"])
+
+
+@kernel("reshape", backend="reference")
+def _reshape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0].reshape(xs[0].shape[0], *node.attrs["shape"])
+
+
+@kernel("transpose", backend="reference")
+def _transpose(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0].transpose(node.attrs["dim0"], node.attrs["dim1"])
+
+
+@kernel("select", backend="reference")
+def _select(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0].select(node.attrs["dim"], node.attrs["index"])
+
+
+@kernel("slice", backend="reference")
+def _slice(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    index = [slice(None)] * xs[0].dim()
+    index[a["dim"]] = slice(a["start"], a["end"], a["step"])
+    return xs[0][tuple(index)]
 
 
 def load(path: str | os.PathLike) -> IntegerModel:

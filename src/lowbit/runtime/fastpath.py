@@ -8,13 +8,18 @@ layer from the weights and the input's value bounds (:func:`value_bounds`; 4-bit
 ``K = 139810`` products); a layer that could pass it runs an exact float64 conv instead. Everything between
 the kernels is the reference runtime's formula (:mod:`lowbit.ir.ops`), computed exactly:
 
-* requantization ``clamp(round_half_even((acc*m + b) * 2^-k), lo, hi)`` in float64 when ``max|acc|*|m| + |b|
-  < 2^53`` (each product and sum is then an exact float64 integer, the power-of-two scaling is exact and
-  ``round`` is half to even), else in int64 with the reference's shift-and-round;
-* residual add ``(a*m_a + b*m_b + bias) * 2^-shift`` likewise (both terms below ``2^53`` together);
-* max pool selects values (on codes or on float64 integers), window sums of integers are exact in float64,
-  ReLU/clamp/concat/flatten/upsampling move values; a conv read only by a max pool is pooled on its
-  accumulators and requantized after (same result: with every multiplier >= 0 the requantization is
+* values between kernels are stored as uint8 codes (plus a zero point) or, when wide, as int32 (the reference
+  holds every value in int32); arithmetic happens in registers inside the compiled graph, in the narrowest
+  exact type, chosen per node from the value bounds (:class:`_Requant`, ``FastModel.requant``):
+* requantization ``clamp(round_half_even((v*m + b) * 2^-k), lo, hi)``, after dividing out the powers of two
+  ``m`` and ``b`` share: in float32 on float32 accumulators when ``max|v|*|m| + |b| < 2^24`` (each product and
+  sum is then an exact float32 integer, the power-of-two scaling is exact and ``round`` is half to even); in
+  int32 with the reference's shift-and-round when that bound plus ``2^(k-1)`` is below ``2^31``; else in int64,
+  the reference's own arithmetic (never float64: see :class:`_Requant`);
+* residual add ``(a*m_a + b*m_b + bias) * 2^-shift`` likewise, in int32 or int64;
+* max pool selects values on the stored form (uint8 codes, int32 values), window sums of integers are exact in
+  float64, ReLU/clamp/concat/flatten/upsampling move values in int32; a conv read only by a max pool is pooled
+  on its accumulators and requantized after (same result: with every multiplier >= 0 the requantization is
   non-decreasing, so it commutes with the window maximum; 1/window of the requantization work);
 * the input lookup table is a gather (uint8 pixels); a float input is quantized by the reference's float32
   formula, eagerly, before the compiled graph.
@@ -55,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.ir.dyadic import requantize
+from lowbit.ir.dyadic import float32_epilogue_exact, requantize
 from lowbit.ir.graph import Node
 from lowbit.ir.kernels import kernel, kernels
 from lowbit.runtime.engine import IntegerModel
@@ -135,9 +140,9 @@ def value_bounds(model: IntegerModel) -> dict[str, tuple[int, int]]:
     """``[lo, hi]`` every integer value can take, tighter than :meth:`Graph.value_ranges`: a wide (int32)
     output is bounded by what its accumulators can reach (weights and input range), a sum by its terms.
 
-    The bounds decide which arithmetic is exact: float32 accumulators (``|acc| < 2^24``), float64
-    requantization (``|v*m + b| < 2^53``), else int64. They are conservative (every rounding step rounds
-    outward), never a measurement."""
+    The bounds decide which arithmetic is exact: float32 accumulators (``|acc| < 2^24``), float32 or int32 glue
+    (``|v*m + b| < 2^24`` on float32 accumulators, ``|v*m + b| + 2^(k-1) < 2^31``), else int64. They are
+    conservative (every rounding step rounds outward), never a measurement."""
     b: dict[str, tuple[int, int]] = {}
     for node in model.nodes:
         a, p = node.attrs, model.params[node.name]
@@ -255,12 +260,7 @@ def conv_acc(x: torch.Tensor, key: str) -> torch.Tensor:
 
 @conv_acc.register_fake
 def _(x: torch.Tensor, key: str) -> torch.Tensor:
-    e = _PACKED[key]
-    size = [x.shape[0], e["out"]]
-    for i in range(2):
-        k = e["dilation"][i] * (e["kernel"][i] - 1) + 1
-        size.append((x.shape[2 + i] + 2 * e["padding"][i] - k) // e["stride"][i] + 1)
-    return torch.empty(size, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+    return _conv_out(x, _PACKED[key], torch.float32)
 
 
 @torch.library.custom_op("lowbit::linear_acc", mutates_args=())
@@ -276,7 +276,96 @@ def _(x: torch.Tensor, key: str) -> torch.Tensor:
     return x.new_empty((x.shape[0], _PACKED[key]["out"]), dtype=torch.float32)
 
 
+def _register_fused(op: str, w: torch.Tensor, a: dict[str, Any], zp_in: int, p: dict[str, torch.Tensor],
+                    lo: int, hi: int, zp_out: int) -> str:
+    """Prepack a layer whose requantization runs in the kernel's float32 epilogue (weight scales
+    ``|m|*2^-k``, bias ``b*2^-k``, clip to ``[lo, hi]``, output zero point): exact under
+    :func:`~lowbit.ir.dyadic.float32_epilogue_exact`. Channels with ``m < 0`` run with negated weights; a zero
+    multiplier gets scale 1 and zero weights (the output is then the bias alone)."""
+    m, k, b = (p[r].to(torch.int64) for r in ("multiplier", "shift", "bias"))
+    sign = torch.where(m < 0, -1, 1).reshape(-1, *[1] * (w.dim() - 1))
+    w8 = torch.where((m == 0).reshape(sign.shape), 0, w.to(torch.int64) * sign).to(torch.int8).contiguous()
+    p2 = torch.pow(2.0, -k.to(torch.float64))
+    scales = torch.where(m == 0, 1.0, m.abs().to(torch.float64) * p2).to(torch.float32)
+    beta = (b.to(torch.float64) * p2).to(torch.float32)
+    geometry = (op, zp_in, lo, hi, zp_out, *(tuple(a[g]) if isinstance(a.get(g), list) else a.get(g)
+                                             for g in ("stride", "padding", "dilation", "groups")))
+    key = "u8" + hashlib.sha1(w8.numpy().tobytes() + scales.numpy().tobytes() + beta.numpy().tobytes()
+                              + repr((tuple(w8.shape), geometry)).encode()).hexdigest()[:20]
+    if key in _PACKED:
+        return key
+    c = w8.shape[0]
+    if op == "conv2d":
+        packed = torch.ops.onednn.qconv_prepack(w8, scales, 1.0, zp_in, a["stride"], a["padding"], a["dilation"],
+                                                a["groups"], None)
+    else:
+        packed = torch.ops.onednn.qlinear_prepack(w8, None)
+    _PACKED[key] = {"op": op, "packed": packed, "scales": scales, "beta": beta,
+                    "wzp": torch.zeros(c, dtype=torch.int64), "zp": zp_in, "zp_out": zp_out,
+                    "clip": [float(lo), float(hi)], "out": c,
+                    "kernel": list(w8.shape[2:]), **{g: a.get(g) for g in ("stride", "padding", "dilation", "groups")}}
+    return key
+
+
+@torch.library.custom_op("lowbit::conv_u8", mutates_args=())
+def conv_u8(x: torch.Tensor, key: str) -> torch.Tensor:
+    """A prepacked int8 conv that requantizes in its epilogue and writes uint8 codes (plus the output zero
+    point), channels-last (:func:`_register_fused`)."""
+    e = _PACKED[key]
+    x = x.contiguous(memory_format=torch.channels_last)
+    return torch.ops.onednn.qconv2d_pointwise(
+        x, 1.0, e["zp"], e["packed"], e["scales"], e["wzp"], e["beta"], e["stride"], e["padding"], e["dilation"],
+        e["groups"], 1.0, e["zp_out"], torch.uint8, "hardtanh", e["clip"], "").contiguous(
+        memory_format=torch.channels_last)
+
+
+@conv_u8.register_fake
+def _(x: torch.Tensor, key: str) -> torch.Tensor:
+    return _conv_out(x, _PACKED[key], torch.uint8)
+
+
+@torch.library.custom_op("lowbit::linear_u8", mutates_args=())
+def linear_u8(x: torch.Tensor, key: str) -> torch.Tensor:
+    """A prepacked int8 linear layer that requantizes in its epilogue and writes uint8 codes."""
+    e = _PACKED[key]
+    return torch.ops.onednn.qlinear_pointwise(x.contiguous(), 1.0, e["zp"], e["packed"], e["scales"], e["wzp"],
+                                              e["beta"], 1.0, e["zp_out"], torch.uint8, "hardtanh", e["clip"], "")
+
+
+@linear_u8.register_fake
+def _(x: torch.Tensor, key: str) -> torch.Tensor:
+    return x.new_empty((x.shape[0], _PACKED[key]["out"]), dtype=torch.uint8)
+
+
+def _conv_out(x: torch.Tensor, e: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    size = [x.shape[0], e["out"]]
+    for i in range(2):
+        k = e["dilation"][i] * (e["kernel"][i] - 1) + 1
+        size.append((x.shape[2 + i] + 2 * e["padding"][i] - k) // e["stride"][i] + 1)
+    return torch.empty(size, dtype=dtype, device=x.device, memory_format=torch.channels_last)
+
+
 # ------------------------------------------------------------------------------------------- the backend
+
+def run_logits(fast: Any, shape: tuple[int, ...], inputs: Any) -> torch.Tensor:
+    """``fast``'s integer logits: eagerly until a shape's eager calls add up to ``AUTO_COMPILE_AFTER_S`` (under
+    ``compile="auto"``), compiled after; the first compiled call's time is kept in ``compile_seconds``.
+
+    Shared by the fast paths (CNN and encoder): ``fast`` has ``compile``, ``_compiled``, ``_body``, ``_eager_s``
+    and ``compile_seconds``.
+    """
+    with torch.inference_mode():
+        eager = fast.compile == "auto" and fast._eager_s.get(shape, 0) < AUTO_COMPILE_AFTER_S
+        if fast._compiled is None or eager:
+            t0 = time.perf_counter()
+            out = fast._body(inputs)["logits"]
+            fast._eager_s[shape] = fast._eager_s.get(shape, 0) + time.perf_counter() - t0
+            return out
+        t0 = time.perf_counter()
+        out = fast._compiled(inputs)["logits"]
+        fast.compile_seconds.setdefault(shape, time.perf_counter() - t0)
+        return out
+
 class FastModel:
     """``FastModel(IntegerModel)``: the same integer logits as the reference runtime, bit for bit, on oneDNN's
     int8 kernels with the glue compiled.
@@ -284,14 +373,18 @@ class FastModel:
     Every conv/linear whose input is 8-bit codes runs ``qconv2d_pointwise`` / ``qlinear_pointwise`` with unit
     scales and a float32 output: the int32 accumulators, exact while ``|acc| < 2^24`` (checked per layer from
     the weights and the input's bounds, :func:`value_bounds`). Requantizations, adds, pools, clamps and the
-    input lookup are the reference formulas in float64 where every intermediate stays below ``2^53`` (so
-    exact), else in int64; the whole graph around the opaque int8 kernels is one ``torch.compile``
-    (Inductor) graph.
+    input lookup are the reference formulas in the narrowest arithmetic their bounds prove exact (float32, int32,
+    else int64), on values stored as uint8 codes or int32; the whole graph around the opaque int8
+    kernels is one ``torch.compile`` (Inductor) graph.
 
-    ``paths``: per conv/linear, ``"int8"`` (oneDNN int8, exact int32 accumulators) or ``"fp32 conv2d (why)"``
-    / ``"fp64 linear (why)"`` (an exact float conv or matmul on integer-valued tensors); ``requant``: per node with a
-    requantization, ``"float64"`` or ``"int64 (why)"``; ``fallbacks``: nodes run by the reference kernel (an op
-    this backend has no kernel for: the model then runs eagerly, with one warning). ``compile``: True compiles on
+    ``paths``: per conv/linear, ``"int8 fused"`` (oneDNN int8 requantizing in its float32 epilogue and writing
+    uint8 codes, proved exact per channel by :func:`~lowbit.ir.dyadic.float32_epilogue_exact`; ``epilogue``
+    says, per layer with narrow output codes, this or why not), ``"int8"`` (oneDNN int8, exact int32
+    accumulators, requantized in the compiled glue) or ``"fp32 conv2d (why)"``
+    / ``"fp64 linear (why)"`` (an exact float conv or matmul on integer-valued tensors); ``requant``: per node with
+    a requantization, its arithmetic (``"float32"``, ``"int32"``, ``"int64"`` or ``"in the int8 kernel"``);
+    ``fallbacks``: nodes run by the reference kernel (an op this backend has no kernel for: the model then runs
+    eagerly, with one warning). ``compile``: True compiles on
     the first call, False runs the same arithmetic eagerly (bit-identical, slower), ``"auto"`` (the default,
     or ``LOWBIT_COMPILE=0|1|auto``) compiles an input shape once its eager calls have taken
     :data:`AUTO_COMPILE_AFTER_S` seconds, so a short job stays eager and a long one pays the compile once.
@@ -305,9 +398,10 @@ class FastModel:
         self.capability = cpu_capability() if capability is None else check_capability(capability)
         self.paths: dict[str, str] = {}
         self.requant: dict[str, str] = {}
+        self.epilogue: dict[str, str] = {}
         self.fallbacks: list[str] = []
         self.bounds = value_bounds(model)
-        self._zp: dict[str, int | None] = {}  # value -> zero point of its uint8 form, None: float64
+        self._zp: dict[str, int | None] = {}  # value -> zero point of its uint8 form, None: int32
         readers: dict[str, list[str]] = {}
         for node in model.nodes:
             for v in node.inputs:
@@ -348,7 +442,7 @@ class FastModel:
         return not int16_saturates(self.capability)
 
     def _rep(self, node: Node) -> int | None:
-        """Zero point of the value's uint8 form when its bounds fit in 0..255 after it, else None (float64)."""
+        """Zero point of the value's uint8 form when its bounds fit in 0..255 after it, else None (int32)."""
         lo, hi = self.bounds[node.output]
         zp = max(0, -lo)
         return zp if hi + zp <= 255 else None
@@ -359,7 +453,7 @@ class FastModel:
         def run(env):
             xs = [_to_int(env[i], self._zp.get(i)).to(torch.int32) for i in node.inputs]
             y = self.model._step(node, xs)
-            return _from_float(y.to(torch.float64), self._zp[node.output])
+            return _from_float(y, self._zp[node.output])
 
         return run
 
@@ -370,7 +464,7 @@ class FastModel:
             env[node.output] = step(env)
         if trace:
             for k, (rq, zp) in self._deferred.items():
-                env[k] = _from_float(rq(env[k].to(torch.float64)), zp)
+                env[k] = _from_float(rq(env[k]), zp)
             return {k: _to_int(v, self._zp.get(k)) for k, v in env.items() if k != self.model.graph.inputs[0]}
         return {"logits": _to_int(env["logits"], self._zp["logits"]).to(torch.int32)}
 
@@ -384,20 +478,7 @@ class FastModel:
         """Integer logits (int32), identical to :meth:`IntegerModel.run_int`."""
         self.model._check_input(x)
         x = self._prologue(x)
-        shape = tuple(x.shape)
-        with torch.inference_mode():
-            eager = self.compile == "auto" and self._eager_s.get(shape, 0) < AUTO_COMPILE_AFTER_S
-            if self._compiled is None or eager:
-                t0 = time.perf_counter()
-                out = self._body(x)["logits"]
-                self._eager_s[shape] = self._eager_s.get(shape, 0) + time.perf_counter() - t0
-                return out
-            if shape not in self.compile_seconds:
-                t0 = time.perf_counter()
-                out = self._compiled(x)["logits"]
-                self.compile_seconds[shape] = time.perf_counter() - t0
-                return out
-            return self._compiled(x)["logits"]
+        return run_logits(self, tuple(x.shape), x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (self.run_int(x).to(torch.float64) * self.model.output_scale).to(torch.float32)
@@ -412,27 +493,49 @@ class FastModel:
         return (x.to(torch.float32) / torch.tensor(a["scale"], dtype=torch.float32)).clamp(a["lo"], a["hi"]).round()
 
     def describe(self) -> str:
-        """One line: how many layers run on int8 kernels, which do not and why, and the fallbacks."""
-        other = {n: p for n, p in self.paths.items() if p != "int8"}
-        wide = {n: r for n, r in self.requant.items() if r != "float64"}
-        return (f"{len(self.paths) - len(other)}/{len(self.paths)} conv/linear layers on oneDNN int8 (exact int32 "
-                f"accumulators), requantization in float64" + (f" except {_list(wide)}" if wide else "")
+        """One line: how many layers run on int8 kernels, how many requantize in the kernel (uint8 out), which
+        do not and why, and the fallbacks."""
+        other = {n: p for n, p in self.paths.items() if not p.startswith("int8")}
+        fused = [n for n, p in self.paths.items() if p == "int8 fused"]
+        glue = {n: e.removeprefix("compiled glue: ") for n, e in self.epilogue.items() if n not in fused}
+        return (f"{len(self.paths) - len(other)}/{len(self.paths)} conv/linear layers on oneDNN int8, "
+                f"{len(fused)} of them requantizing in the kernel (uint8 codes out), the others writing exact int32 "
+                f"accumulators; glue requantization in {_modes(self.requant)}"
+                + (f"; narrow outputs requantized outside the kernel: {_list(glue)}" if glue else "")
                 + (f"; exact float conv for {_list(other)}" if other else "")
                 + (f"; reference kernel for {', '.join(self.fallbacks)}" if self.fallbacks else "")
                 + ("" if self.compiled else "; eager (not compiled)"))
+
+
+def _modes(requant: dict[str, str]) -> str:
+    """``"int32 x9, float64 x6"``: how many requantizations run in each arithmetic (kernel-fused ones left out)."""
+    counts: dict[str, int] = {}
+    for r in requant.values():
+        if r != "in the int8 kernel":
+            mode = r.split(" ")[0]
+            counts[mode] = counts.get(mode, 0) + 1
+    return ", ".join(f"{m} x{n}" for m, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def _list(d: dict[str, str]) -> str:
     return ", ".join(f"{k} [{v}]" for k, v in d.items())
 
 
-# Values inside the graph: uint8 codes shifted by a zero point (narrow) or float64 integers (wide).
+# Values inside the graph: uint8 codes shifted by a zero point (narrow) or int32 integers (wide; the reference
+# runtime holds every value in int32, so int32 always suffices). Arithmetic happens in registers, in the
+# narrowest exact type (:class:`_Requant`); only these 1- or 4-byte forms are stored.
 def _as_f64(t: torch.Tensor, zp: int | None) -> torch.Tensor:
-    return t if zp is None else t.to(torch.float64) - zp
+    return t.to(torch.float64) if zp is None else t.to(torch.float64) - zp
+
+
+def _as_int(t: torch.Tensor, zp: int | None) -> torch.Tensor:
+    """The integer value as int32 (exact: codes, wide values and float32 accumulators all fit)."""
+    return t.to(torch.int32) if zp is None else t.to(torch.int32) - zp
 
 
 def _from_float(v: torch.Tensor, zp: int | None) -> torch.Tensor:
-    return v if zp is None else (v + zp).to(torch.uint8)
+    """Store an integer-valued tensor (any dtype, value within int32): uint8 codes + zp, or int32."""
+    return v.to(torch.int32) if zp is None else (v + zp).to(torch.uint8)
 
 
 def _to_int(t: torch.Tensor, zp: int | None) -> torch.Tensor:
@@ -443,43 +546,93 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
+def _drop_common_twos(m: torch.Tensor, k: torch.Tensor, *terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(m, k, *terms)`` with the powers of two that every one of ``m, *terms`` shares (up to ``k``) divided
+    out of them and of ``k``: ``(v*m + b) * 2^-k`` is the same number, with smaller intermediates (a multiplier
+    ``2^30`` with shift 46, a wide value requantized to codes, becomes 1 with shift 16 and stays in float64)."""
+    m, k, *terms = torch.broadcast_tensors(m, k, *terms)
+    twos = k.clone()
+    for t in (m, *terms):
+        nz = t != 0
+        tz = torch.where(nz, (t & -t).clamp_min(1).to(torch.float64).log2().round().to(torch.int64), twos)
+        twos = torch.minimum(twos, tz)
+    return (m >> twos, k - twos, *(t >> twos for t in terms))
+
+
+INT32_LIMIT = 2**31
+
+
+def _round_shift_int(x: torch.Tensor, k, c, pos) -> torch.Tensor:
+    """The reference's :func:`~lowbit.ir.dyadic.round_shift` in ``x``'s integer dtype: ``(x + c + (q & 1)) >> k``
+    with ``q = x >> k`` (floor), ``c = 2^(k-1) - 1`` and ``pos = [k > 0]``; exact while ``|x| + 2^(k-1) <`` the
+    dtype's limit (arithmetic shifts floor)."""
+    odd = torch.bitwise_and(torch.bitwise_right_shift(x, k), pos)
+    return torch.bitwise_right_shift(x + c + odd, k)
+
+
 class _Requant:
-    """``clamp(round_half_even((v*m + b) * 2^-k), lo, hi)`` on float64 integers: in float64 when
-    ``max|v|*|m| + |b| < 2^53`` (every product and sum is then an exact float64 integer, the power-of-two
-    scaling is exact and ``round`` rounds half to even), else in int64 with the reference's
-    :func:`~lowbit.ir.dyadic.round_shift`. ``axis``: the channel axis of per-channel parameters."""
+    """``clamp(round_half_even((v*m + b) * 2^-k), lo, hi)`` on integer-valued tensors (codes, int32 wide values or
+    float32 accumulators), in the narrowest arithmetic that is exact for ``|v| <= v_max`` (per channel), with
+    ``bound = max|v|*|m| + |b|`` after dividing out the powers of two ``m`` and ``b`` share (``mode``):
+
+    * ``"float32"`` when the input is float32 (accumulators) and ``bound < 2^24``: every product and sum is an
+      exact float32 integer, scaling by ``2^-k`` is exact and ``round`` rounds half to even;
+    * ``"int32"`` when ``bound + 2^(k-1) < 2^31``: the reference's shift-and-round (:func:`_round_shift_int`) in
+      int32, so ``v*m + b`` and the rounding offset never overflow;
+    * ``"int64"`` otherwise: the reference's own arithmetic (``bound + 2^(k-1) < 2^63``).
+
+    No float64: Inductor's vectorized CPU code converts float64 to and from other types one element at a time
+    (ATen's AVX-512 vector conversions have no double specializations), so exact float64 glue ran 2-3x slower
+    than the same int64 arithmetic (``vpmullq``, variable shifts) at ResNet-18's shapes.
+
+    ``axis``: the channel axis of per-channel parameters. The result is an integer-valued tensor (float32, int32
+    or int64), stored by :func:`_from_float`."""
 
     def __init__(self, m, k, bias, lo: int, hi: int, v_max: int | torch.Tensor, axis: int, ndim: int,
-                 int64: bool = False):
-        m, k, bias = (torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (m, k, bias))
+                 int64: bool = False, float32_input: bool = False):
+        m, k, bias = _drop_common_twos(*(torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (m, k, bias)))
         v_max = torch.as_tensor(v_max, dtype=torch.int64).reshape(-1)
         bound = max(int(vm) * abs(int(mm)) + abs(int(bb)) for vm, mm, bb in
                     zip(*torch.broadcast_tensors(v_max, m, bias)))
-        self.exact64 = bound < EXACT_LIMIT and not int64
-        self.why = "float64" if self.exact64 else f"int64 (|v*m + b| may reach 2^{math.log2(max(bound, 1)):.1f})"
+        half = (1 << (int(k.max()) - 1)) if int(k.max()) > 0 else 0
+        if int64:
+            self.mode = "int64"
+        elif float32_input and bound < FLOAT32_EXACT_LIMIT:  # float32 accumulators: no conversion at all
+            self.mode = "float32"
+        elif bound + half < INT32_LIMIT:
+            self.mode = "int32"
+        else:
+            self.mode = "int64"
+        if bound + half >= 2**63:
+            raise LowbitError(f"fast path: |v*m + b| may reach 2^{math.log2(bound):.1f}, beyond int64")
+        self.why = self.mode
         shape = [1] * ndim
         if max(m.numel(), k.numel(), bias.numel()) > 1:
             shape[axis] = -1
         self.lo, self.hi = float(lo), float(hi)
-        if self.exact64:
-            self.m = m.to(torch.float64).reshape(shape) if m.numel() > 1 else float(m)
-            self.b = bias.to(torch.float64).reshape(shape) if bias.numel() > 1 else float(bias)
-            p2 = torch.pow(2.0, -k.to(torch.float64))
-            self.p2 = p2.reshape(shape) if k.numel() > 1 else float(p2)
-        else:
-            pos = (k > 0).to(torch.int64)
-            self.m, self.b = m.reshape(shape), bias.reshape(shape)
-            self.k, self.c = k.reshape(shape), ((pos << (k - 1).clamp_min(0)) - pos).reshape(shape)
-            self.pos = pos.reshape(shape)
         self.ilo, self.ihi = lo, hi
+        if self.mode == "float32":
+            dt = self.dt = torch.float32
+            self.m = m.to(dt).reshape(shape) if m.numel() > 1 else float(m)
+            self.b = bias.to(dt).reshape(shape) if bias.numel() > 1 else float(bias)
+            p2 = torch.pow(2.0, -k.to(torch.float64))
+            self.p2 = p2.to(dt).reshape(shape) if k.numel() > 1 else float(p2)
+        else:
+            dt = torch.int32 if self.mode == "int32" else torch.int64
+            self.dt = dt
+            pos = (k > 0).to(torch.int64)
+            c = (pos << (k - 1).clamp_min(0)) - pos
+
+            def param(t):  # a Python int for a per-tensor parameter: no broadcast load in the graph
+                return t.to(dt).reshape(shape) if t.numel() > 1 else int(t)
+
+            self.m, self.b, self.k, self.c, self.pos = (param(t) for t in (m, bias, k, c, pos))
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        if self.exact64:
-            return torch.round((v * self.m + self.b) * self.p2).clamp(self.lo, self.hi)
-        x = v.to(torch.int64) * self.m + self.b
-        odd = torch.bitwise_and(torch.bitwise_right_shift(x, self.k), self.pos)
-        y = torch.bitwise_right_shift(x + self.c + odd, self.k)
-        return y.clamp(self.ilo, self.ihi).to(torch.float64)
+        if self.mode == "float32":
+            return torch.round((v.to(self.dt) * self.m + self.b) * self.p2).clamp(self.lo, self.hi)
+        x = v.to(self.dt) * self.m + self.b
+        return _round_shift_int(x, self.k, self.c, self.pos).clamp(self.ilo, self.ihi)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -489,9 +642,9 @@ class _Requant:
 def _fast_input(fm: FastModel, node: Node, p):
     zp, src = fm._zp[node.output], node.inputs[0]
     if "lut" not in p:  # the float quantizer ran eagerly in the prologue: codes as float32
-        return lambda env: _from_float(env[src].to(torch.float64), zp)
+        return lambda env: _from_float(env[src], zp)
     lut = p["lut"].to(torch.int64)
-    flat = (lut + zp).to(torch.uint8).reshape(-1) if zp is not None else lut.to(torch.float64).reshape(-1)
+    flat = (lut + zp).to(torch.uint8).reshape(-1) if zp is not None else lut.to(torch.int32).reshape(-1)
     offs = (torch.arange(lut.shape[0]) * 256).reshape(1, -1, *[1] * (len(fm.model.input_spec["shape"]) - 1))
 
     def quantize(env):
@@ -518,8 +671,19 @@ def _fast_layer(fm: FastModel, node: Node, p):
         why = "u8 x s8 pair sums could saturate int16 without VNNI"
     axis, ndim = (1, 4) if node.op == "conv2d" else (-1, 2)
     rq = _Requant(p["multiplier"], p["shift"], p["bias"], a["lo"], a["hi"],
-                  torch.maximum(lo_c.abs(), hi_c.abs()), axis % ndim, ndim)
+                  torch.maximum(lo_c.abs(), hi_c.abs()), axis % ndim, ndim,
+                  float32_input=acc_max < FLOAT32_EXACT_LIMIT)  # float32 accumulators (int8 kernel or fp32 conv)
     fm.requant[node.name] = rq.why
+    if why is None and zp is not None:
+        fused_why = _fused_why(w, p, a, zp_in, zp, lo_c, hi_c)
+        fm.epilogue[node.name] = fused_why or "in the kernel (uint8 codes)"
+        if not fused_why:
+            fm.paths[node.name] = "int8 fused"
+            fm.requant[node.name] = "in the int8 kernel"
+            key = _register_fused(node.op, w, a, zp_in, p, a["lo"], a["hi"], zp)
+            if node.op == "conv2d":
+                return lambda env: conv_u8(_cl(env[src]), key)
+            return lambda env: linear_u8(env[src].contiguous(), key)
     if why is None:
         fm.paths[node.name] = "int8"
         key = _register_layer(node.op, w.to(torch.int8).contiguous(), a, zp_in)
@@ -534,7 +698,7 @@ def _fast_layer(fm: FastModel, node: Node, p):
         def layer(env):
             x = env[src]
             x = _cl(x) if node.op == "conv2d" else x.contiguous()
-            return _from_float(rq(acc_op(x, key).to(torch.float64)), zp)
+            return _from_float(rq(acc_op(x, key)), zp)
 
         return layer
     dt = torch.float32 if acc_max < FLOAT32_EXACT_LIMIT else torch.float64
@@ -546,14 +710,26 @@ def _fast_layer(fm: FastModel, node: Node, p):
         wt = wt.contiguous(memory_format=torch.channels_last)
 
     def exact_layer(env):
-        x = _as_f64(env[src], zp_in).to(dt)
+        x = _as_int(env[src], zp_in).to(dt)
         if node.op == "conv2d":
             acc = F.conv2d(_cl(x), wt, None, a["stride"], a["padding"], a["dilation"], a["groups"])
         else:
             acc = x @ wt.T
-        return _from_float(rq(acc.to(torch.float64)), zp)
+        return _from_float(rq(acc), zp)
 
     return exact_layer
+
+
+def _fused_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, lo_c: torch.Tensor,
+               hi_c: torch.Tensor) -> str:
+    """Why this int8 layer (narrow codes out) cannot requantize in the kernel's float32 epilogue, or ""."""
+    m = p["multiplier"].to(torch.int64)
+    if bool((m < 0).any()) and w.numel() and bool((w[m < 0] == -128).any()):
+        return "compiled glue: negating a channel with multiplier < 0 needs weight code +128"
+    ok, why = float32_epilogue_exact(m, p["shift"], p["bias"], a["lo"], a["hi"], zp_out, lo_c, hi_c)
+    if not bool(ok.all()):
+        return f"compiled glue: {int((~ok).sum())}/{ok.numel()} channels not exact in a float32 epilogue ({why})"
+    return ""
 
 
 @kernel("requantize", backend="cpu_fast")
@@ -562,60 +738,67 @@ def _fast_requantize(fm: FastModel, node: Node, p):
     rq = _Requant(a["multiplier"], a["shift"], a["bias"], a["lo"], a["hi"], _max_abs(fm.bounds[src]), 1, 1)
     fm.requant[node.name] = rq.why
     zp_in, zp = fm._zp[src], fm._zp[node.output]
-    return lambda env: _from_float(rq(_as_f64(env[src], zp_in)), zp)
+    return lambda env: _from_float(rq(_as_int(env[src], zp_in)), zp)
 
 
 @kernel("add", backend="cpu_fast")
 def _fast_add(fm: FastModel, node: Node, p):
+    """``clamp(round_half_even((a*m_a + b*m_b + bias) * 2^-shift), lo, hi)`` after dividing out shared powers of
+    two, with ``bound = max|a|*|m_a| + max|b|*|m_b| + |bias|``: the reference's shift-and-round in int32 when
+    ``bound + 2^(shift-1) < 2^31``, else in int64 (as the reference)."""
     a = node.attrs
     (sa, sb), zp = node.inputs, fm._zp[node.output]
-    ma, mb, s, bias = a["multiplier_a"], a["multiplier_b"], a["shift"], a["bias"]
+    ma, s, mb, bias = (int(v) for v in _drop_common_twos(*(torch.tensor([a[key]]) for key in (
+        "multiplier_a", "shift", "multiplier_b", "bias"))))
+    za, zb = fm._zp[sa], fm._zp[sb]
     bound = _max_abs(fm.bounds[sa]) * abs(ma) + _max_abs(fm.bounds[sb]) * abs(mb) + abs(bias)
     lo, hi = a["lo"], a["hi"]
-    if bound < EXACT_LIMIT:  # every product and partial sum is an exact float64 integer
-        fm.requant[node.name] = "float64"
-        p2 = 2.0 ** -s
+    half = (1 << (s - 1)) if s > 0 else 0
+    dt = torch.int32 if bound + half < INT32_LIMIT else torch.int64
+    fm.requant[node.name] = "int32" if dt == torch.int32 else "int64"
+    c, pos = max(half - 1, 0), int(s > 0)
 
-        def add(env):
-            v = _as_f64(env[sa], fm._zp[sa]) * float(ma) + _as_f64(env[sb], fm._zp[sb]) * float(mb) + float(bias)
-            return _from_float(torch.round(v * p2).clamp(float(lo), float(hi)), zp)
+    def add(env):
+        v = _as_int(env[sa], za).to(dt) * ma + _as_int(env[sb], zb).to(dt) * mb + bias
+        return _from_float(_round_shift_int(v, s, c, pos).clamp(lo, hi), zp)
 
-        return add
-    fm.requant[node.name] = f"int64 (|a*m_a + b*m_b| may reach 2^{math.log2(bound):.1f})"
-    rq = _Requant(1, s, bias, lo, hi, 0, 1, 1, int64=True)
-
-    def add64(env):
-        v = _as_f64(env[sa], fm._zp[sa]).to(torch.int64) * ma + _as_f64(env[sb], fm._zp[sb]).to(torch.int64) * mb
-        return _from_float(rq(v), zp)
-
-    return add64
+    return add
 
 
 @kernel("relu", backend="cpu_fast")
 def _fast_relu(fm: FastModel, node: Node, p):
     src = node.inputs[0]
-    return lambda env: _from_float(_as_f64(env[src], fm._zp[src]).clamp_min(0.0), fm._zp[node.output])
+    return lambda env: _from_float(_as_int(env[src], fm._zp[src]).clamp_min(0), fm._zp[node.output])
 
 
 @kernel("clamp", backend="cpu_fast")
 def _fast_clamp(fm: FastModel, node: Node, p):
-    src, lo, hi = node.inputs[0], float(node.attrs["lo"]), float(node.attrs["hi"])
-    return lambda env: _from_float(_as_f64(env[src], fm._zp[src]).clamp(lo, hi), fm._zp[node.output])
+    src, lo, hi = node.inputs[0], int(node.attrs["lo"]), int(node.attrs["hi"])
+    return lambda env: _from_float(_as_int(env[src], fm._zp[src]).clamp(lo, hi), fm._zp[node.output])
 
 
 @kernel("maxpool2d", backend="cpu_fast")
 def _fast_maxpool(fm: FastModel, node: Node, p):
+    """Max selects: it runs on the stored form itself (uint8 codes, int32 values, float32 accumulators of a
+    deferred conv), with no conversion; window padding never wins (PyTorch pads max pools with the least value)."""
     a, src = node.attrs, node.inputs[0]
     geometry = (a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
     zp_in, zp = fm._zp[src], fm._zp[node.output]
-    # codes as float32 (exact below 2^24), wide values as float64: max selects, so any exact dtype works
     if src in fm._deferred:  # the producing conv's accumulators: pool, then its requantization
         rq, _ = fm._deferred[src]
-        return lambda env: _from_float(rq(F.max_pool2d(env[src], *geometry).to(torch.float64)), zp)
-    if zp_in is not None:
-        return lambda env: _from_float(F.max_pool2d(env[src].to(torch.float32), *geometry).to(torch.float64) - zp_in,
-                                       zp)
-    return lambda env: _from_float(F.max_pool2d(env[src], *geometry), zp)
+        return lambda env: _from_float(rq(F.max_pool2d(env[src], *geometry)), zp)
+    if zp_in == zp:  # same bounds, same stored form (uint8 + zp is monotone)
+        return lambda env: _max_pool_stored(env[src], geometry)
+    return lambda env: _from_float(_as_int(F.max_pool2d(env[src], *geometry), zp_in), zp)
+
+
+def _max_pool_stored(x: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """Max pool on the stored form. Compiled, Inductor's loops select on uint8 directly; eager ATen's integer
+    max pool indexes in the element type (uint8 inputs with ``C*H*W > 255`` are refused), so eager codes pool as
+    int32 (the same selection)."""
+    if x.dtype == torch.uint8 and not torch.compiler.is_compiling():
+        return F.max_pool2d(x.to(torch.int32), *geometry).to(torch.uint8)
+    return F.max_pool2d(x, *geometry)
 
 
 @kernel("avgpool2d", backend="cpu_fast")
@@ -628,13 +811,13 @@ def _fast_pool(fm: FastModel, node: Node, p):
     zp_in, zp = fm._zp[src], fm._zp[node.output]
     h, w = fm.model.shapes[src][-2:]
 
-    def pool(env):  # window sums of float64 integers: exact (|sum| < 2^53 is part of rq's bound)
+    def pool(env):  # window sums: int64 for the global pool, float64 windows (exact: n * 2^31 < 2^53, n < 2^22)
+        if node.op == "adaptive_avgpool" and list(a["output_size"]) == [1, 1]:
+            return _from_float(rq(_as_int(env[src], zp_in).sum((2, 3), keepdim=True, dtype=torch.int64)), zp)
         x = _as_f64(env[src], zp_in)
         if node.op == "avgpool2d":
             s = F.avg_pool2d(x, a["kernel_size"], a["stride"], a["padding"], count_include_pad=True,
                              divisor_override=1)
-        elif list(a["output_size"]) == [1, 1]:
-            s = x.sum((2, 3), keepdim=True)
         else:
             oh, ow = a["output_size"]
             k = (h // oh, w // ow)
@@ -665,13 +848,13 @@ def _fast_upsample(fm: FastModel, node: Node, p):
 @kernel("concat", backend="cpu_fast")
 def _fast_concat(fm: FastModel, node: Node, p):
     zp = fm._zp[node.output]
-    return lambda env: _cl(_from_float(torch.cat([_as_f64(env[i], fm._zp[i]) for i in node.inputs], 1), zp))
+    return lambda env: _cl(_from_float(torch.cat([_as_int(env[i], fm._zp[i]) for i in node.inputs], 1), zp))
 
 
 @kernel("dequantize_output", backend="cpu_fast")
 def _fast_dequantize(fm: FastModel, node: Node, p):
     src = node.inputs[0]
-    return lambda env: _from_float(_as_f64(env[src], fm._zp[src]), fm._zp[node.output])
+    return lambda env: _from_float(_as_int(env[src], fm._zp[src]), fm._zp[node.output])
 
 
 

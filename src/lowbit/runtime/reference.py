@@ -44,6 +44,13 @@ def linear_int(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.to(dt) @ w.to(dt).T).to(torch.int64)
 
 
+def matmul_int(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Integer batched matrix product of two code tensors: ``a`` (..., M, K) @ ``b`` (..., K, N) -> int64 acc."""
+    _require_int(b, "matmul_int")
+    dt = _exact_dtype(a, b, a.shape[-1], "matmul_int")
+    return torch.matmul(a.to(dt), b.to(dt)).to(torch.int64)
+
+
 def relu_int(x: torch.Tensor) -> torch.Tensor:
     """ReLU on codes with zero point 0 is ``max(x, 0)``; usually folded into ``lo = 0`` of a requantize."""
     return x.clamp_min(0)

@@ -14,11 +14,17 @@ only rank 0 shows progress and runs ``on_epoch_end`` (checkpoints, metrics) whil
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import math
+import os
+import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +40,7 @@ from lowbit.progress import progress
 
 SCHEDULES = ("cosine", "onecycle", "exp", "constant")
 AMP = ("bf16",)
+COMPILE = (True, False, "auto")
 DISTILL_LOSSES = ("kl", "mse", "cosine")
 LossFn = Callable[[Any, Any], torch.Tensor]  # loss_fn(outputs, batch) -> scalar
 
@@ -61,7 +68,7 @@ class FitConfig:
     seed: int = 0
     device: str = "cpu"
     channels_last: bool | None = None  # None: the model's own preference (lowbit's ResNets: True)
-    compile: bool = False
+    compile: bool | str = "auto"  # True | False | "auto": compile a quantized model when it pays (AutoCompile)
     quiet: bool = False
     augmentation: str | None = None  # None: the data set's own; flip | crop+flip | none (lowbit's image sets)
     examples_per_epoch: int | None = None  # a fraction of an epoch (ALPS, smoke runs)
@@ -85,6 +92,8 @@ class FitConfig:
             raise LowbitError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise LowbitError(f"unknown device {self.device!r}; choose cpu or cuda")
+        if self.compile not in COMPILE or not isinstance(self.compile, (bool, str)):
+            raise LowbitError(f"compile must be true, false or 'auto', got {self.compile!r}")
         if self.amp is not None and self.amp not in AMP:
             raise LowbitError(f"unknown amp {self.amp!r}; choose {', '.join(AMP)} or leave it off (float32)")
         if isinstance(self.distill_features, str) or not all(isinstance(n, str) for n in self.distill_features):
@@ -98,6 +107,8 @@ class FitConfig:
         d = asdict(self)
         if d["amp"] is None:  # unset: keep the dict (and the fingerprints of earlier runs) as before amp existed
             del d["amp"]
+        if d["compile"] == "auto":  # compiling changes float rounding, not the recipe: runs that began before
+            d["compile"] = False  # "auto" was the default (compile: false) keep their fingerprints and resume
         if d["distill_loss"] == "kl":
             del d["distill_loss"]
         if not d["distill_features"]:
@@ -234,6 +245,138 @@ def predict(model: nn.Module, ds: Any, batch_size: int = 512, device: str = "cpu
     return torch.cat(outs)
 
 
+# compile="auto" (FitConfig.compile); the constants are measurements of bench/qat_overhead.py (2-core CPU, see
+# docs/results/qat_overhead.md)
+AUTO_COMPILE_PROBE_STEPS = 3  # eager steps timed (after one warm-up step) before deciding
+# compiled vs eager step, the smallest measured (resnet8/20, 1 and 2 threads), by the slowest quantizer in the model
+AUTO_COMPILE_SPEEDUP = {"lsq": 1.8, "faq": 1.15, "minmax": 1.15, None: 1.05}  # None: a float model
+AUTO_COMPILE_COLD_S = 120.0  # a first compile, Inductor cache cold (resnet8 W4A4 LSQ ~115-120 s, resnet20 ~105 s)
+AUTO_COMPILE_WARM_S = 20.0  # the same graph from Inductor's on-disk cache in a fresh process (~5-10 s)
+_COMPILED: set[tuple] = set()  # structures this process has compiled: another precision plan reuses the graph
+
+
+class AutoCompile:
+    """Which module each training step runs: ``net`` eagerly, or ``torch.compile(net)`` (same parameters).
+
+    ``mode=True`` compiles from the first step, ``False`` never (``LOWBIT_COMPILE=1|0`` turns ``"auto"`` into
+    these, e.g. for ALPS' jobs, which take no flag). ``"auto"`` compiles a model with fake quantizers when that
+    wins including the compile. After a warm-up step it times ``AUTO_COMPILE_PROBE_STEPS`` eager steps (median
+    ``t``; under torchrun the mean over the ranks, so that all agree) and compiles if the steps left would save
+    more than the compile costs::
+
+        steps_left · t · (1 - 1 / speed-up) > expected compile seconds
+
+    with the speed-up of ``AUTO_COMPILE_SPEEDUP`` for the model's quantizers (LSQ's straight-through and
+    gradient-scale arithmetic fuses best; a float model gains so little that it practically stays eager).
+
+    The expected compile is 0 for a structure this process has compiled already (any precision plan: the
+    quantizers' bits are tensors, not constants of the graph, so the graph is reused; it compiles at once),
+    ``AUTO_COMPILE_WARM_S`` when this machine's Inductor cache holds it (a marker lowbit leaves there), else
+    ``AUTO_COMPILE_COLD_S``.
+
+    Batches of another size than ``batch`` (an epoch's last partial batch) run eagerly: a new shape would
+    recompile. If compiling fails under ``"auto"`` (no C++ compiler, an untraceable model), one warning and
+    training goes on eagerly.
+    """
+
+    def __init__(self, model: nn.Module, net: nn.Module, cfg: FitConfig, steps_left: int, batch: int, *,
+                 channels_last: bool = False, ddp: bool = False):
+        from lowbit.quant.quantizers import _Quantizer
+
+        mode = cfg.compile
+        if mode == "auto":
+            mode = {"0": False, "1": True}.get(os.environ.get("LOWBIT_COMPILE", "auto"), "auto")
+        self.auto = mode == "auto"
+        methods = {m.method for m in model.modules() if isinstance(m, _Quantizer)} or {None}
+        self.speedup = min(AUTO_COMPILE_SPEEDUP.get(m, AUTO_COMPILE_SPEEDUP[None]) for m in methods)
+        self.net, self.batch, self.steps_left, self.ddp = net, batch, steps_left, ddp
+        self.mode: bool | str = mode
+        self.backend = os.environ.get("LOWBIT_COMPILE_BACKEND", "inductor")  # "eager": Dynamo only (tests)
+        self._model, self._key = model, (channels_last, cfg.amp, ddp, cfg.device)
+        self._structure: tuple | None = None
+        self._times: list[float] = []
+        self._steps = 0
+        self.compiled: nn.Module | None = None
+        self.compile_seconds: float | None = None  # the first compiled step: tracing, compiling and running
+        if mode is True:
+            self._compile()
+
+    def _compile(self) -> None:
+        self.compiled = torch.compile(self.net, backend=self.backend)
+        self.mode = True
+
+    def structure(self, inputs: Any) -> tuple:
+        """What a compiled graph is specialised to: module types, parameter and buffer shapes, inputs, settings
+        (not the bits: they are buffer values)."""
+        leaves = torch.utils._pytree.tree_leaves(inputs)
+        return (tuple((n, type(m).__qualname__) for n, m in self._model.named_modules()),
+                tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in self._model.named_parameters()),
+                tuple((n, tuple(b.shape), b.dtype) for n, b in self._model.named_buffers()),
+                tuple((tuple(t.shape), t.dtype, t.device.type) for t in leaves if isinstance(t, torch.Tensor)),
+                self._key, self.backend, torch.get_num_threads())
+
+    def _marker(self) -> Path:
+        """A file in Inductor's cache folder saying that this structure's graph was compiled into it."""
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        digest = hashlib.sha256(repr((self._structure, torch.__version__)).encode()).hexdigest()[:20]
+        return Path(cache_dir()) / "lowbit-compiled" / digest
+
+    def net_for(self, inputs: Any) -> nn.Module:
+        """The module to run this batch with."""
+        if self._structure is None:
+            self._structure = self.structure(inputs)
+            if self.mode == "auto" and self._structure in _COMPILED:
+                self._compile()
+        self._last_len = batch_len(inputs)
+        if self.compiled is not None and self._last_len == self.batch:
+            return self.compiled
+        return self.net
+
+    def step_done(self, seconds: float, compiled: bool) -> None:
+        """Record a finished step; under ``"auto"``, decide once the probe steps are timed."""
+        self._steps += 1
+        if compiled and self.compile_seconds is None:
+            self.compile_seconds = seconds
+            _COMPILED.add(self._structure)
+            with contextlib.suppress(OSError):
+                marker = self._marker()
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{seconds:.1f}\n")
+        if self.mode != "auto" or self._steps == 1 or self._last_len != self.batch:
+            return
+        self._times.append(seconds)
+        if len(self._times) < AUTO_COMPILE_PROBE_STEPS:
+            return
+        t = statistics.median(self._times)
+        if self.ddp:
+            t = dist.all_reduce_sum(torch.tensor([t], dtype=torch.float64)).item() / dist.world_size()
+        saved = (self.steps_left - self._steps) * t * (1 - 1 / self.speedup)
+        if saved > self.expected_compile_seconds():
+            self._compile()
+        else:
+            self.mode = False
+
+    def expected_compile_seconds(self) -> float:
+        if self._structure in _COMPILED:
+            return 0.0
+        try:
+            warm = self._marker().exists()
+        except OSError:
+            warm = False
+        return AUTO_COMPILE_WARM_S if warm else AUTO_COMPILE_COLD_S
+
+    def give_up(self, error: Exception) -> bool:
+        """Under ``"auto"``, after ``error`` from a compiled step: warn once, run eagerly from now on."""
+        if not self.auto or self.compiled is None or isinstance(error, LowbitError):
+            return False
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(f"torch.compile failed ({type(error).__name__}: {first[:200]}); training eagerly "
+                      "(--no-compile skips the attempt)", stacklevel=2)
+        self.compiled, self.mode = None, False
+        return True
+
+
 @dataclass
 class FitState:
     """What a checkpoint must hold to resume: weights, optimizer, the epoch reached, the metrics so far."""
@@ -278,7 +421,6 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
             p.requires_grad_(False)
     taps = _FeatureTaps(model, teacher, cfg.distill_features) if teacher is not None and cfg.distill_features else None
     net = _data_parallel(model, data, cfg, world) if ddp else model
-    net = torch.compile(net) if cfg.compile else net  # same parameters; checkpoints save ``model``
     n_train = num_examples(data.train)
     per_epoch = cfg.examples_per_epoch or n_train
     local_batch = cfg.batch_size // world
@@ -290,13 +432,14 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
     n_epochs = math.ceil(cfg.epochs)
     state = start or FitState()
     quiet = cfg.quiet or not main
+    steps_left = sum(num_batches(data.train, local_batch, _epoch_limit(cfg, e, per_epoch, n_train, world) // world)
+                     for e in range(state.epoch, math.ceil(cfg.epochs)))
+    # which steps run compiled (same parameters: checkpoints save ``model``, never the compiled wrapper)
+    compiler = AutoCompile(model, net, cfg, steps_left, local_batch, channels_last=channels_last, ddp=ddp)
     epochs = progress(range(state.epoch, n_epochs), initial=state.epoch, total=n_epochs, desc=desc, quiet=quiet,
                       unit="epoch")
     for epoch in epochs:
-        frac = min(1.0, cfg.epochs - epoch)
-        limit = max(1, round(frac * per_epoch))
-        if ddp:
-            limit = _even(min(limit, n_train), world)
+        limit = _epoch_limit(cfg, epoch, per_epoch, n_train, world)
         t0 = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0.0, 0
@@ -305,12 +448,24 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
         bar = progress(batches, total=num_batches(data.train, local_batch, limit // world), desc=f"epoch {epoch + 1}",
                        quiet=quiet)
         lr = cfg.lr
+        compiled_steps = 0
         for i, batch in enumerate(bar):
             lr = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss, out, target = _train_step(net, teacher, optimizer, batch, cfg, channels_last, loss_fn, taps)
+            t_step = time.perf_counter()
+            step_net = compiler.net_for(split_batch(batch)[0])
+            try:
+                loss, out, target = _train_step(step_net, teacher, optimizer, batch, cfg, channels_last, loss_fn,
+                                                taps)
+            except Exception as e:  # "auto" only: a compiler that fails (no C++ toolchain...) means eager
+                if step_net is net or not compiler.give_up(e):
+                    raise
+                step_net = net
+                loss, out, target = _train_step(net, teacher, optimizer, batch, cfg, channels_last, loss_fn, taps)
             loss = loss.item()
+            compiler.step_done(time.perf_counter() - t_step, compiled=step_net is not net)
+            compiled_steps += step_net is not net
             bad = not math.isfinite(loss)
             if ddp:  # a NaN on any rank stops them all at this step
                 bad = bool(dist.all_reduce_sum(torch.tensor([float(bad)], device=device)).item())
@@ -338,6 +493,10 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
         state.epoch = epoch + 1
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": _fraction(correct, seen),
                "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": train_s, "examples": seen}
+        if compiled_steps:
+            row["compiled_steps"] = compiled_steps
+            if compiler.compile_seconds is not None and not any("compile_seconds" in r for r in state.rows):
+                row["compile_seconds"] = compiler.compile_seconds  # the first compiled step, compile included
         if metric is not None:
             from lowbit.metrics import measure, metric_name
 
@@ -355,6 +514,12 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
     if taps is not None:
         taps.remove()
     return state
+
+
+def _epoch_limit(cfg: FitConfig, epoch: int, per_epoch: int, n_train: int, world: int) -> int:
+    """Training examples in ``epoch`` (all ranks together): the last one may be a fraction."""
+    limit = max(1, round(min(1.0, cfg.epochs - epoch) * per_epoch))
+    return _even(min(limit, n_train), world) if world > 1 else limit
 
 
 def _even(n: int, world: int) -> int:
