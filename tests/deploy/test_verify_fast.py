@@ -23,3 +23,12 @@ def test_verify_reports_the_fast_path_bit_exact(tmp_path):
     assert "integer logits bit-exact (0 differ)" in text
     assert any(line.startswith("fast path layers: ") and "conv/linear on oneDNN int8" in line
                for line in text.splitlines())
+
+
+def test_report_counts_in_kernel_layers_as_int8_not_as_float_path():
+    report = {"images": 8, "runtime": {}, "fast_path": {
+        "top1_agreement_with_runtime": 1.0, "logits_differing": 0.0, "max_logit_diff": 0.0,
+        "paths": {"conv1": "int8 fused", "conv2": "int8", "fc": "exact float (int16 saturation)"}}}
+    line = next(x for x in format_report(report).splitlines() if x.startswith("fast path layers: "))
+    assert line.startswith("fast path layers: 2/3 conv/linear on oneDNN int8 (1 requantizing in the kernel")
+    assert "conv1" not in line.split("exact float path for")[1] and "fc [exact float" in line

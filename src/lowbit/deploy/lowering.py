@@ -9,8 +9,10 @@ export but the file under test and the PyTorch model:
   model in eval mode (batch norms use their running statistics). Rounding is decided by float arithmetic in
   one and by exact integers in the other, so codes may differ by one near a rounding tie, and such a difference
   moves the float input of every later layer (a 2-bit layer turns it into a whole step), so a rare code further
-  down may differ by two: each layer must agree exactly on all but ``max_frac_differing`` of its codes and
-  within 1 on all but a tenth of that;
+  down may differ by two. The export's narrowed multipliers (layers that requantize inside the int8 kernel,
+  :data:`lowbit.ir.dyadic.EPILOGUE_MAX_ERROR`) move a value by at most 2^-10 steps on purpose, which flips the
+  code of a value within 2^-10 of a tie: about 2^-9 of a layer's codes at most. So each layer must agree exactly
+  on all but ``max_frac_differing`` (0.2%) of its codes and within 1 on all but a tenth of that;
 * **folds**: for every conv/linear node, the per-channel affine map its requantization computes,
   ``m_c * 2^-k_c`` and ``b_c * 2^-k_c`` in real units (``out_scale``), against the one recomputed from the
   model: ``g_c * s_x * s_w,c`` and ``g_c * bias_c + h_c``, where ``s_x, s_w`` are the quantizers' steps and
@@ -124,7 +126,7 @@ def format_lowering(d: dict[str, Any]) -> str:
 
 
 def check_lowering(runtime: IntegerModel | Graph, fake_quant: nn.Module, images: torch.Tensor, *,
-                   batch_size: int = 256, max_frac_differing: float = 1e-3) -> LoweringCheck:
+                   batch_size: int = 256, max_frac_differing: float = 2e-3) -> LoweringCheck:
     """Check the integer model ``runtime`` against ``fake_quant`` (the quantized PyTorch model it was exported
     from) on ``images`` (what the runtime takes: uint8 pixels or float input)."""
     runtime = runtime if isinstance(runtime, IntegerModel) else IntegerModel(runtime)

@@ -130,10 +130,11 @@ def format_report(r: dict[str, Any]) -> str:
                          f"(max {v['max_code_diff_first_batch']})")
             lines.append(text)
             if name == "fast_path" and v.get("paths"):
-                other = {n: p for n, p in v["paths"].items() if p != "int8"}
-                n = len(v["paths"])
-                lines.append(f"fast path layers: {n - len(other)}/{n} conv/linear on oneDNN int8 (exact int32 "
-                             "accumulators)"
+                paths = v["paths"]
+                fused = sum(p == "int8 fused" for p in paths.values())
+                other = {n: p for n, p in paths.items() if p not in ("int8", "int8 fused")}
+                lines.append(f"fast path layers: {len(paths) - len(other)}/{len(paths)} conv/linear on oneDNN int8 "
+                             f"({fused} requantizing in the kernel, the rest exact int32 accumulators)"
                              + (f"; exact float path for {', '.join(f'{n} [{p}]' for n, p in other.items())}"
                                 if other else ""))
     if "lowering" in r:
