@@ -16,6 +16,7 @@ import atexit
 import filecmp
 import os
 import shutil
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -72,7 +73,7 @@ def restore(state: Path, runs: Path) -> int:
 
 
 def mirror(runs: Path, state: Path, every: float = 300.0) -> None:
-    """Restore now, then sync every ``every`` seconds from a daemon thread and once more at exit."""
+    """Restore now, then sync every ``every`` seconds from a daemon thread and once more at exit (SIGTERM too)."""
     restored = restore(state, runs)
     if restored:
         print(f"restored {restored} file(s) of earlier progress from {state}", flush=True)
@@ -89,6 +90,8 @@ def mirror(runs: Path, state: Path, every: float = 300.0) -> None:
         sync(runs, state)
 
     atexit.register(final)
+    # a stopped benchmark (kill, end of a session) still leaves its last finished stage in the mirror
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def main(argv: list[str]) -> int:

@@ -43,3 +43,21 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert main(["sync", str(tmp_path / "missing"), str(tmp_path / "s")]) == 2
     assert not (tmp_path / "s").exists()
     assert "error" in capsys.readouterr().err
+
+
+def test_a_terminated_benchmark_leaves_its_last_stage_in_the_mirror(tmp_path):
+    import signal
+    import subprocess
+
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    code = (f"import sys, time; sys.path.insert(0, {str(bench)!r}); from pathlib import Path; "
+            f"from mirror import mirror; mirror(Path({str(runs)!r}), Path({str(state)!r}), every=3600); "
+            f"Path({str(runs / 'points')!r}).mkdir(parents=True); "
+            f"Path({str(runs / 'points' / 'a.json')!r}).write_text('{{}}'); print('ready', flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert (state / "points" / "a.json").read_text() == "{}"

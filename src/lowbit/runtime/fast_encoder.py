@@ -28,7 +28,6 @@ The whole body is one ``torch.compile`` (Inductor) graph around the opaque kerne
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -48,6 +47,8 @@ from lowbit.runtime.fastpath import (
     check_capability,
     cpu_capability,
     int16_saturates,
+    linear_acc,
+    register_layer,
     run_logits,
 )
 from lowbit.runtime.reference import EXACT_LIMIT, FLOAT32_EXACT_LIMIT
@@ -62,31 +63,6 @@ def fast_model(model: IntegerModel, **kwargs: Any) -> FastModel | FastEncoderMod
 
 
 # ----------------------------------------------------------------------------- opaque kernels for Inductor
-_PACKED: dict[str, dict[str, Any]] = {}
-
-
-def _register_linear(w8: torch.Tensor, zp_in: int) -> str:
-    key = hashlib.sha1(w8.numpy().tobytes() + repr((tuple(w8.shape), zp_in)).encode()).hexdigest()[:20]
-    if key not in _PACKED:
-        c = w8.shape[0]
-        _PACKED[key] = {"packed": torch.ops.onednn.qlinear_prepack(w8, None), "zp": zp_in, "out": c,
-                        "ones": torch.ones(c, dtype=torch.float32), "wzp": torch.zeros(c, dtype=torch.int64)}
-    return key
-
-
-@torch.library.custom_op("lowbit::token_linear_acc", mutates_args=())
-def token_linear_acc(x: torch.Tensor, key: str) -> torch.Tensor:
-    """int32 accumulators of a prepacked int8 linear layer on (M, K) uint8 codes, as exact float32."""
-    e = _PACKED[key]
-    return torch.ops.onednn.qlinear_pointwise(x.contiguous(), 1.0, e["zp"], e["packed"], e["ones"], e["wzp"], None,
-                                              1.0, 0, torch.float32, "none", [], "")
-
-
-@token_linear_acc.register_fake
-def _(x: torch.Tensor, key: str) -> torch.Tensor:
-    return x.new_empty((x.shape[0], _PACKED[key]["out"]), dtype=torch.float32)
-
-
 @torch.library.custom_op("lowbit::ref_layer_norm", mutates_args=())
 def ref_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """The reference's ``F.layer_norm`` (ATen's kernel, not a compiled one)."""
@@ -320,11 +296,11 @@ def _linear(fm: FastEncoderModel, node: Node, p):
         why = "u8 x s8 pair sums could saturate int16 without VNNI"
     if why is None:
         fm.paths[node.name] = "int8"
-        key = _register_linear(w.to(torch.int8).contiguous(), zp_in)
+        key = register_layer("linear", w.to(torch.int8).contiguous(), {}, zp_in)
 
         def layer(env):
             x = env[src]
-            acc = token_linear_acc(x.reshape(-1, k), key).reshape(*x.shape[:-1], o)
+            acc = linear_acc(x.reshape(-1, k), key).reshape(*x.shape[:-1], o)
             return _out(fm, out, rq(acc.to(torch.float64)))
 
         return layer

@@ -229,7 +229,9 @@ def _max_abs(r: tuple[int, int]) -> int:
 _PACKED: dict[str, dict[str, Any]] = {}
 
 
-def _register_layer(op: str, w8: torch.Tensor, a: dict[str, Any], zp_in: int) -> str:
+def register_layer(op: str, w8: torch.Tensor, a: dict[str, Any], zp_in: int) -> str:
+    """Prepack an int8 conv/linear weight for the accumulator ops (:func:`conv_acc`, :func:`linear_acc`); the key
+    is the weight's content and geometry, so a compiled graph (and Inductor's disk cache) finds it again."""
     geometry = (op, zp_in, *(tuple(a[k]) if isinstance(a.get(k), list) else a.get(k)
                              for k in ("stride", "padding", "dilation", "groups")))
     key = hashlib.sha1(w8.numpy().tobytes() + repr((tuple(w8.shape), geometry)).encode()).hexdigest()[:20]
@@ -686,7 +688,7 @@ def _fast_layer(fm: FastModel, node: Node, p):
             return lambda env: linear_u8(env[src].contiguous(), key)
     if why is None:
         fm.paths[node.name] = "int8"
-        key = _register_layer(node.op, w.to(torch.int8).contiguous(), a, zp_in)
+        key = register_layer(node.op, w.to(torch.int8).contiguous(), a, zp_in)
         acc_op = conv_acc if node.op == "conv2d" else linear_acc
 
         if node.output in fm._pool_first and int(p["multiplier"].min()) >= 0:
