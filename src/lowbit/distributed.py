@@ -92,6 +92,16 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """Leave the process group together after a command succeeded: a barrier, then the teardown. A rank that
+    tore down its gloo pairs while another still used them has aborted at exit ("terminate called without an
+    active exception"); after an error only the at-exit teardown runs, since the other ranks may never arrive."""
+    if initialized():
+        if world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -141,5 +151,5 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-__all__ = ["all_gather_object", "all_reduce_sum", "barrier", "broadcast_", "broadcast_object", "init_from_env",
-           "initialized", "is_main", "rank", "world_size"]
+__all__ = ["all_gather_object", "all_reduce_sum", "barrier", "broadcast_", "broadcast_object", "finish",
+           "init_from_env", "initialized", "is_main", "rank", "world_size"]

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lowbit.distributed import is_main
+from lowbit.distributed import finish, is_main
 from lowbit.errors import LowbitError
 
 
@@ -290,6 +290,10 @@ def _quantize():
                        help="also quantize the two attention matmuls (Q·Kᵀ, softmax·V) of Hugging Face encoders")
         p.add_argument("--activation-init", default="mean", choices=["mean", "mse", "percentile"],
                        help="LSQ input steps: the paper's 2·mean|x|/sqrt(Q_P), or outlier-robust MSE / percentile")
+        p.add_argument("--residual-bits", type=int, default=None, choices=[8, 4, 3, 2],
+                       help="also quantize the residual stream after each add (after its ReLU), so that integer "
+                            "backends keep it as narrow codes instead of int32 (faster); costs accuracy that QAT "
+                            "recovers. Needs a forward torch.fx can trace")
         p.add_argument("--first-last-bits", type=_bits_or_float, default=8,
                        help="bits of the first and last layers in presets ('float' keeps them fp32)")
         add_fit(p, epochs=None, lr=None, wd=None, schedule=None)
@@ -316,6 +320,7 @@ def _quantize():
         cfg = QuantizeConfig(source=a.source, out=a.out, bits=None if a.plan_file else a.bits,
                              plan_file=a.plan_file, recipe=a.recipe, method=a.method, per_channel=a.per_channel,
                              quantize_matmuls=a.quantize_matmuls, activation_init=a.activation_init,
+                             residual_bits=a.residual_bits,
                              first_last_bits=a.first_last_bits, distill=a.distill, data=a.data,
                              data_dir=a.data_dir, loss=a.loss, metric=a.metric)
         s = quantize_run(cfg, resume=a.resume, overwrite=a.overwrite, fit_overrides=over, data=data)
@@ -418,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        finish()
+        return code
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ _ROLE_NOTES = {
     "body": "the preset's bits",
     "head": "--first-last-bits: pooler/classifier",
     "edge": "--first-last-bits: first/last executed layer",
+    "matmul": "both inputs at the block's query input bits",
+    "residual": "--residual-bits: the sum after each residual add (and its ReLU)",
 }
 
 
@@ -39,9 +41,10 @@ def _bits(b: int | None) -> str:
     return "float" if b is None else str(b)
 
 
-def describe_plan(model: nn.Module, plan: Any, roles: dict[str, str], matmuls: dict[str, tuple] | None = None
-                  ) -> str:
-    """A table of every quantizable layer (role, shape, bits) and the attention matmuls, then counts by role."""
+def describe_plan(model: nn.Module, plan: Any, roles: dict[str, str], matmuls: dict[str, tuple] | None = None,
+                  residuals: dict[str, int] | None = None) -> str:
+    """A table of every quantizable layer (role, shape, bits), the attention matmuls and the residual-stream
+    quantizers, then counts by role."""
     from lowbit.quant import Plan
 
     plan = Plan.coerce(plan)
@@ -49,20 +52,24 @@ def describe_plan(model: nn.Module, plan: Any, roles: dict[str, str], matmuls: d
     rows = [(n, roles.get(n, "-"), _shape(modules[n]), *plan.layers.get(n, (None, None))) for n in roles]
     for name, (a, b) in (matmuls or {}).items():
         rows.append((name, "matmul", "attention matmul", a, b))
+    for name, bits in (residuals or {}).items():
+        rows.append((name, "residual", "residual add", "-", bits))
     width = max([len("layer"), *(len(r[0]) for r in rows)])
     shape_w = max([len("type"), *(len(r[2]) for r in rows)])
     lines = [f"{'layer':<{width}}  {'role':<9}  {'type':<{shape_w}}  w_bits  a_bits   (matmuls: both inputs)"]
     for name, role, shape, w, a in rows:
-        lines.append(f"{name:<{width}}  {role:<9}  {shape:<{shape_w}}  {_bits(w):>6}  {_bits(a):>6}")
+        w = w if w == "-" else _bits(w)
+        lines.append(f"{name:<{width}}  {role:<9}  {shape:<{shape_w}}  {w:>6}  {_bits(a):>6}")
     lines.append("")
     counts: dict[str, dict[str, int]] = {}
     for _, role, _, w, a in rows:
         key = f"w{_bits(w)}a{_bits(a)}" if (w, a) != (None, None) else "float"
         key = f"inputs {_bits(w)}/{_bits(a)}" if role == "matmul" else key
+        key = f"a{a}" if role == "residual" else key
         counts.setdefault(role, {}).setdefault(key, 0)
         counts[role][key] += 1
     for role, by_bits in counts.items():
-        note = _ROLE_NOTES.get(role, "both inputs at the block's query input bits" if role == "matmul" else "")
+        note = _ROLE_NOTES.get(role, "")
         spread = ", ".join(f"{k} x{v}" for k, v in by_bits.items())
         lines.append(f"{role:<9}  {spread}" + (f"  ({note})" if note else ""))
     return "\n".join(lines)
@@ -87,6 +94,16 @@ def matmul_rows(model: nn.Module, plan: Any) -> dict[str, tuple]:
     return rows
 
 
+def residual_rows(model: nn.Module, bits: int | None) -> dict[str, int]:
+    """The residual-stream QuantActs of a quantized model, or those ``QuantConfig(residual_bits=bits)`` would add."""
+    from lowbit.quant import QuantConfig, quant_acts, quantize_residuals
+
+    existing = quant_acts(model)
+    if existing or bits is None:
+        return {n: m.bits for n, m in existing.items()}
+    return {n: bits for n in quant_acts(quantize_residuals(model, bits, QuantConfig(residual_bits=bits)))}
+
+
 def _plan():
     def add(p):
         src = p.add_argument_group("model")
@@ -108,6 +125,10 @@ def _plan():
                             "--first-last-bits, blocks at the preset), by execution order (first/last), or auto")
         g.add_argument("--quantize-matmuls", action="store_true",
                        help="also list the attention matmuls QuantConfig(quantize_matmuls=True) quantizes")
+        g.add_argument("--residual-bits", type=int, default=None, choices=[8, 4, 3, 2],
+                       help="also list the residual adds `lowbit quantize --residual-bits` quantizes: the residual "
+                            "stream after each add, so integer backends keep it as narrow codes (QAT recovers the "
+                            "accuracy it costs)")
         g.add_argument("--show", action="store_true", help="print the table (the default when --out is not given)")
         g.add_argument("--out", default=None, help="write the plan to this .yaml/.json file")
         d = p.add_argument_group("data (optional)")
@@ -138,7 +159,7 @@ def show_plan(a: argparse.Namespace) -> dict[str, Any]:
     from lowbit.errors import LowbitError
     from lowbit.models import create_model
     from lowbit.plugins import parse_args_option
-    from lowbit.quant import Plan, layer_roles, plan_of, quant_layers
+    from lowbit.quant import Plan, layer_roles, plan_of, quant_acts, quant_layers
 
     if (a.model is None) == (a.source is None):
         raise LowbitError("give a model (--model NAME or package.module:factory) or a run (--from runs/x)")
@@ -164,11 +185,13 @@ def show_plan(a: argparse.Namespace) -> dict[str, Any]:
                            roles=a.roles)
     roles = layer_roles(model, a.roles, example)
     matmuls = matmul_rows(model, plan) if a.quantize_matmuls or quant_layers(model) else None
-    text = describe_plan(model, plan, roles, matmuls) if a.show or not a.out else None
+    residual_bits = getattr(a, "residual_bits", None)
+    residuals = residual_rows(model, residual_bits) if residual_bits is not None or quant_acts(model) else None
+    text = describe_plan(model, plan, roles, matmuls, residuals) if a.show or not a.out else None
     if a.out and is_main():
         plan.save(a.out)
         text = (text + "\n" if text else "") + f"-> {a.out}"
-    return {"plan": plan, "roles": roles, "text": text}
+    return {"plan": plan, "roles": roles, "residuals": residuals, "text": text}
 
 
 COMMANDS = {
@@ -180,4 +203,4 @@ COMMANDS = {
              "the plan for `lowbit quantize --plan`."),
 }
 
-__all__ = ["COMMANDS", "describe_plan", "matmul_rows", "show_plan"]
+__all__ = ["COMMANDS", "describe_plan", "matmul_rows", "residual_rows", "show_plan"]

@@ -11,6 +11,7 @@ from lowbit.quant.api import (
     build_quantized,
     calibrate_,
     plan_of,
+    quant_acts,
     quant_layers,
     quant_matmuls,
     quantize_,
@@ -18,7 +19,7 @@ from lowbit.quant.api import (
 )
 from lowbit.quant.bits import FLOAT_BITS, SUPPORTED_BITS, Bits, check_bits
 from lowbit.quant.config import QuantConfig
-from lowbit.quant.modules import QuantConv2d, QuantLinear, QuantMatmul, make_quantizer
+from lowbit.quant.modules import QuantAct, QuantConv2d, QuantLinear, QuantMatmul, make_quantizer
 from lowbit.quant.plan import (
     Plan,
     edge_layers,
@@ -37,6 +38,7 @@ from lowbit.quant.quantizers import (
     qrange,
     quant_codes,
 )
+from lowbit.quant.residual import quantize_residuals
 from lowbit.quant.ste import grad_scale, round_ste
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "LsqQuantizer",
     "MinMaxQuantizer",
     "Plan",
+    "QuantAct",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
@@ -65,11 +68,13 @@ __all__ = [
     "parse_bits",
     "plan_of",
     "qrange",
+    "quant_acts",
     "quant_codes",
     "quant_layers",
     "quant_matmuls",
     "quantizable_layers",
     "quantize_",
+    "quantize_residuals",
     "reset_layer_",
     "round_ste",
 ]

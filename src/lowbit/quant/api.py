@@ -7,6 +7,9 @@
 
 Rebuilding a saved model needs only the float architecture, the plan, the config and the state dict:
 see :func:`build_quantized`.
+
+With ``QuantConfig.residual_bits`` the residual adds are quantized too and ``quantize_`` returns a new model (a
+``torch.fx`` GraphModule with the same modules): keep the returned model, ``model = quantize_(model, ...)``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from torch import Tensor, nn
 from lowbit.data.protocol import call_model, split_batch, to_device
 from lowbit.errors import LowbitError
 from lowbit.quant.config import QuantConfig
-from lowbit.quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantMatmul
+from lowbit.quant.modules import QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantMatmul
 from lowbit.quant.plan import Plan, is_quantizable, is_transformer
 from lowbit.quant.quantizers import _Quantizer, check_bits
+from lowbit.quant.residual import quantize_residuals
 
 QuantLayer = QuantConv2d | QuantLinear
 
@@ -48,10 +52,17 @@ def quantize_(model: nn.Module, plan: Plan | Mapping | str, config: QuantConfig 
     A Hugging Face transformer switches to eager attention (:func:`lowbit.models.hf.use_eager_attention_`);
     with ``config.quantize_matmuls`` its attention matmuls are quantized too
     (:func:`lowbit.models.hf.quantize_matmuls_`).
+
+    With ``config.residual_bits`` it returns a *new* model that must be used from then on: ``model`` traced by
+    ``torch.fx`` with a QuantAct after every residual add (:func:`lowbit.quant.residual.quantize_residuals`),
+    holding the same layers, names and parameters. ``model`` itself has its layers swapped, but its adds
+    stay float. A model fx cannot trace is refused before anything changes.
     """
     config = _as_config(config)
     plan = _as_plan(plan, model)
     plan.validate(model)
+    if config.residual_bits is not None:  # check that its adds can be quantized before swapping anything
+        quantize_residuals(model, config.residual_bits, config)
     todo = {name: bits for name, bits in plan.layers.items() if bits != (None, None)}
     if "" in todo:
         raise LowbitError("cannot quantize the model object itself in place; wrap it: nn.Sequential(layer)")
@@ -73,6 +84,8 @@ def quantize_(model: nn.Module, plan: Plan | Mapping | str, config: QuantConfig 
 
         if not quantize_matmuls_(model, plan, config):
             raise LowbitError("quantize_matmuls: no attention block with a quantized query projection was found")
+    if config.residual_bits is not None:
+        return quantize_residuals(model, config.residual_bits, config)
     return model
 
 
@@ -84,6 +97,11 @@ def quant_matmuls(model: nn.Module) -> dict[str, QuantMatmul]:
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     """All quantized layers of ``model`` by name, in ``named_modules()`` order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+
+
+def quant_acts(model: nn.Module) -> dict[str, QuantAct]:
+    """All standalone activation quantizers (residual stream, ``QuantConfig.residual_bits``) of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantAct)}
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -134,9 +152,9 @@ def calibrate_(model: nn.Module, batches: Iterable) -> nn.Module:
     ``batches`` yields input tensors, ``(inputs, target)`` tuples or dicts (``model(**inputs)``, e.g.
     ``input_ids`` + ``attention_mask``); a DataLoader works as it is. The model runs in eval mode under no_grad with
     all quantizers passing data through unchanged, so activation statistics come from the *unquantized*
-    network: LSQ takes its activation step from the first batch, FAQ and MinMax use all batches. Weight
-    steps come from the weights. Signedness of inputs is detected here unless the config fixes it.
-    Re-calibrating re-initialises everything; LSQ step Parameters keep their identity.
+    network (residual QuantActs included): LSQ takes its activation step from the first batch, FAQ and MinMax
+    use all batches. Weight steps come from the weights. Signedness of inputs is detected here unless the config
+    fixes it. Re-calibrating re-initialises everything; LSQ step Parameters keep their identity.
     """
     layers = quant_layers(model)
     if not layers:
@@ -146,13 +164,17 @@ def calibrate_(model: nn.Module, batches: Iterable) -> nn.Module:
         for side, q in (("a", mm.a_quantizer), ("b", mm.b_quantizer)):
             if q is not None:
                 inputs[f"{name}.{side}"] = q
+    acts = quant_acts(model)
+    for name, act in acts.items():  # the residual stream is an activation too
+        inputs[name] = act.input_quantizer
     weights = [layer.weight_quantizer for layer in layers.values() if layer.weight_quantizer is not None]
     with _observing(model, [*inputs.values(), *weights]):  # weight quantizers just pass weights through
         _run(model, batches)
     idle = [name for name, q in inputs.items() if q._n_observed == 0]
     if idle:
+        extra = ", or remove QuantAct modules the forward does not call" if any(n in acts for n in idle) else ""
         raise LowbitError(f"layers never ran during calibration: {', '.join(idle)}; leave them float in the "
-                          "plan (or quantize only their weights)")
+                          f"plan (or quantize only their weights){extra}")
     for layer in layers.values():
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.init_from_(layer.weight.detach())
@@ -207,6 +229,7 @@ def build_quantized(model_fp: nn.Module, plan: Plan | Mapping, config: QuantConf
     """Rebuild a saved quantized model: ``quantize_`` a fresh float model, then load weights and steps.
 
     No calibration is needed afterwards: steps, signedness and ``initialized`` flags are in the state dict.
+    With ``residual_bits`` in the config the model is traced again and its QuantActs get the names they had.
     """
     model = quantize_(model_fp, plan, config)
     try:
@@ -218,5 +241,5 @@ def build_quantized(model_fp: nn.Module, plan: Plan | Mapping, config: QuantConf
     return model
 
 
-__all__ = ["QuantConfig", "build_quantized", "calibrate_", "plan_of", "quant_layers", "quant_matmuls", "quantize_",
-           "reset_layer_"]
+__all__ = ["QuantConfig", "build_quantized", "calibrate_", "plan_of", "quant_acts", "quant_layers", "quant_matmuls",
+           "quantize_", "reset_layer_"]

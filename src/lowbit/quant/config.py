@@ -15,7 +15,7 @@ METHODS = ("lsq", "faq", "minmax")
 SIGNED_INPUTS = ("auto", "signed", "unsigned")
 ACTIVATION_INITS = ("mean", "mse", "percentile")
 # Fields added after checkpoints existed: left out of to_dict() at their default so old fingerprints still match.
-_NEW_DEFAULTS = {"quantize_matmuls": False, "activation_init": "mean"}
+_NEW_DEFAULTS = {"quantize_matmuls": False, "activation_init": "mean", "residual_bits": None}
 
 
 def _bits_table(name: str, table: Any, lo: float, hi: float) -> dict[int, float] | None:
@@ -61,6 +61,11 @@ class QuantConfig:
             first batch), or, robust to the outliers of transformer activations, ``"mse"`` (the step minimising
             the quantization MSE over all calibration batches) or ``"percentile"`` (FAQ's percentile of ``|x|``
             over ``Q_P``). Matters most after calibration alone (post-training); QAT then learns the step.
+        residual_bits: also fake-quantize the residual stream at these bits: the output of every residual add
+            (tensor + tensor, after the ReLU/clamp that follows it) gets a :class:`lowbit.quant.modules.QuantAct`
+            (:func:`lowbit.quant.residual.quantize_residuals`), so QAT learns it and an integer backend can
+            carry the stream as narrow codes instead of int32. None (the default) keeps residual adds float.
+            Needs a forward that ``torch.fx`` can trace; ``quantize_`` then returns a new model.
     """
 
     method: str = "lsq"
@@ -72,6 +77,7 @@ class QuantConfig:
     signed_inputs: str = "auto"
     quantize_matmuls: bool = False
     activation_init: str = "mean"
+    residual_bits: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -83,6 +89,13 @@ class QuantConfig:
         if self.activation_init not in ACTIVATION_INITS:
             raise LowbitError(f"QuantConfig.activation_init={self.activation_init!r}: choose one of "
                               f"{', '.join(ACTIVATION_INITS)}")
+        rb = self.residual_bits
+        if rb is not None and (isinstance(rb, bool) or not isinstance(rb, numbers.Integral)
+                               or rb not in SUPPORTED_BITS):
+            raise LowbitError(f"QuantConfig.residual_bits={rb!r}: choose one of "
+                              f"{', '.join(map(str, SUPPORTED_BITS))}, or None to keep residual adds float")
+        if rb is not None:
+            object.__setattr__(self, "residual_bits", int(rb))
         for name in ("per_channel", "faq_power_of_two", "minmax_mse", "quantize_matmuls"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")

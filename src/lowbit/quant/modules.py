@@ -179,6 +179,32 @@ class QuantMatmul(nn.Module):
         return f"a_bits={a}, b_bits={b}, method={self.quant_config.method}"
 
 
+class QuantAct(nn.Module):
+    """``Q_a(x)``: fake-quantizes an activation that no layer's own input quantizer covers, e.g. the residual
+    stream after ``relu(branch + shortcut)`` (``QuantConfig.residual_bits``), so that an integer backend can
+    carry it as narrow codes, as PyTorch's own int8 models do, instead of a wide int32 value.
+
+    The quantizer is called ``input_quantizer`` as in the quantized layers: exporters read its codes the
+    same way. Readers that quantize again (a conv's 4-bit input quantizer) round the codes a second time,
+    exactly as the fake-quant model does.
+    """
+
+    def __init__(self, bits: int, cfg: QuantConfig | None = None):
+        super().__init__()
+        cfg = self.quant_config = cfg or QuantConfig()
+        self.input_quantizer = make_quantizer(cfg, bits, "activation", signed=cfg.input_signed)
+
+    @property
+    def bits(self) -> int:
+        return self.input_quantizer.bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.input_quantizer(x)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, method={self.quant_config.method}"
+
+
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
-__all__ = ["QUANT_LAYERS", "QuantConv2d", "QuantLinear", "QuantMatmul", "make_quantizer"]
+__all__ = ["QUANT_LAYERS", "QuantAct", "QuantConv2d", "QuantLinear", "QuantMatmul", "make_quantizer"]

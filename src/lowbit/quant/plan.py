@@ -20,6 +20,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from lowbit import io
 from lowbit.errors import LowbitError
 from lowbit.quant.bits import FLOAT_BITS, SUPPORTED_BITS, Bits, check_bits
+from lowbit.quant.modules import QuantAct, QuantMatmul
 
 _PRESET = re.compile(r"w(\d+)a(\d+)")
 _FLOAT_PRESETS = ("fp32", "float")
@@ -39,10 +40,12 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 
 class _LayerTracer(fx.Tracer):
-    """Keeps quantizable layers (QuantConv2d/QuantLinear included) as single calls, so their order shows."""
+    """Keeps quantizable layers (QuantConv2d/QuantLinear included) as single calls, so their order shows, and
+    the other quantized modules too (their quantizers' forward cannot be traced)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_quantizable(m) or super().is_leaf_module(m, module_qualified_name)
+        quantized = isinstance(m, (QuantAct, QuantMatmul))
+        return is_quantizable(m) or quantized or super().is_leaf_module(m, module_qualified_name)
 
 
 def execution_order(model: nn.Module, example_input: Any = None) -> list[str] | None:

@@ -612,6 +612,12 @@ class _FeatureTaps:
             missing = [n for n in names if n not in modules]
             if missing:
                 raise LowbitError(f"distill_features: {type(model).__name__} has no module {missing[0]!r}")
+            if isinstance(model, torch.fx.GraphModule):  # residual_bits: only modules the graph calls run hooks
+                called = {node.target for node in model.graph.nodes if node.op == "call_module"}
+                inlined = [n for n in names if n not in called]
+                if inlined:
+                    raise LowbitError(f"distill_features: {inlined[0]!r} is traced through in the residual-"
+                                      "quantized model (its hooks never run); name a layer that it calls")
             for n in names:
                 self._handles.append(modules[n].register_forward_hook(self._keep(store, n)))
 

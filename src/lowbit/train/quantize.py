@@ -86,7 +86,7 @@ def prepare_quantized(model_fp: nn.Module, plan: Plan, qcfg: QuantConfig, data: 
                       device: str = "cpu", batch_size: int = 128, n_batches: int = 5) -> nn.Module:
     """A calibrated quantized copy of ``model_fp`` (the float model is left untouched)."""
     model = copy.deepcopy(model_fp).to(device)
-    quantize_(model, plan, qcfg)
+    model = quantize_(model, plan, qcfg)  # a new model with qcfg.residual_bits
     calibrate_(model, calibration_batches(data, batch_size, n_batches, device))
     return model
 
@@ -102,6 +102,7 @@ class QuantizeConfig:
     per_channel: bool = False
     quantize_matmuls: bool = False  # also the attention matmuls of Hugging Face encoders
     activation_init: str = "mean"  # LSQ input steps: mean (the paper) | mse | percentile (outlier-robust)
+    residual_bits: int | None = None  # also quantize the residual stream after each add (QuantConfig.residual_bits)
     first_last_bits: int | None = 8
     distill: bool = False
     data: str | None = None  # None: the fp32 run's own data (its factory and split)
@@ -115,7 +116,7 @@ class QuantizeConfig:
         for key in ("loss", "metric"):
             if d[key] is None:
                 del d[key]
-        for key, default in (("quantize_matmuls", False), ("activation_init", "mean")):
+        for key, default in (("quantize_matmuls", False), ("activation_init", "mean"), ("residual_bits", None)):
             if d[key] == default:  # recorded when used: configs of earlier runs compare as before
                 del d[key]
         return d
@@ -154,7 +155,8 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
         spec["loss"] = loss_name(cfg.loss)
     plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits, data.example(1))
     qcfg = QuantConfig(method=cfg.method or cfg.recipe, per_channel=cfg.per_channel,
-                       quantize_matmuls=cfg.quantize_matmuls, activation_init=cfg.activation_init)
+                       quantize_matmuls=cfg.quantize_matmuls, activation_init=cfg.activation_init,
+                       residual_bits=cfg.residual_bits)
     fit_cfg = cfg.fit or recipe_fit_config(cfg.recipe, plan_min_bits(plan), **(fit_overrides or {}))
     if cfg.distill:
         fit_cfg = replace(fit_cfg, distill=True)

@@ -1,0 +1,334 @@
+"""A quantized residual stream (``QuantConfig.residual_bits``): a :class:`QuantAct` after every residual add.
+
+LSQ quantizes each layer's *inputs*; the sum ``branch + shortcut`` of a residual block is an input too, but only
+the next conv rounds it, so an integer backend must carry the stream between blocks as wide int32 values (PyTorch's
+own int8 models keep it as 8-bit codes). :func:`quantize_residuals` traces the model with ``torch.fx`` and
+fake-quantizes the output of every residual join, so QAT trains with it and the exporter finds narrow codes.
+
+What counts as a residual join is decided from the graph alone (no example input: calibration batches come
+later). An add (``a + b``, ``a += b``, ``torch.add``, ``.add``/``.add_``) is a join when both operands are
+*activations*: values computed from the model's input by tensor operations. The criterion is static and exact
+for what it must exclude: sizes (``x.size(0) + 1``, ``x.shape[2] * 2``: ``size``/``shape``/``dim``/``numel``
+give Python numbers, and arithmetic on numbers stays numbers), constants (not graph values at all) and
+parameters or buffers (``x + self.pos_embedding``: no dependence on the input). Tensors that take only the
+*shape* of an activation (``zeros_like``, ``new_zeros``, ``expand_as`` of a parameter) are not activations either.
+
+The QuantAct reads the add's result, or, when the only reader of the sum is a ReLU/ReLU6/hardtanh/clamp, that
+op's result, so a post-activation block (``relu(out + identity)``) gets unsigned codes. In-place ops are
+followed: ``out.add_(identity); return self.relu(out)`` quantizes after the ReLU too.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lowbit.errors import LowbitError
+from lowbit.quant.config import QuantConfig
+from lowbit.quant.modules import QuantAct, QuantConv2d, QuantLinear, QuantMatmul
+from lowbit.quant.plan import is_transformer
+from lowbit.quant.quantizers import check_bits
+
+RESIDUAL_NAME = "residual_quant"  # the inserted module's name under the module whose forward does the add
+_LEAVES = (QuantConv2d, QuantLinear, QuantMatmul, QuantAct)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+# Methods and attributes that give Python numbers or shape-only tensors, never activation values.
+_SIZE_METHODS = frozenset(
+    "size dim ndimension numel nelement item tolist stride element_size is_contiguous get_device data_ptr".split()
+    + ["__len__"]
+)
+_TENSOR_ATTRS = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+# Ops after an add whose output the QuantAct reads instead (their first argument is the sum).
+_CLAMP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_CLAMP_FUNCTIONS = (
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.hardtanh,
+    F.hardtanh_,
+    torch.clamp,
+    torch.clamp_,
+    torch.clamp_min,
+    torch.clamp_min_,
+    torch.clip,
+)
+_CLAMP_METHODS = frozenset({"relu", "relu_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "clip_"})
+
+
+class ResidualTracer(fx.Tracer):
+    """Keeps lowbit's quantized modules and torch.nn's own modules as single calls (module level, so a
+    GraphModule that records it pickles)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _shared(m: nn.Module) -> bool:
+    """Modules the traced graph calls as a whole (ResidualTracer's leaves): the new model holds these very objects."""
+    torch_nn = m.__module__.startswith(("torch.nn", "torch.ao.nn"))
+    return isinstance(m, _LEAVES) or (torch_nn and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)))
+
+
+def _clone_tree(model: nn.Module, training: bool | None = None) -> nn.Module:
+    """``model`` with every module the tracer walks through (containers, blocks) shallow-copied and the called
+    modules (layers, norms, ReLUs) shared: QuantActs registered in the copy leave ``model`` as it was, while the
+    names, module types and parameters stay the same. ``training`` overrides the copies' mode (tracing only)."""
+    memo: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) in memo:  # a block reachable by two paths stays one object
+            return memo[id(m)]
+        # not copy.copy, nor a GraphModule's __new__: those would take over the graph or make a new class
+        c = object.__new__(type(m))
+        c.__dict__.update(m.__dict__)
+        memo[id(m)] = c
+        c._parameters = type(m._parameters)(m._parameters)
+        c._buffers = type(m._buffers)(m._buffers)
+        c._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+        c._modules = type(m._modules)()
+        if training is not None:
+            c.training = training
+        for name, child in m._modules.items():
+            c._modules[name] = child if child is None or _shared(child) else clone(child)
+        return c
+
+    return clone(model)
+
+
+def _trace(model: nn.Module) -> tuple[nn.Module, fx.Graph]:
+    """The copy of ``model`` to build the GraphModule from and its graph; refuses forwards fx cannot follow or
+    that branch on ``self.training`` (the graph would keep one branch for training and evaluation alike)."""
+    graphs = []
+    for training in (None, not model.training):
+        root = _clone_tree(model, training)
+        try:
+            graphs.append((root, ResidualTracer().trace(root)))
+        except Exception as e:  # fx raises many types (TraceError, TypeError, ...) on data-dependent control flow
+            raise LowbitError(
+                f"residual_bits needs a forward that torch.fx can trace; {type(model).__name__}'s "
+                f"cannot be: {_first_line(e)}"
+            ) from None
+    (root, graph), (_, other) = graphs
+    for n in [*graph.nodes, *other.nodes]:
+        n.type = None  # annotations kept as strings (``from __future__ import annotations``) break pickling
+    if graph.python_code("self").src != other.python_code("self").src:
+        raise LowbitError(
+            f"residual_bits: the forward of {type(model).__name__} changes with self.training "
+            "(e.g. F.dropout(x, training=self.training)) and a traced graph keeps only one mode; "
+            "use modules such as nn.Dropout instead"
+        )
+    return root, graph
+
+
+def _is_activation(n: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """Whether ``n`` holds a tensor computed from the model's input (see the module docstring)."""
+    if n in memo:
+        return memo[n]
+    if n.op == "placeholder":
+        out = True
+    elif n.op in ("get_attr", "output"):
+        out = False
+    elif n.op == "call_method" and (n.target in _SIZE_METHODS or n.target.startswith("new_")):
+        out = False
+    elif n.op == "call_method" and n.target.endswith("_as"):  # expand_as, view_as, type_as: the receiver's values
+        out = isinstance(n.args[0], fx.Node) and _is_activation(n.args[0], memo)
+    elif n.op == "call_function" and n.target is getattr:
+        out = n.args[1] in _TENSOR_ATTRS and isinstance(n.args[0], fx.Node) and _is_activation(n.args[0], memo)
+    elif n.op == "call_function" and (n.target is len or getattr(n.target, "__name__", "").endswith("_like")):
+        out = False
+    else:
+        out = any(_is_activation(a, memo) for a in n.all_input_nodes)
+    memo[n] = out
+    return out
+
+
+def _add_operands(n: fx.Node) -> tuple | None:
+    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
+        return (n.args[0] if n.args else n.kwargs.get("input"), n.args[1] if len(n.args) > 1 else n.kwargs.get("other"))
+    if n.op == "call_method" and n.target in _ADD_METHODS:
+        return n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+    return None
+
+
+def _written(n: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The node whose tensor ``n`` overwrites in place (its later readers read ``n``'s result), or None."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    if n.op == "call_method":
+        inplace = n.target.endswith("_") and not n.target.startswith("__")
+    elif n.op == "call_function":
+        inplace = (
+            n.kwargs.get("inplace") is True
+            or n.target is operator.iadd
+            or getattr(n.target, "__name__", "").endswith("_")
+        )
+    elif n.op == "call_module":
+        inplace = getattr(modules.get(n.target), "inplace", False) is True
+    else:
+        inplace = False
+    return n.args[0] if inplace else None
+
+
+def _aliases(n: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """``n`` and the nodes whose tensor it wrote in place: later readers of any of them read ``n``'s value."""
+    out = set()
+    while n is not None and n not in out:
+        out.add(n)
+        n = _written(n, modules)
+    return out
+
+
+def _readers(n: fx.Node, aliases: set[fx.Node]) -> list[fx.Node]:
+    order = {m: i for i, m in enumerate(n.graph.nodes)}
+    return sorted({u for a in aliases for u in a.users if order[u] > order[n]}, key=order.__getitem__)
+
+
+def _is_clamp(n: fx.Node, value: set[fx.Node], modules: dict[str, nn.Module]) -> bool:
+    """A ReLU/ReLU6/hardtanh/clamp whose input is ``value``."""
+    if not n.args or n.args[0] not in value:
+        return False
+    if n.op == "call_module":
+        return isinstance(modules.get(n.target), _CLAMP_MODULES)
+    if n.op == "call_function":
+        return n.target in _CLAMP_FUNCTIONS
+    return n.op == "call_method" and n.target in _CLAMP_METHODS
+
+
+def _owner(n: fx.Node, modules: dict[str, nn.Module], recorded: bool) -> str:
+    """The qualified name of the module whose forward made ``n`` ("" for the model's own forward).
+
+    fx records the stack of modules being traced through (``nn_module_stack``; none at the model's own level). A
+    torch that ``recorded`` none at all gets the deepest module holding the layers that made the operands."""
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        key, value = list(stack.items())[-1]
+        path = value[0] if isinstance(value, tuple) and isinstance(value[0], str) else re.sub(r"@\d+$", "", key)
+        return path if path in modules else ""
+    if recorded:
+        return ""
+    parents = []
+    for a in n.all_input_nodes:
+        while a.op != "call_module" and a.all_input_nodes:
+            a = a.all_input_nodes[0]
+        if a.op == "call_module":
+            parents.append(a.target.split(".")[:-1])
+    common = []
+    for parts in zip(*parents) if parents else ():
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def _graph_module(model: nn.Module, root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule with ``root``'s module tree as it is (fx would keep only the called modules, under plain
+    ``nn.Module`` parents), so names, types, the state dict and unused layers stay those of ``model``."""
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    for name in list(gm._modules):
+        del gm._modules[name]
+    for name, child in root._modules.items():
+        gm._modules[name] = child
+    for name, p in root._parameters.items():
+        gm.register_parameter(name, p)
+    for name, b in list(gm._buffers.items()):  # plain tensor attributes (traced constants) are not state
+        if name not in root._buffers:
+            gm.register_buffer(name, b, persistent=False)
+    for name, b in root._buffers.items():
+        gm.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
+    for key, value in vars(model).items():  # plain settings such as num_classes
+        if not key.startswith("_") and key != "training" and not hasattr(gm, key):
+            setattr(gm, key, value)
+    if getattr(model, "prefers_channels_last", False):  # a class attribute of lowbit's ResNets (fit reads it)
+        gm.prefers_channels_last = True
+    return gm
+
+
+def quantize_residuals(model: nn.Module, bits: int, config: QuantConfig | None = None) -> fx.GraphModule:
+    """The traced ``model`` with a ``QuantAct(bits, config)`` after every residual add (module docstring).
+
+    Each QuantAct is named ``residual_quant`` under the module whose forward does the add (``layer1.0.residual_quant``;
+    ``residual_quant_1``, ``_2`` for further adds of that module), so that :func:`lowbit.quant.build_quantized`
+    rebuilds the same names from a fresh model. The result keeps ``model``'s modules, names and state dict
+    (plus the QuantActs); ``model`` itself is not changed, only its forward is replaced, so use the returned
+    model. Its quantizers are uninitialised: :func:`lowbit.quant.calibrate_` initialises them. Adds already
+    followed by a QuantAct are left alone.
+
+    Raises one-line :class:`LowbitError` for a transformer, a forward that fx cannot trace (data-dependent
+    control flow) or that depends on ``self.training``, and a model without any residual add.
+    """
+    bits = check_bits(bits)
+    config = config or QuantConfig()
+    name = type(model).__name__
+    if is_transformer(model):
+        raise LowbitError(
+            f"residual_bits is not supported for transformers ({name} has attention blocks) yet; "
+            "leave residual_bits unset"
+        )
+    root, graph = _trace(model)
+    gm = _graph_module(model, root, graph)
+    modules = dict(gm.named_modules())
+    memo: dict[fx.Node, bool] = {}
+    joins = [
+        n
+        for n in graph.nodes
+        if (ops := _add_operands(n)) is not None
+        and all(isinstance(a, fx.Node) and _is_activation(a, memo) for a in ops)
+    ]
+    if not joins:
+        raise LowbitError(
+            f"residual_bits: {name} has no residual add (tensor + tensor) to quantize; leave residual_bits unset"
+        )
+    recorded = any("nn_module_stack" in n.meta for n in graph.nodes)
+    owners = {add: _owner(add, modules, recorded) for add in joins}  # before any operand is rewritten
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    counts: dict[str, int] = {}
+    for add in joins:
+        point, value = add, _aliases(add, modules)
+        readers = _readers(point, value)
+        if len(readers) == 1 and _is_clamp(readers[0], value, modules):
+            point = readers[0]
+            value = value | _aliases(point, modules)
+            readers = _readers(point, value)
+        if (
+            len(readers) == 1
+            and readers[0].op == "call_module"
+            and isinstance(modules.get(readers[0].target), QuantAct)
+        ):
+            continue  # quantized already
+        owner = owners[add]
+        parent = gm.get_submodule(owner)
+        k = counts.get(owner, 0)
+        while hasattr(parent, child := RESIDUAL_NAME if k == 0 else f"{RESIDUAL_NAME}_{k}"):
+            k += 1
+        counts[owner] = k + 1
+        target = f"{owner}.{child}" if owner else child
+        qa = QuantAct(bits, config).train(gm.training)
+        if param is not None:
+            qa.to(device=param.device, dtype=param.dtype)
+        gm.add_submodule(target, qa)
+        modules[target] = qa
+        with graph.inserting_after(point):
+            q = graph.call_module(target, (point,))
+        if "nn_module_stack" in add.meta:
+            q.meta["nn_module_stack"] = add.meta["nn_module_stack"]
+        for r in readers:
+            for v in value:
+                r.replace_input_with(v, q)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+__all__ = ["RESIDUAL_NAME", "ResidualTracer", "quantize_residuals"]
