@@ -214,3 +214,90 @@ def test_float32_epilogue_refuses_what_it_cannot_prove():
     ok, _ = dyadic.float32_epilogue_exact(torch.tensor([403]), torch.tensor([15]), torch.tensor([0]), -8, 7, 8,
                                           torch.tensor([-5000]), torch.tensor([5000]))
     assert bool(ok.all())
+
+
+# ----------------------------------------------------------------- a fused residual add (conv2d_add)
+@given(acc=st.integers(-(2**40), 2**40), m=st.integers(-(2**31) + 1, 2**31 - 1), k=st.integers(0, 62),
+       b=st.integers(-(2**61), 2**61), r=st.integers(-(2**31), 2**31 - 1), mr=st.integers(-(2**31) + 1, 2**31 - 1),
+       lo=st.integers(-300, 0), width=st.integers(0, 600))
+def test_requantize_sum_equals_exact_rational_rounding(acc, m, k, b, r, mr, lo, width):
+    hi = lo + width
+    bound = abs(acc * m) + abs(b) + abs(r * mr)
+    if bound >= 2**63 - 2**61:
+        with pytest.raises(ValueError, match="overflow"):
+            dyadic.requantize_sum(torch.tensor([acc]), m, k, b, torch.tensor([r]), mr, lo=lo, hi=hi, axis=0)
+        return
+    got = dyadic.requantize_sum(torch.tensor([acc]), m, k, b, torch.tensor([r]), mr, lo=lo, hi=hi, axis=0).item()
+    assert got == min(max(round(Fraction(acc * m + b + r * mr, 2**k)), lo), hi)
+
+
+def _sum_epilogue(acc, r, m, k, b, mr, zp, zp_r, order):
+    """A float32 int8-kernel epilogue with a sum post-op, emulated: ``sat_u8(rne(|s|*float(acc') + beta +
+    S*float(r_stored - zp_r)) + zp) - zp``, the three terms added in ``order`` (or the first two fused)."""
+    s, beta, big_s = (np.float32(v * 2.0**-k) for v in (abs(m), b, mr))
+    a = np.float32(acc * (-1 if m < 0 else 1))
+    rr = np.float32(np.float32(r + zp_r) - np.float32(zp_r))
+    res = np.float32(big_s * rr)
+    if order == "fma":
+        v = np.float32(np.float32(float(a) * float(s) + float(beta)) + res)
+    elif order == "left":
+        v = np.float32(np.float32(np.float32(a * s) + beta) + res)
+    else:
+        v = np.float32(np.float32(a * s) + np.float32(beta + res))
+    return min(max(int(np.rint(np.float32(v + np.float32(zp)))), 0), 255) - zp
+
+
+@pytest.mark.parametrize("order", ["left", "right", "fma"])
+def test_float32_sum_epilogue_equals_requantize_sum_wherever_it_is_proved(order):
+    """Narrowed constants (float32_sum_epilogue_dyadic) and small random ones, ties included: wherever
+    float32_sum_epilogue_exact says exact, the emulated kernel equals requantize_sum on every residual code and on
+    accumulators across the window and far outside it."""
+    g = torch.Generator().manual_seed(1)
+    proved = 0
+    for trial in range(48):
+        zp, zp_r = [(0, 0), (128, 0), (0, 128), (128, 128)][trial % 4]
+        lo, hi = -zp, 255 - zp
+        r_lo, r_hi = -zp_r, 255 - zp_r
+        gain = float(torch.rand((), generator=g)) * (8.0 if trial % 2 else 0.05) + 1e-3
+        gain *= -1 if trial % 5 == 0 else 1
+        offset = (float(torch.rand((), generator=g)) * 2 - 1) * 20
+        resid = float(torch.rand((), generator=g)) * 2 + 0.01
+        if trial % 3 == 0:  # the lowering's narrowing (applies only where the error stays below 2^-10 steps)
+            m31, k31 = to_dyadic(gain)
+            mr31 = round(resid * 2.0**k31)
+            m, k, b, mr = dyadic.float32_sum_epilogue_dyadic(
+                torch.tensor([gain]), torch.tensor([offset]), resid, lo, hi, zp, max(abs(r_lo), abs(r_hi)),
+                torch.tensor([m31]), torch.tensor([k31]), torch.tensor([to_fixed(offset, k31)]), torch.tensor([mr31]))
+        else:  # a few bits each
+            k = int(torch.randint(2, 12, (), generator=g))
+            m = round(gain * 2**k) or 1
+            b, mr = round(offset * 2**k), round(resid * 2**k)
+            m, k, b, mr = (torch.tensor([v]) for v in (m, k, b, mr))
+        if trial % 4 == 1:  # a tie on every 2^(k-1)-th step
+            b = (b >> k << k) + (1 << (k - 1)) if int(k) > 0 else b
+        acc_lo, acc_hi = torch.tensor([-30000]), torch.tensor([30000])
+        ok, why = dyadic.float32_sum_epilogue_exact(m, k, b, mr, lo, hi, zp, acc_lo, acc_hi, r_lo, r_hi, zp_r)
+        if not bool(ok.all()):
+            continue
+        proved += 1
+        mm, kk, bb, mrr = int(m), int(k), int(b), int(mr)
+        accs = torch.arange(-30000, 30001, 7)
+        for r in range(r_lo, r_hi + 1, 17):
+            want = dyadic.requantize_sum(accs, mm, kk, bb, torch.full_like(accs, r), mrr, lo=lo, hi=hi, axis=0)
+            got = [_sum_epilogue(a, r, mm, kk, bb, mrr, zp, zp_r, order) for a in accs.tolist()]
+            assert got == want.tolist(), (trial, mm, kk, bb, mrr, r)
+    assert proved >= 12
+
+
+def test_float32_sum_epilogue_refuses_what_it_cannot_prove():
+    args = dict(lo=0, hi=255, zp=0, acc_lo=torch.tensor([-5000]), acc_hi=torch.tensor([5000]), r_lo=0, r_hi=255,
+                zp_r=0)
+    ok, why = dyadic.float32_sum_epilogue_exact(torch.tensor([403, 403]), torch.tensor([10, 11]), torch.tensor([0, 0]),
+                                                torch.tensor([512, 512]), **args)
+    assert not bool(ok.any()) and "differs between channels" in why  # 512*2^-10 != 512*2^-11: two sum scales
+    ok, why = dyadic.float32_sum_epilogue_exact(torch.tensor([403]), torch.tensor([10]), torch.tensor([0]),
+                                                torch.tensor([2**20]), **args)
+    assert not bool(ok.all()) and "2^24" in why  # 255 * 2^20 passes float32's significand
+    ok, _ = dyadic.float32_sum_epilogue_exact(torch.tensor([403, -403]), torch.tensor([10, 11]),
+                                              torch.tensor([7, 0]), torch.tensor([512, 1024]), **args)
+    assert bool(ok.all())

@@ -68,7 +68,7 @@ def test_backends_that_claim_every_op_have_a_kernel_for_each(backend, ops):
 
 
 def test_gpu_runs_layers_and_falls_back_to_reference_for_the_rest():
-    assert set(kernels("gpu")) == {"quantize_input", "conv2d", "linear", "dequantize_output"}
+    assert set(kernels("gpu")) == {"quantize_input", "conv2d", "conv2d_add", "linear", "dequantize_output"}
     assert missing_kernels("reference", missing_kernels("gpu")) == []
 
 

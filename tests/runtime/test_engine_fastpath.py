@@ -147,7 +147,7 @@ def test_latency_table_reads_as_measured_profile(exported, tmp_path, capability)
     table = latency_table(exported, batch=2, runs=2, warmup=1)
     path = save_json(tmp_path / "lat.json", table)
     profile = MeasuredProfile.from_json(path)
-    names = [n.name for n in IntegerModel.load(exported).nodes if n.op in ("conv2d", "linear")]
+    names = [n.name for n in IntegerModel.load(exported).nodes if n.op in ("conv2d", "conv2d_add", "linear")]
     assert set(profile.table) == set(names)
     for entry in profile.table.values():
         assert {"2", "3", "4", "8", "32", latency_key(4, 8), latency_key(8, 2)} <= set(entry)

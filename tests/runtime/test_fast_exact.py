@@ -126,14 +126,16 @@ def test_real_exports_are_bit_exact(exports, name, capability):
     assert fast.capability == capability and not fast.fallbacks
     assert {n.op for n in ref.nodes} >= ({"add", "adaptive_avgpool"} | ({"maxpool2d"} if "18" in name else set()))
     # 4-bit (and 2-bit) layers always take the int8 kernel; 8-bit first/last layers may not on AVX2
-    narrow = [n.name for n in ref.nodes if n.op in ("conv2d", "linear") and n.attrs["w_bits"] <= 4]
+    narrow = [n.name for n in ref.nodes if n.op in ("conv2d", "conv2d_add", "linear") and n.attrs["w_bits"] <= 4]
     assert narrow and all(fast.paths[n].startswith("int8") for n in narrow)
     assert all(p in ("int8", "int8 fused") or p.startswith(("fp32", "fp64")) for p in fast.paths.values())
     # a 4-bit layer that writes codes requantizes in the kernel, or says why not (random BN gammas near 0 keep
-    # some channels' 31-bit multipliers: narrowing them would move values by more than 2^-10 steps)
+    # some channels' 31-bit multipliers: narrowing them would move values by more than 2^-10 steps; a fused
+    # residual add needs uint8 residual codes and the uint8 output range for oneDNN's sum post-op)
     codes_out = [n for n in narrow if fast.model.graph.node(n).attrs["hi"] < 256]
     assert codes_out and all(n in fast.epilogue for n in codes_out)
     assert all(fast.paths[n] == "int8 fused" or "not exact in a float32 epilogue" in fast.epilogue[n]
+               or fast.model.graph.node(n).op == "conv2d_add" and fast.epilogue[n].startswith("compiled glue")
                for n in codes_out), fast.epilogue
     assert bool(fast._deferred) == ("positive" in name and fast.paths["conv1"] == "int8")  # pool before requant
     _assert_exact(fast, ref, _pixels(ref.input_spec["shape"]))
@@ -168,11 +170,12 @@ def _worst_case(path, seed, ties=False):
     """The export with every weight replaced by random full-range codes of its width and random requantization
     constants (multipliers up to 2^31 of either sign, biases that move outputs across the code range), set on
     the loaded model (the reference and the fast backend read the same parameters); ``ties``: power-of-two
-    multipliers and half-integer offsets, so many results are exact ties."""
+    multipliers and half-integer offsets, so many results are exact ties. A conv2d_add (a fused residual add) gets
+    a random residual multiplier too."""
     ref = IntegerModel.load(path)
     g = torch.Generator().manual_seed(seed)
     for node in ref.nodes:
-        if node.op not in ("conv2d", "linear"):
+        if node.op not in ("conv2d", "conv2d_add", "linear"):
             continue
         p, bits = ref.params[node.name], node.attrs["w_bits"]
         w = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), p["weight"].shape, generator=g, dtype=torch.int32)
@@ -187,6 +190,8 @@ def _worst_case(path, seed, ties=False):
             k = torch.randint(18, 26, (c,), generator=g) if wide else torch.randint(36, 44, (c,), generator=g)
             b = (torch.rand(c, generator=g, dtype=torch.float64) * 2 ** (k.double() + 3)).to(torch.int64)
         p.update(weight=w, multiplier=m.to(torch.int32), shift=k.to(torch.int8), bias=b)
+        if node.op == "conv2d_add":
+            p["residual_multiplier"] = torch.randint(0, 2**20, (c,), generator=g, dtype=torch.int32)
     return ref
 
 

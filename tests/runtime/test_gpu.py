@@ -189,7 +189,7 @@ def test_worst_case_weights_and_inputs(mixed):
     ref.params = {k: dict(v) for k, v in mixed.params.items()}
     g = torch.Generator().manual_seed(3)
     for node in ref.nodes:
-        if node.op in ("conv2d", "linear"):
+        if node.op in ("conv2d", "conv2d_add", "linear"):
             p, b = ref.params[node.name], node.attrs["w_bits"]
             p["weight"] = torch.where(torch.rand(p["weight"].shape, generator=g) < 0.5,
                                       -(2 ** (b - 1)), 2 ** (b - 1) - 1).to(torch.int32)

@@ -507,20 +507,21 @@ def latency_table(path: str | os.PathLike, batch: int = 8, runs: int = 20, warmu
     table: dict[str, dict[str, float]] = {}
     paths: dict[str, dict[str, str]] = {}
     for node in model.nodes:
-        if node.op not in ("conv2d", "linear"):
+        if node.op not in ("conv2d", "conv2d_add", "linear"):
             continue
         a, name = node.attrs, node.name
+        op = "linear" if node.op == "linear" else "conv2d"  # a fused residual add is timed as its conv
         w_shape = list(model.params[name]["weight"].shape)
         in_shape = [batch, *model.shapes[node.inputs[0]]]
         entry, kinds = {}, {}
         variants: dict[str, Callable[[], Any]] = {}
         widths = [(w, x, latency_key(w, x)) for w in SUPPORTED_BITS for x in SUPPORTED_BITS]
         for wb, ab, key in [*widths, (8, 8, "8_exact")]:
-            step, kinds[key] = _synthetic_layer(node.op, a, w_shape, wb, ab, capability, g,
+            step, kinds[key] = _synthetic_layer(op, a, w_shape, wb, ab, capability, g,
                                                 full=key == "8_exact")
-            x = _Val(_codes_input(in_shape, ab, node.op, g), 0)
+            x = _Val(_codes_input(in_shape, ab, op, g), 0)
             variants[key] = lambda step=step, x=x: step([x])
-        variants["32"] = _float_layer(node.op, a, w_shape, in_shape, g)
+        variants["32"] = _float_layer(op, a, w_shape, in_shape, g)
         kinds["32"] = "fp32"
         with torch.inference_mode():
             times = time_variants(variants, runs, warmup, budget_s=30.0)

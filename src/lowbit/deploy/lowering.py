@@ -12,7 +12,9 @@ export but the file under test and the PyTorch model:
   down may differ by two. The export's narrowed multipliers (layers that requantize inside the int8 kernel,
   :data:`lowbit.ir.dyadic.EPILOGUE_MAX_ERROR`) move a value by at most 2^-10 steps on purpose, which flips the
   code of a value within 2^-10 of a tie: about 2^-9 of a layer's codes at most. So each layer must agree exactly
-  on all but ``max_frac_differing`` (0.2%) of its codes and within 1 on all but a tenth of that;
+  on all but ``max_frac_differing`` (0.2%) of its codes and within 1 on all but a tenth of that. Each
+  :class:`~lowbit.quant.QuantAct` (the manifest's ``"activations"`` say which value holds its codes) is held to the
+  same bounds on the codes it makes;
 * **folds**: for every conv/linear node, the per-channel affine map its requantization computes,
   ``m_c * 2^-k_c`` and ``b_c * 2^-k_c`` in real units (``out_scale``), against the one recomputed from the
   model: ``g_c * s_x * s_w,c`` and ``g_c * bias_c + h_c``, where ``s_x, s_w`` are the quantizers' steps and
@@ -35,7 +37,7 @@ from torch import fx, nn
 from lowbit.errors import LowbitError
 from lowbit.export.simulate import normalize_pixels
 from lowbit.ir.graph import Graph
-from lowbit.quant.modules import QUANT_LAYERS
+from lowbit.quant.modules import QUANT_LAYERS, QuantAct
 from lowbit.runtime.engine import IntegerModel
 
 GAIN_TOLERANCE = 2.0**-24  # gain error beyond the multiplier's grid (2^-k), relative to the layer's largest gain
@@ -80,12 +82,13 @@ class LoweringCheck:
     logits_max_diff_relative: float
     max_frac_differing: float
     notes: list[str] = field(default_factory=list)
+    activations: dict[str, LayerCodes] = field(default_factory=dict)  # QuantAct name -> its codes
 
     @property
     def failures(self) -> list[str]:
-        """One line per layer whose codes or fold are out of bounds."""
+        """One line per layer (or QuantAct) whose codes or fold are out of bounds."""
         bad = [f"{n}: codes differ on {100 * c.frac_differing:.3f}%, by more than 1 on {100 * c.frac_over_one:.4f}% "
-               f"(up to {c.max_diff})" for n, c in self.layers.items()
+               f"(up to {c.max_diff})" for n, c in {**self.layers, **self.activations}.items()
                if c.frac_differing > self.max_frac_differing or c.frac_over_one > self.max_frac_differing / 10]
         bad += [f"{n}: folded {'batch norm ' + f.batch_norm if f.batch_norm else 'bias'} off by "
                 f"{f.gain_error:.1e} (gain, relative) / {f.offset_error:.1e} (offset, output units)"
@@ -101,11 +104,13 @@ class LoweringCheck:
         return format_lowering(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
+        def codes(d: dict[str, LayerCodes]) -> dict[str, dict[str, float]]:
+            return {n: {"frac_differing": c.frac_differing, "frac_over_one": c.frac_over_one, "max_diff": c.max_diff}
+                    for n, c in d.items()}
+
         return {"ok": self.ok, "images": self.images, "failures": self.failures,
                 "logits_max_diff_relative": self.logits_max_diff_relative, "notes": self.notes,
-                "layers": {n: {"frac_differing": c.frac_differing, "frac_over_one": c.frac_over_one,
-                               "max_diff": c.max_diff}
-                           for n, c in self.layers.items()},
+                "layers": codes(self.layers), **({"activations": codes(self.activations)} if self.activations else {}),
                 "folds": {n: {"batch_norm": f.batch_norm, "gain_error": f.gain_error, "offset_error": f.offset_error}
                           for n, f in self.folds.items()}}
 
@@ -117,9 +122,13 @@ def format_lowering(d: dict[str, Any]) -> str:
     frac = max((v["frac_differing"] for v in layers), default=0.0)
     over = max((v.get("frac_over_one", 0.0) for v in layers), default=0.0)
     folded = sum(f["batch_norm"] is not None for f in d["folds"].values())
+    acts = d.get("activations") or {}
+    act = (f"{len(acts)} QuantActs' codes differing <= "
+           f"{100 * max(v['frac_differing'] for v in acts.values()):.3f}% (at most "
+           f"{max(v['max_diff'] for v in acts.values())}), ") if acts else ""
     text = (f"lowering vs fake-quant model (independent, {d['images']} images): {'OK' if d['ok'] else 'WRONG'}, "
             f"{len(d['layers'])} layers' input codes differing <= {100 * frac:.3f}% (by more than 1 <= "
-            f"{100 * over:.2g}%, at most {worst}), "
+            f"{100 * over:.2g}%, at most {worst}), {act}"
             f"{len(d['folds'])} folds ({folded} batch norms) recomputed from the model, logits within "
             f"{d['logits_max_diff_relative']:.1e} of the largest")
     return text + "".join(f"\n  {line}" for line in d["failures"][:5])
@@ -137,8 +146,10 @@ def check_lowering(runtime: IntegerModel | Graph, fake_quant: nn.Module, images:
     if not layers:
         raise LowbitError("the lowering check found no quantized layer of the model in the exported graph")
     codes = {n: LayerCodes() for n in layers}
+    acts = _activations(runtime, fake_quant, notes)
+    act_codes = {n: LayerCodes() for n in acts}
     logit_diff, logit_max = 0.0, 0.0
-    with _eval(fake_quant), _inputs_of(layers) as seen, torch.no_grad():
+    with _eval(fake_quant), _inputs_of({**layers, **{n: m for n, (m, _) in acts.items()}}) as seen, torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size]
             env = runtime.run_trace(x)
@@ -147,18 +158,36 @@ def check_lowering(runtime: IntegerModel | Graph, fake_quant: nn.Module, images:
             ref_logits = fake_quant(xf).double()
             for name, m in layers.items():
                 want = m.input_quantizer.codes(seen[name]).to(torch.int64)
-                got = env[runtime.graph.node(name).inputs[0]].to(torch.int64).reshape(want.shape)
-                d = (got - want).abs()
-                c = codes[name]
-                c.elements += d.numel()
-                c.differing += int((d > 0).sum())
-                c.over_one += int((d > 1).sum())
-                c.max_diff = max(c.max_diff, int(d.max()) if d.numel() else 0)
+                _count(codes[name], env[runtime.graph.node(name).inputs[0]], want)
+            for name, (m, value) in acts.items():
+                _count(act_codes[name], env[value], m.input_quantizer.codes(seen[name]).to(torch.int64))
             logits = env["logits"].double() * runtime.output_scale
             logit_diff = max(logit_diff, float((logits - ref_logits).abs().max()))
             logit_max = max(logit_max, float(ref_logits.abs().max()))
     folds = _check_folds(runtime.graph, fake_quant, layers, notes)
-    return LoweringCheck(len(images), codes, folds, logit_diff / max(logit_max, 1e-30), max_frac_differing, notes)
+    return LoweringCheck(len(images), codes, folds, logit_diff / max(logit_max, 1e-30), max_frac_differing, notes,
+                         act_codes)
+
+
+def _count(c: LayerCodes, got: torch.Tensor, want: torch.Tensor) -> None:
+    d = (got.to(torch.int64).reshape(want.shape) - want).abs()
+    c.elements += d.numel()
+    c.differing += int((d > 0).sum())
+    c.over_one += int((d > 1).sum())
+    c.max_diff = max(c.max_diff, int(d.max()) if d.numel() else 0)
+
+
+def _activations(runtime: IntegerModel, model: nn.Module, notes: list[str]) -> dict[str, tuple[nn.Module, str]]:
+    """QuantAct name -> (module, the value holding its codes), from the manifest's ``"activations"``."""
+    where = {a["name"]: a["value"] for a in runtime.manifest.get("activations") or []}
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantAct):
+            if name in where:
+                out[name] = (m, where[name])
+            else:
+                notes.append(f"QuantAct {name!r} is not in the exported graph's activations")
+    return out
 
 
 def _check_folds(graph: Graph, model: nn.Module, layers: dict[str, nn.Module], notes: list[str]
@@ -207,7 +236,7 @@ def _batch_norms_after(model: nn.Module, layers: dict[str, nn.Module], notes: li
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, (*QUANT_LAYERS, *_BN)) or super().is_leaf_module(m, qualname)
+            return isinstance(m, (*QUANT_LAYERS, QuantAct, *_BN)) or super().is_leaf_module(m, qualname)
 
     try:
         graph = Tracer().trace(model)

@@ -9,7 +9,10 @@ does, a flatten of trailing dimensions, not by how it is spelled.
 
 Batch norms and clamps (ReLU, ReLU6, hardtanh, clamp) that directly follow a quantized conv/linear are folded
 into it (a per-channel affine ``g_c * y + h_c`` and clamp bounds), so that a producer's output is
-``clamp(g_c * (s_x * s_w,c * acc + bias_c) + h_c, lo, hi)``, the value the exporter requantizes once.
+``clamp(g_c * (s_x * s_w,c * acc + bias_c) + h_c, lo, hi)``, the value the exporter requantizes once. A
+:class:`~lowbit.quant.QuantAct` (an activation quantizer of its own, e.g. on the residual stream) is a leaf too,
+a producer of its quantizer's codes (kind ``qact``); nothing folds into it (it is not a conv, and a clamp after it
+acts on its codes, after their rounding).
 Anything the integer format cannot express raises one-line :class:`LowbitError` naming the op and the
 user's source line.
 """
@@ -29,12 +32,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lowbit.errors import LowbitError
-from lowbit.quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear
+from lowbit.quant.modules import QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear
 
 # Kinds that only move or select integer values and keep the scale of their input.
 TRANSPARENT = ("maxpool", "flatten", "relu", "clamp", "upsample", "identity")
-# Kinds that produce a new integer value through one requantization.
-PRODUCERS = ("input", "qlayer", "add", "avgpool")
+# Kinds that produce a new integer value through one requantization (``qact``: a QuantAct's codes, made by its
+# input's producer where it can, else by one requantize node).
+PRODUCERS = ("input", "qlayer", "qact", "add", "avgpool")
 # Kinds that join several values of one scale (along channels) without arithmetic.
 JOINS = ("concat",)
 
@@ -45,10 +49,10 @@ class FNode:
 
     Attributes:
         name: the module name for module calls (``layer1.0.conv1``), the fx node name otherwise.
-        kind: ``input | qlayer | add | avgpool | maxpool | flatten | relu | clamp | upsample | concat |
+        kind: ``input | qlayer | qact | add | avgpool | maxpool | flatten | relu | clamp | upsample | concat |
             output``.
         inputs: names of the FNodes it reads.
-        module: the quantized layer (kind ``qlayer``), else None.
+        module: the quantized layer (kind ``qlayer``) or the QuantAct (kind ``qact``), else None.
         attrs: kind-specific: pooling geometry, flatten's ``start_dim``, clamp's ``min``/``max``,
             upsampling's integer ``scale``.
         gain, offset: per-channel float64 affine folded in after a ``qlayer`` (batch norms), or None.
@@ -80,7 +84,7 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANT_LAYERS) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*QUANT_LAYERS, QuantAct)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -308,6 +312,10 @@ def _map_module(n: fx.Node, m: nn.Module, ctx: _Ctx) -> FNode | list[FNode] | No
             raise LowbitError(f"layer {name!r} reads a {len(ctx.shape(inputs[0]))}-D tensor; the integer "
                               f"export runs linear layers on (batch, features): flatten first")
         return FNode(name, "qlayer", inputs, module=m)
+    if isinstance(m, QuantAct):
+        if m.input_quantizer is None:
+            raise LowbitError(f"activation quantizer {name!r} has no quantizer (bits None); remove it or give it bits")
+        return FNode(name, "qact", inputs, module=m)
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         raise LowbitError(f"layer {name!r} is a float {type(m).__name__}; the integer export needs every "
                           f"conv/linear layer quantized (give it bits in the plan)")
@@ -336,8 +344,8 @@ def _map_module(n: fx.Node, m: nn.Module, ctx: _Ctx) -> FNode | list[FNode] | No
                       f"{_SUPPORTED})")
 
 
-_SUPPORTED = ("quantized Conv2d (grouped, depthwise)/Linear, BatchNorm after them, ReLU/ReLU6/hardtanh/clamp, "
-              "max/average/adaptive average pooling, mean over H and W, flatten/view/reshape of trailing dims, "
+_SUPPORTED = ("quantized Conv2d (grouped, depthwise)/Linear, QuantAct, BatchNorm after them, ReLU/ReLU6/hardtanh/"
+              "clamp, max/average/adaptive average pooling, mean over H and W, flatten/view/reshape of trailing dims, "
               "torch.cat along channels, residual add, nearest upsampling by integer factors")
 
 _ADD = (operator.add, operator.iadd, torch.add, "add", "add_")

@@ -47,6 +47,7 @@ class Lowered:
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "inputs": ["input"], "outputs": ["logits"],
             "graph": [n.to_json() for n in self.program.graph], "tensors": self.program.entries, "input": self.input,
             "rounding": ROUNDING, "wide_frac_bits": WIDE_FRAC_BITS, "layers": self.program.layers,
+            **({"activations": self.program.activations} if self.program.activations else {}),
             **(extra or {}),
         }
 

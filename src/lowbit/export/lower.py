@@ -3,10 +3,10 @@
 Every integer value carries a *representation* (:class:`Rep`): real value = integer * ``scale``, clamped to
 ``[lo, hi]``. Two kinds exist:
 
-* **narrow codes** (``bits`` set): exactly the codes a quantized layer's input quantizer produces (scale
-  ``s_x``, range ``[-Q_N, Q_P]``, raised to 0 by a folded ReLU). A producer whose every reader is a
-  quantized layer with the same input quantizer requantizes its output straight into these codes, with one
-  rounding, as the fake-quant model does.
+* **narrow codes** (``bits`` set): exactly the codes a quantized layer's input quantizer (or a QuantAct's
+  quantizer) produces (scale ``s_x``, range ``[-Q_N, Q_P]``, raised to 0 by a folded ReLU). A producer whose
+  every reader is a quantized layer or QuantAct with the same quantizer requantizes its output straight into
+  these codes, with one rounding, as the fake-quant model does.
 * **wide values** (``bits`` None): int32 at a fine scale, used where a value has several readers (a residual
   stream feeding a conv, a shortcut and a downsample conv), feeds a residual add or a pool, or is the
   output. The scale is ``s_ref * 2^-16``, where ``s_ref`` is the input step of the first quantized layer
@@ -33,6 +33,18 @@ Each producer is one requantization ``clamp(round_half_even((acc*m_c + b_c) * 2^
   Its input is a wide value (16 fractional bits below the step of its output codes), so the result is the
   fake-quant model's ``round(mean / s_out)`` except within ~2^-16 of a rounding tie. Padding counts as zeros.
 * requantize (wide -> a layer's codes): ``s_in / s_x``.
+
+A :class:`~lowbit.quant.QuantAct` (``QuantConfig.residual_bits`` puts one after each residual join's ReLU) is a
+producer whose output is always its quantizer's codes, whoever reads them, and a sink that demands them like a
+quantized layer: the add it alone reads requantizes straight into them, its ReLU folded, rounding once (the
+QuantAct then emits no node; ``"activations"`` in the manifest names the value), so the residual stream is 8-bit
+codes instead of a wide value. Readers with a quantizer of their own (the next block's 4-bit conv1, a downsample
+conv) get a codes->codes requantize ``s_q / s_x``: the fake-quant model rounds twice there too (``q4(q8(x))``),
+and computes ``round(float32(float32(s_q*c) / s_x))``, which differs from the exact ``round(c*s_q/s_x)`` only
+where that is within ~2^-22 of a tie (of 256 codes, rarely one). Codes made for another layer's quantizer are
+never requantized (the model never rounds them twice). The add's exact sum of a wide conv branch and the codes
+``c*s_q`` is the fake-quant model's float32 sum but for float32's ~2^-24 relative rounding; the model's float32
+rounds differ from the exact ones within ~2^-20 of a tie.
 
 Ops that move values keep their input's representation: max pool, flatten (any view/reshape of trailing
 dims), nearest upsampling by integer factors (each value repeated), ReLU and clamps. A clamp to real bounds
@@ -65,6 +77,7 @@ from lowbit.ir.dyadic import (
     INT32_MIN,
     MAX_SHIFT,
     float32_epilogue_dyadic,
+    float32_sum_epilogue_dyadic,
     to_dyadic,
     to_dyadic_common,
     to_fixed,
@@ -79,6 +92,8 @@ LOGIT_BITS = 30  # logits use |value| <= 2^30 for the largest logit the last lay
 # A conv/linear that writes narrow codes gets multipliers an int8 kernel's float32 epilogue computes exactly
 # (:func:`lowbit.ir.dyadic.float32_epilogue_dyadic`) wherever that moves no value by more than 2^-10 steps.
 EPILOGUE_MULTIPLIERS = True
+# A residual add into codes whose branch is a conv read by nothing else becomes one conv2d_add node (one rounding).
+FUSE_RESIDUAL_ADDS = True
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,9 @@ class Program:
 
     ``value_of`` maps each FNode to the integer value holding its output; ``reps`` gives every integer
     value's representation; ``consts`` holds each producer's requantization (adds: ``(m_a, m_b, k)``
-    attributes in ``attrs``) and ``edges[(source, reader)]`` the requantization inserted between them.
+    attributes in ``attrs``) and ``edges[(source, reader)]`` the requantization inserted between them;
+    ``converted`` the value already made from a value for a representation (readers with one quantizer share it);
+    ``activations`` where each QuantAct's codes are (the manifest's ``"activations"``).
     """
 
     graph: list[Node] = field(default_factory=list)
@@ -144,6 +161,10 @@ class Program:
     edges: dict[tuple[str, str], Requant] = field(default_factory=dict)
     attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    converted: dict[tuple[str, Rep], str] = field(default_factory=dict)
+    activations: list[dict[str, Any]] = field(default_factory=list)
+    fused: dict[str, tuple[str, str, torch.Tensor]] = field(default_factory=dict)  # add -> (conv, shortcut, m_r)
+    pending: dict[str, str] = field(default_factory=dict)  # fused conv -> its input value, until its add
 
 
 def quantizer_rep(module: torch.nn.Module) -> Rep:
@@ -187,12 +208,21 @@ def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None) -> Program:
     readers = users(fnodes)
     reps = _choose_reps(fnodes, byname, readers)
     _share_shortcut_scales(fnodes, byname, readers, reps)
+    fused = _fused_adds(fnodes, byname, readers, reps) if FUSE_RESIDUAL_ADDS else {}
+    branches = {branch for branch, _ in fused.values()}
     p = Program()
     for n in fnodes:
         if n.kind == "input":
             _emit_input(p, n, reps[n.name], _sinks(n.name, byname, readers)[0], pixel_input)
+        elif n.kind == "qlayer" and n.name in branches:  # emitted with its residual add
+            p.pending[n.name] = _needed(p, n.inputs[0], quantizer_rep(n.module), n.name, byname=byname)
         elif n.kind == "qlayer":
             _emit_qlayer(p, n, reps[n.name], byname)
+        elif n.kind == "qact":
+            _emit_qact(p, n, reps[n.name], byname)
+        elif n.kind == "add" and n.name in fused:
+            branch, shortcut = fused[n.name]
+            _emit_qlayer(p, byname[branch], reps[n.name], byname, residual=(n, shortcut))
         elif n.kind == "add":
             _emit_add(p, n, reps[n.name])
         elif n.kind == "avgpool":
@@ -209,6 +239,9 @@ def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None) -> Program:
 
 
 # ------------------------------------------------------------------------------------- representations
+CODE_SINKS = ("qlayer", "qact")  # readers that quantize what they read with a quantizer of their own
+
+
 def _sinks(name: str, byname: dict[str, FNode], readers: dict[str, list[str]]) -> list[FNode]:
     """The non-transparent readers of ``name``'s value, looking through pools, flattens, clamps, upsampling and
     concatenations."""
@@ -226,14 +259,16 @@ def _choose_reps(fnodes: list[FNode], byname: dict[str, FNode], readers: dict[st
         if n.kind not in PRODUCERS:
             continue
         sinks = _sinks(n.name, byname, readers)
-        codes = {quantizer_rep(s.module) for s in sinks if s.kind == "qlayer"}
+        codes = {quantizer_rep(s.module) for s in sinks if s.kind in CODE_SINKS}
         if not sinks:
             raise LowbitError(f"the output of {n.name!r} is never used{n.where}")
-        if all(s.kind == "qlayer" for s in sinks) and len(codes) == 1:
+        if n.kind == "qact":
+            rep = quantizer_rep(n.module)  # its own codes, whoever reads them (readers requantize them)
+        elif all(s.kind in CODE_SINKS for s in sinks) and len(codes) == 1:
             rep = next(iter(codes))
         elif n.kind == "input":
-            raise LowbitError("the model input must feed quantized layers that share one input quantizer "
-                              f"(found readers {', '.join(s.name for s in sinks)})")
+            raise LowbitError("the model input must feed quantized layers (or QuantActs) that share one input "
+                              f"quantizer (found readers {', '.join(s.name for s in sinks)})")
         elif sinks[0].kind == "output":
             if n.kind != "qlayer" or len(sinks) > 1:
                 raise LowbitError(f"the model output must come straight from a quantized conv/linear layer, "
@@ -264,6 +299,23 @@ def _share_shortcut_scales(fnodes: list[FNode], byname: dict[str, FNode], reader
                 break
 
 
+def _fused_adds(fnodes: list[FNode], byname: dict[str, FNode], readers: dict[str, list[str]], reps: dict[str, Rep]
+                ) -> dict[str, tuple[str, str]]:
+    """Residual adds into codes (``add -> (conv branch, shortcut input)``) whose branch is a quantized conv that
+    nothing else reads and that clamps nothing before the add (its first such input): lowered as one conv2d_add."""
+    out = {}
+    for n in fnodes:
+        if n.kind != "add" or reps[n.name].wide:
+            continue
+        for branch, shortcut in (n.inputs, n.inputs[::-1]):
+            b = byname[branch]
+            if b.kind == "qlayer" and isinstance(b.module, QuantConv2d) and readers[branch] == [n.name] \
+                    and b.bounds is None and branch != shortcut:
+                out[n.name] = (branch, shortcut)
+                break
+    return out
+
+
 def _source(name: str, byname: dict[str, FNode]) -> FNode:
     """The producer behind ``name``, looking back through transparent nodes."""
     node = byname[name]
@@ -274,7 +326,7 @@ def _source(name: str, byname: dict[str, FNode]) -> FNode:
 
 def _wide_scale(sink: FNode, reps: dict[str, Rep]) -> float:
     """Fine scale for a value read by ``sink``: 2^-16 of the step of the codes the stream ends in."""
-    if sink.kind == "qlayer":
+    if sink.kind in CODE_SINKS:
         return quantizer_rep(sink.module).scale * 2.0**-WIDE_FRAC_BITS
     r = reps[sink.name]  # an add or a pool, decided already
     return r.scale if r.wide else r.scale * 2.0**-WIDE_FRAC_BITS
@@ -361,51 +413,96 @@ def _per_channel(v, channels: int, what: str) -> list[float]:
     return v
 
 
-def _needed(p: Program, source: str, target: Rep, reader: str, name: str | None = None) -> str:
+def _needed(p: Program, source: str, target: Rep, reader: str, name: str | None = None, *,
+            byname: dict[str, FNode] | None = None, node_name: str | None = None) -> str:
     """The integer value of FNode ``source`` in representation ``target``, requantizing if needed.
 
-    Only wide values are requantized for a layer (codes made for another quantizer would be rounded twice);
-    a concatenation (``name`` given) may also convert codes into a wide value."""
+    Wide values are requantized for a layer; codes only where they are a QuantAct's (``byname`` given to look
+    back through transparent nodes): the fake-quant model rounds them again in the reader's quantizer too. Codes
+    made for another quantizer are refused (that would be a second rounding the model does not make). A
+    concatenation (``name`` given) may also convert codes into a wide value. ``node_name`` names the requantize
+    node (default ``{reader}.requantize``); readers that need the same conversion share one node."""
     value = p.value_of[source]
     rep = p.reps[value]
     if (rep.bits, rep.scale) == (target.bits, target.scale) and target.lo <= rep.lo <= rep.hi <= target.hi:
         return value  # already these codes (a folded ReLU may have narrowed the range)
-    if not rep.wide and name is None:
+    from_qact = byname is not None and _source(source, byname).kind == "qact"
+    if not rep.wide and name is None and not from_qact:
         raise LowbitError(f"internal: {reader!r} reads codes of {source!r} made for another quantizer")
     m, k = to_dyadic(rep.scale / target.scale)
     rq = Requant(m, k, 0, target.lo, target.hi)
     p.edges[(source, reader)] = rq
-    return _add_node(p, "requantize", name or f"{reader}.requantize", [value], target,
-                     {"multiplier": m, "shift": k, "bias": 0, **_range_attrs(target)})
+    if (value, target) in p.converted:
+        return p.converted[(value, target)]
+    out = _add_node(p, "requantize", name or node_name or f"{reader}.requantize", [value], target,
+                    {"multiplier": m, "shift": k, "bias": 0, **_range_attrs(target)})
+    p.converted[(value, target)] = out
+    return out
 
 
-def _emit_qlayer(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode]) -> None:
+def _emit_qlayer(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode],
+                 residual: tuple[FNode, str] | None = None) -> None:
+    """A conv/linear node; with ``residual = (add, shortcut)`` the conv2d_add node of a fused residual add, named
+    after the conv, whose output is the add's value in the add's representation ``rep``."""
     m = n.module
     x_rep = quantizer_rep(m)
-    x = _needed(p, n.inputs[0], x_rep, n.name)
+    x = p.pending.pop(n.name) if residual else _needed(p, n.inputs[0], x_rep, n.name, byname=byname)
     w_codes, gain, offset, s_w = _layer_terms(n)
-    mult, shift, bias = dyadic_affine(gain / rep.scale, offset / rep.scale)
-    if EPILOGUE_MULTIPLIERS and not rep.wide:
-        mult, shift, bias = float32_epilogue_dyadic(gain / rep.scale, offset / rep.scale, rep.lo, rep.hi,
-                                                    max(0, -rep.lo), mult, shift, bias)
+    g, off = gain / rep.scale, offset / rep.scale
+    mult, shift, bias = dyadic_affine(g, off)
+    inputs, op, out, extra = [x], "conv2d" if isinstance(m, QuantConv2d) else "linear", None, {}
+    if residual:
+        add, shortcut = residual
+        r = p.value_of[shortcut]
+        r_rep = p.reps[r]
+        mult, shift, bias, m_r = _common_shift(g, off, r_rep.scale / rep.scale, mult, shift, bias)
+        if EPILOGUE_MULTIPLIERS and not r_rep.wide:
+            mult, shift, bias, m_r = float32_sum_epilogue_dyadic(g, off, r_rep.scale / rep.scale, rep.lo, rep.hi,
+                                                                 max(0, -rep.lo), max(abs(r_rep.lo), abs(r_rep.hi)),
+                                                                 mult, shift, bias, m_r)
+        inputs, op, out = [x, r], "conv2d_add", add.name
+        extra = {"residual_multiplier": _int_entry(m_r, "int32")}
+        p.fused[add.name] = (n.name, shortcut, m_r)
+    elif EPILOGUE_MULTIPLIERS and not rep.wide:
+        mult, shift, bias = float32_epilogue_dyadic(g, off, rep.lo, rep.hi, max(0, -rep.lo), mult, shift, bias)
     p.consts[n.name] = Requant(mult, shift, bias, rep.lo, rep.hi)
     w_bits = m.weight_quantizer.bits
     params = {"weight": pack_tensor(w_codes, w_bits, signed=True), "multiplier": _int_entry(mult, "int32"),
-              "shift": _int_entry(shift, "int8"), "bias": _int_entry(bias, "int64")}
+              "shift": _int_entry(shift, "int8"), "bias": _int_entry(bias, "int64"), **extra}
     attrs: dict[str, Any] = {"w_bits": w_bits, "a_bits": x_rep.bits, **_range_attrs(rep)}
-    if isinstance(m, QuantConv2d):
-        op = "conv2d"
+    if op != "linear":
         attrs.update(stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups)
-    else:
-        op = "linear"
+    if residual:
+        attrs["residual_scale"] = r_rep.scale
     attrs["in_shape"], attrs["out_shape"] = list(byname[n.inputs[0]].shape), list(n.shape)
-    p.value_of[n.name] = _add_node(p, op, n.name, [x], rep, attrs, params)
+    p.value_of[out or n.name] = _add_node(p, op, n.name, inputs, rep, attrs, params, output=out)
     in_shape = byname[n.inputs[0]].shape
     p.layers.append({"name": n.name, "op": op, "w_bits": w_bits, "a_bits": x_rep.bits,
                      "params": w_codes.numel(), "macs": int(w_codes[0].numel() * math.prod(n.shape[1:])),
                      "in_shape": list(in_shape), "out_shape": list(n.shape), "folded": list(n.folded),
                      "x_scale": x_rep.scale, "w_scale": float(s_w.max()), "per_channel": bool(s_w.numel() > 1
                                                                                        and (s_w != s_w[0]).any())})
+
+
+def _common_shift(gain: torch.Tensor, offset: torch.Tensor, residual: float, m: torch.Tensor, k: torch.Tensor,
+                  b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, k, b)`` of a conv and ``m_r ~= residual * 2^k`` on each channel's one shift: ``k`` lowered where the
+    residual's normalised 31-bit multiplier needs a smaller shift, so that ``|m|, |m_r| < 2^31``."""
+    _, k_r = to_dyadic(residual)
+    k = torch.minimum(k, torch.full_like(k, k_r))
+    m = torch.from_numpy(np.rint(np.ldexp(gain.double().numpy(), k.numpy()))).to(torch.int64)
+    b = torch.as_tensor(to_fixed(offset.double(), k), dtype=torch.int64).reshape(-1)
+    m_r = torch.from_numpy(np.rint(np.ldexp(np.full(k.shape, residual), k.numpy()))).to(torch.int64)
+    return m, k, b, m_r
+
+
+def _emit_qact(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode]) -> None:
+    """A QuantAct's codes: its input's producer made them already where the QuantAct is its only reader (no node),
+    else one requantize node named after it (from a wide value, or from another QuantAct's codes)."""
+    value = _needed(p, n.inputs[0], rep, n.name, byname=byname, node_name=n.name)
+    p.value_of[n.name] = value
+    p.activations.append({"name": n.name, "value": value, "bits": rep.bits, "scale": rep.scale, "lo": rep.lo,
+                          "hi": rep.hi})
 
 
 def _emit_add(p: Program, n: FNode, rep: Rep) -> None:
@@ -465,8 +562,8 @@ def _concat_target(n: FNode, byname: dict[str, FNode], readers: dict[str, list[s
     sinks = _sinks(n.name, byname, readers)
     if not sinks:
         raise LowbitError(f"the output of {n.name!r} is never used{n.where}")
-    codes = {quantizer_rep(s.module) for s in sinks if s.kind == "qlayer"}
-    if all(s.kind == "qlayer" for s in sinks) and len(codes) == 1:
+    codes = {quantizer_rep(s.module) for s in sinks if s.kind in CODE_SINKS}
+    if all(s.kind in CODE_SINKS for s in sinks) and len(codes) == 1:
         return next(iter(codes))
     if sinks[0].kind == "output":
         raise LowbitError(f"the model output must come straight from a quantized conv/linear layer, found "

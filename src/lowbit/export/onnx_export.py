@@ -6,10 +6,14 @@ QuantizeLinear`` with per-channel weight scales ``|m_c| * 2^-k_c`` (the sign of 
 weight codes) and input/output scale 1, so onnxruntime can fuse it into an integer ``QLinearConv``. Weights
 of 4 bits or fewer are stored with the ONNX ``INT4`` type (opset 21), others as ``INT8``. Wide (int32)
 values are float tensors in integer units; residual adds, pools and requantizations are float ops followed
-by ``QuantizeLinear`` (round half to even, as everywhere in lowbit). A bias becomes int32 in accumulator
-units (the QDQ convention, which lets onnxruntime fuse the layer) only where that quantum is below 2^-9 of
-an output code, else a float ``Add``: a trained layer's bias rounded to a multiple of ``|m_c|`` output steps
-moves about 1% of roundings. Layers whose u8 x s8 products could saturate the int16 pair sums of int8
+by ``QuantizeLinear`` (round half to even, as everywhere in lowbit); a conv2d_add (a conv and its residual add,
+rounded once) is the layer's float output plus the dequantized residual times ``m_r*2^-k``, then one
+``QuantizeLinear``. A QuantAct's codes (8-bit residual codes)
+are the uint8 output of the ``QuantizeLinear`` that ends their producer (the residual add); a reader with its own
+quantizer gets them through a ``DequantizeLinear`` (scale ``m * 2^-k``) / ``QuantizeLinear`` pair. A bias becomes
+int32 in accumulator units (the QDQ convention, which lets onnxruntime fuse the layer) only where that quantum is
+below 2^-9 of an output code, else a float ``Add``: a trained layer's bias rounded to a multiple of ``|m_c|``
+output steps moves about 1% of roundings. Layers whose u8 x s8 products could saturate the int16 pair sums of int8
 kernels without VNNI (8-bit weights on 8-bit inputs) are exported as float convs on integer values (exact
 below 2^24) followed by the per-channel scale, as the fast path's exact path.
 
@@ -163,6 +167,7 @@ def _onnx_input(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
 
 
 @kernel("conv2d", backend="onnx")
+@kernel("conv2d_add", backend="onnx")
 @kernel("linear", backend="onnx")
 def _onnx_layer(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
     _emit_layer(b, node, node.attrs, p)
@@ -171,8 +176,11 @@ def _onnx_layer(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
 @kernel("requantize", backend="onnx")
 def _onnx_requantize(b: _Builder, node: Node, p: dict[str, torch.Tensor]) -> None:
     a, xs, out = node.attrs, node.inputs, node.output
-    zp = _out_zp(a)
-    v = b.op("Mul", [b.to_float(xs[0]), b.scalar(a["multiplier"] * 2.0 ** -a["shift"])], "rq")
+    zp, zp_in, factor = _out_zp(a), b.zp[xs[0]], a["multiplier"] * 2.0 ** -a["shift"]
+    if zp_in is not None:  # codes to codes (a QuantAct's codes for a reader's quantizer): a DQ/Q pair
+        v = b.op("DequantizeLinear", [xs[0], b.scalar(factor), b.const("zp", np.array(zp_in, np.uint8))], "rq")
+    else:
+        v = b.op("Mul", [b.to_float(xs[0]), b.scalar(factor)], "rq")
     if a["bias"]:
         v = b.op("Add", [v, b.scalar(a["bias"] * 2.0 ** -a["shift"])], "rq")
     _bind(b, b.finish(v, a, zp, "rq"), out, zp)
@@ -294,7 +302,7 @@ def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.T
     scale = torch.where(zero, 1.0, mult.abs())
     lo_x, hi_x = b.ranges[x]
     w_max = int(w.abs().max()) if w.numel() else 0
-    conv = node.op == "conv2d"
+    conv = node.op != "linear"
     shape = [1, -1, 1, 1] if conv else [1, -1]
     tokens = not conv and len(b.model.shapes[x]) > 1  # (N, T, K): MatMul with the weights transposed
     if 2 * (hi_x + zp_in) * w_max > INT16_MAX and w[0].numel() * max(abs(lo_x), abs(hi_x)) * w_max < 2**24:
@@ -311,7 +319,7 @@ def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.T
             y = b.op("Gemm", [xf, wf], "gemm", transB=1)
         y = b.op("Mul", [y, b.const("scale", scale.numpy().astype(np.float32).reshape(shape))], "y")
         y = b.op("Add", [y, b.const("bias", bias.numpy().astype(np.float32).reshape(shape))], "y")
-        _bind(b, b.finish(y, a, zp, "y"), out, zp)
+        _bind(b, b.finish(_residual(b, node, p, y, pow2, shape), a, zp, "y"), out, zp)
         return
     use_int4 = b.int4 and a["w_bits"] <= 4 and int(w.max()) <= 7  # a sign flip can make -8 into +8
     w_name = b.const("w", w.numpy().astype(np.int8), b.TP.INT4 if use_int4 else None)
@@ -324,7 +332,7 @@ def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.T
     # multiple of |M_c| output steps; only where that is below 2^-9 of a code does it keep (almost) every
     # rounding of the reference, else the bias is a float Add (and onnxruntime may not fuse the layer).
     int_bias = zp is not None and float(scale.max()) <= 2.0**-9 and bool(np.all(np.abs(bias_acc) < 2**30)) \
-        and not tokens
+        and not tokens and node.op != "conv2d_add"
     if int_bias:
         bq = b.const("b", np.rint(bias_acc).astype(np.int32))
         bias_in = [b.op("DequantizeLinear", [bq, b.const("bs", scale.numpy().astype(np.float32))], "bias", axis=0)]
@@ -339,7 +347,16 @@ def _emit_layer(b: _Builder, node: Node, a: dict[str, Any], p: dict[str, torch.T
         y = b.op("Gemm", [xf, w_float, *bias_in], "gemm", transB=1)
     if not int_bias:
         y = b.op("Add", [y, b.const("bias", bias.numpy().astype(np.float32).reshape(shape))], "bias")
-    _bind(b, b.finish(y, a, zp, "y"), out, zp)
+    _bind(b, b.finish(_residual(b, node, p, y, pow2, shape), a, zp, "y"), out, zp)
+
+
+def _residual(b: _Builder, node: Node, p: dict[str, torch.Tensor], y: str, pow2: torch.Tensor, shape: list[int]
+              ) -> str:
+    """conv2d_add: ``y + r * m_r*2^-k`` (the residual in integer units, per channel) before the one rounding."""
+    if node.op != "conv2d_add":
+        return y
+    factor = (p["residual_multiplier"].double() * pow2).numpy().astype(np.float32).reshape(shape)
+    return b.op("Add", [y, b.op("Mul", [b.to_float(node.inputs[1]), b.const("rs", factor)], "res")], "sum")
 
 
 # ---------------------------------------------------------------------------------------- encoder ops

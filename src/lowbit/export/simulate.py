@@ -50,6 +50,7 @@ class Simulation:
         self.lowered = lowered
         self.program = lowered.program
         self.fnodes = lowered.fnodes
+        self._branches = {branch for branch, _, _ in self.program.fused.values()}
 
     def run_int(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
@@ -73,9 +74,20 @@ class Simulation:
             if isinstance(n.module, QuantConv2d):
                 m = n.module
                 acc = F.conv2d(codes.to(torch.float64), w, None, m.stride, m.padding, m.dilation, m.groups)
+                if n.name in self._branches:  # a fused residual add rounds it with the shortcut: accumulators
+                    return acc.to(torch.int64)
                 return apply(acc.to(torch.int64), p.consts[n.name], axis=1)
             acc = codes.to(torch.float64) @ w.T
             return apply(acc.to(torch.int64), p.consts[n.name], axis=-1)
+        if n.kind == "qact":  # its input's codes already, or one requantization of them
+            src = n.inputs[0]
+            return apply(env[src], p.edges[(src, n.name)]) if (src, n.name) in p.edges else env[src]
+        if n.kind == "add" and n.name in p.fused:  # (acc*m + b + r*m_r) / 2^k, rounded once
+            branch, shortcut, m_r = p.fused[n.name]
+            rq = p.consts[branch]
+            m, k, b = (torch.as_tensor(t, dtype=torch.int64).reshape(1, -1, 1, 1) for t in (rq.m, rq.k, rq.b))
+            total = env[branch] * m + b + env[shortcut].to(torch.int64) * m_r.reshape(1, -1, 1, 1)
+            return round_half_even_div(total, k).clamp(rq.lo, rq.hi)
         if n.kind == "add":
             at = p.attrs[n.name]
             a, b = (env[i].to(torch.int64) for i in n.inputs)
@@ -113,7 +125,7 @@ class Simulation:
         raise LowbitError(f"internal: cannot simulate {n.kind} {n.name!r}")  # pragma: no cover
 
     def _quantize_input(self, n: FNode, x: torch.Tensor) -> torch.Tensor:
-        reader = next(r for r in self.fnodes if r.kind == "qlayer" and _reads(self.fnodes, r, n.name))
+        reader = next(r for r in self.fnodes if r.kind in ("qlayer", "qact") and _reads(self.fnodes, r, n.name))
         spec = self.lowered.input
         if spec["dtype"] == "uint8":
             x = normalize_pixels(x, spec["mean"], spec["std"])

@@ -25,6 +25,7 @@ conditions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -166,6 +167,39 @@ def requantize(acc: torch.Tensor, multiplier: IntLike, shift: IntLike, bias: Int
     return round_shift((acc * m).add_(b), k).clamp_(lo, hi).to(torch.int32)
 
 
+def requantize_sum(acc: torch.Tensor, multiplier: IntLike, shift: IntLike, bias: IntLike, residual: torch.Tensor,
+                   residual_multiplier: IntLike, *, lo: int, hi: int, axis: int = 1) -> torch.Tensor:
+    """A conv's accumulators plus a residual value on one shift, rounded once (a fused residual add)::
+
+        clamp(round_half_even((acc*m + b + r*m_r) * 2^-shift), lo, hi)
+
+    exactly in int64; ``m, shift, b, m_r`` per tensor or per channel along ``axis``, ``residual`` of ``acc``'s shape.
+    Raises ValueError where ``max|acc*m| + max|b| + max|r*m_r|`` could overflow int64 (``>= 2^63 - 2^61``, which
+    leaves room for the rounding offset) or a constant is out of its range."""
+    if residual.dtype.is_floating_point or residual.dtype == torch.bool:
+        raise ValueError(f"residual must be an integer tensor, got {residual.dtype}")
+    if residual.shape != acc.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} and accumulators {tuple(acc.shape)} differ in shape")
+    acc, r = acc.to(torch.int64), residual.to(torch.int64)
+    m, k, b, mr = (_per_channel(v, acc, axis, name) for v, name in
+                   ((multiplier, "multiplier"), (shift, "shift"), (bias, "bias"), (residual_multiplier,
+                                                                                   "residual multiplier")))
+    if max(int(m.abs().max()), int(mr.abs().max())) >= MULTIPLIER_LIMIT:
+        raise ValueError("|multiplier| and |residual multiplier| must be < 2^31 (int32)")
+    if int(k.min()) < 0 or int(k.max()) > MAX_SHIFT:
+        raise ValueError(f"shift must be in [0, {MAX_SHIFT}]")
+    if not lo <= hi or lo < -(2**31) or hi >= 2**31:
+        raise ValueError(f"need -2^31 <= lo <= hi < 2^31, got lo={lo}, hi={hi}")
+    bound = _max(acc) * int(m.abs().max()) + int(b.abs().max()) + _max(r) * int(mr.abs().max())
+    if bound >= 2**63 - 2**61:
+        raise ValueError(f"|acc*m + b + r*m_r| may reach 2^{math.log2(bound):.1f}: int64 could overflow")
+    return round_shift((acc * m).add_(b).add_(r * mr), k).clamp_(lo, hi).to(torch.int32)
+
+
+def _max(t: torch.Tensor) -> int:
+    return max(-int(t.min()), int(t.max())) if t.numel() else 0
+
+
 def _per_channel(p: IntLike, acc: torch.Tensor, axis: int, name: str) -> torch.Tensor:
     """A scalar or 1-D per-channel parameter as int64, shaped to broadcast along ``acc``'s ``axis``."""
     try:
@@ -272,3 +306,82 @@ def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, h
     err = top / g.abs().clamp_min(1e-300) * torch.ldexp(torch.ones_like(g), -(k_e + 1))
     use = (err <= EPILOGUE_MAX_ERROR) & (g != 0) & (zp % 2 == 0)
     return torch.where(use, m_e, m), torch.where(use, k_e, k), torch.where(use, b_e, b)
+
+
+def float32_sum_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, mr: torch.Tensor, lo: int, hi: int,
+                               zp: int, acc_lo: torch.Tensor, acc_hi: torch.Tensor, r_lo: int, r_hi: int, zp_r: int
+                               ) -> tuple[torch.Tensor, str]:
+    """:func:`float32_epilogue_exact` for an int8 kernel with a residual *sum* post-op (oneDNN's ``sum``: the
+    residual codes ``r`` stored as ``r + zp_r`` in the output buffer, read with one float32 scale ``S``):
+    ``rne(relu?(|s|*float(acc') + beta + S*float(r_stored - zp_r)) + zp)`` against
+    :func:`requantize_sum` ``(acc, m, k, b, r, m_r)``, for ``acc`` in ``[acc_lo, acc_hi]`` and ``r`` in
+    ``[r_lo, r_hi]``. Per channel verdict, and why not if any channel fails.
+
+    The argument is the one of :func:`float32_epilogue_exact` with a third term: ``S = m_r*2^-k`` must be the same
+    number on every channel (one scale), so that ``S*r`` is a multiple of ``2^-k`` too; every value is then exact in
+    float32 while ``|acc'*|m|| + |b| + |r*m_r| < 2^24`` (whatever order the kernel adds the three terms in, or
+    fuses a multiply-add), checked on the accumulators that can round into ``[lo, hi]`` for some ``r`` (the
+    window: t rises with ``acc'`` and with ``r``, so it spans from the lowest accumulator that reaches
+    ``lo - 1 - |s|`` with the largest ``r`` to the highest that stays below ``hi + 1 + |s|`` with the smallest).
+    Outside the window the float32 result is monotone in each argument (float rounding is monotone) and its ends
+    are exact, so both sides saturate alike. ``m_r >= 0`` (scales are positive)."""
+    m, k, b, mr = (torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (m, k, b, mr))
+    acc_lo, acc_hi = torch.as_tensor(acc_lo).to(torch.int64), torch.as_tensor(acc_hi).to(torch.int64)
+    lim = FLOAT32_SIGNIFICAND
+    no = torch.zeros_like(m, dtype=torch.bool)
+    if int(k.max()) > 40:
+        return no, f"shift {int(k.max())}: the multiplier has too many bits"
+    if int(mr.min()) < 0:
+        return no, "negative residual multiplier"
+    p2 = torch.ones_like(k) << k
+    s_num, s_den = mr, p2  # S = m_r * 2^-k as a fraction: the same on every channel
+    if not bool((s_num * s_den[0] == s_num[0] * s_den).all()):
+        return no, "the residual scale m_r*2^-k differs between channels (the sum post-op has one scale)"
+    am, safe = m.abs(), m.abs().clamp_min(1)
+    rz_lo, rz_hi = r_lo, r_hi  # the residual values (r_stored - zp_r = r)
+    # window of acc' over every r: from (lo - 1)*2^k - b - |m| - r_hi*m_r up to (hi + 1)*2^k - b + |m| - r_lo*m_r
+    w_lo = -((b + am + rz_hi * mr - (lo - 1) * p2) // safe)
+    w_hi = ((hi + 1) * p2 - b + am - rz_lo * mr) // safe
+    neg = m < 0
+    a_lo, a_hi = torch.where(neg, -acc_hi, acc_lo), torch.where(neg, -acc_lo, acc_hi)
+    w_lo, w_hi = torch.maximum(w_lo, a_lo), torch.minimum(w_hi, a_hi)
+    empty = w_lo > w_hi
+    a_max = torch.where(empty, 0, torch.maximum(w_lo.abs(), w_hi.abs()))
+    r_max = max(abs(rz_lo), abs(rz_hi))
+    checks = (("the multiplier or the residual multiplier needs more than 24 bits", (am < lim) & (mr < lim)),
+              ("|acc*m| + |b| + |r*m_r| may reach 2^24 on the accumulators that round into [lo, hi]",
+               a_max * am + b.abs() + r_max * mr < lim),
+              ("(code + zero point) * 2^k may reach 2^24", (max(abs(lo + zp), abs(hi + zp)) + 1) * p2 < lim),
+              ("odd output zero point (ties would round to its parity)", torch.full_like(neg, zp % 2 == 0)))
+    ok = torch.ones_like(neg)
+    why = ""
+    for reason, c in checks:
+        if not why and not bool(c.all()):
+            why = reason
+        ok &= c
+    return ok, why
+
+
+def float32_sum_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, residual: float, lo: int, hi: int,
+                                zp: int, r_max: int, m: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
+                                mr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`float32_epilogue_dyadic` for a fused residual add: ``(m, k, b, m_r)`` narrowed on every channel so that
+    :func:`float32_sum_epilogue_exact` holds whatever the accumulators and residual codes ``|r| <= r_max``, with one
+    residual scale ``S = M*2^-K`` (``K`` the smallest channel shift, ``m_r = M*2^(k-K)``), where that moves no
+    value by more than :data:`EPILOGUE_MAX_ERROR` output steps; else all four unchanged (a kernel needs every
+    channel). The window bound of each channel is ``top = max(|lo|, |hi|) + 2 + |gain| + 2|offset| +
+    2*residual*r_max``; the error ``top / |gain| * 2^-(k+1)`` of the multiplier plus ``r_max * 2^-(K+1)`` of ``S``."""
+    g, off = torch.as_tensor(gain, dtype=torch.float64), torch.as_tensor(offset, dtype=torch.float64)
+    top = (max(abs(lo), abs(hi)) + 2.0) + g.abs() + 2 * off.abs() + 2 * residual * r_max
+    top = torch.maximum(top, torch.full_like(top, max(abs(lo + zp), abs(hi + zp)) + 1.0))
+    k_e = torch.floor(torch.log2((FLOAT32_SIGNIFICAND - 1) / top)).to(torch.int64).clamp(0, MAX_SHIFT)
+    k_e = torch.minimum(k_e, torch.as_tensor(k, dtype=torch.int64))
+    big_k = int(k_e.min())
+    big_m = round(residual * 2.0**big_k)
+    m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
+    b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
+    mr_e = torch.full_like(k_e, big_m) << (k_e - big_k)
+    err = top / g.abs().clamp_min(1e-300) * torch.ldexp(torch.ones_like(g), -(k_e + 1)) + r_max * 2.0 ** -(big_k + 1)
+    if not bool(((err <= EPILOGUE_MAX_ERROR) & (g != 0)).all()) or zp % 2 or big_m == 0:
+        return m, k, b, mr
+    return m_e, k_e, b_e, mr_e

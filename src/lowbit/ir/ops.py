@@ -12,6 +12,8 @@ op                  computes (``rq`` = ``clamp(round_half_even((v*m + b) * 2^-k)
 quantize_input      uint8 pixels: ``lut[c, p]``; float input: ``clamp(round_half_even(x / scale), lo, hi)``
                     in float32, exactly as the model's input quantizer
 conv2d / linear     ``rq(sum(x * w))`` with per-output-channel ``m, k, b`` (BN, bias and ReLU folded in)
+conv2d_add          ``clamp(round_half_even((sum(x * w)*m + b + r*m_r) * 2^-k), lo, hi)``: a conv and the residual
+                    add of ``r`` (its second input) rounded once; per-channel ``m, k, b, m_r``
 requantize          ``rq(x)`` with per-tensor ``m, k, b``
 add                 ``clamp(round_half_even((a*m_a + b*m_b + bias) * 2^-shift), lo, hi)``
 relu / maxpool2d    ``max(x, 0)`` / window maxima (zero point 0: order and sign are those of the reals)
@@ -183,13 +185,23 @@ def _check_layer(node: Node, p: Params, graph: Graph) -> None:
     if entry.get("bits") != bits or entry.get("signed") is not True:
         raise LowbitError(f"weight must be packed as signed {bits}-bit codes (w_bits), found "
                           f"{entry.get('bits')}-bit {'signed' if entry.get('signed') else 'unsigned'}")
-    dims = 4 if node.op == "conv2d" else 2
+    dims = 2 if node.op == "linear" else 4
     if w.dim() != dims:
         raise LowbitError(f"weight must be {dims}-D, got shape {list(w.shape)}")
     lo_w, hi_w = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if w.numel() and (int(w.min()) < lo_w or int(w.max()) > hi_w):
         raise LowbitError(f"weight codes exceed the {bits}-bit range")
     _check_requant_tensors(p, w.shape[0])
+
+
+def _check_conv_add(node: Node, p: Params, graph: Graph) -> None:
+    _check_layer(node, p, graph)
+    c, t = p["weight"].shape[0], p["residual_multiplier"]
+    if t.dtype != torch.int32 or list(t.shape) != [c]:
+        dtype = str(t.dtype).removeprefix("torch.")
+        raise LowbitError(f"residual_multiplier must be int32 of shape [{c}], got {dtype} {list(t.shape)}")
+    if c and int(t.min()) == INT32_MIN:
+        raise LowbitError("residual multiplier -2^31 is out of range")
 
 
 def _check_add(node: Node, p: Params, graph: Graph) -> None:
@@ -222,6 +234,13 @@ def _conv_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
     a = node.attrs
     w = torch.empty(p["weight"].shape, device="meta")
     return F.conv2d(xs[0], w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+
+def _conv_add_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    out = _conv_shape(node, p, xs)
+    if xs[1].shape != out.shape:
+        raise LowbitError(f"the residual {list(xs[1].shape)} differs from the conv's output {list(out.shape)}")
+    return out
 
 
 def _linear_shape(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -269,6 +288,8 @@ for _name, _spec in {
     "conv2d": OpSpec(1, attrs=("stride", "padding", "dilation", "groups", "w_bits", "lo", "hi"), params=_LAYER,
                      check=_check_layer, shape=_conv_shape),
     "linear": OpSpec(1, attrs=("w_bits", "lo", "hi"), params=_LAYER, check=_check_layer, shape=_linear_shape),
+    "conv2d_add": OpSpec(2, attrs=("stride", "padding", "dilation", "groups", "w_bits", "lo", "hi"),
+                         params=(*_LAYER, "residual_multiplier"), check=_check_conv_add, shape=_conv_add_shape),
     "requantize": OpSpec(1, attrs=_REQUANT, check=_check_requant_attrs, shape=_same),
     "add": OpSpec(2, attrs=("multiplier_a", "multiplier_b", "shift", "bias", "lo", "hi"), check=_check_add,
                   shape=_add_shape),

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.ir.dyadic import requantize
+from lowbit.ir.dyadic import requantize, requantize_sum
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.kernels import kernel, require_kernels
 from lowbit.runtime.reference import (
@@ -159,6 +159,14 @@ def _conv2d(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
     a = node.attrs
     acc = conv2d_int(xs[0], p["weight"], a["stride"], a["padding"], a["groups"], a["dilation"])
     return requantize(acc, p["multiplier"], p["shift"], p["bias"], lo=a["lo"], hi=a["hi"], axis=1)
+
+
+@kernel("conv2d_add", backend="reference")
+def _conv2d_add(node: Node, p: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    acc = conv2d_int(xs[0], p["weight"], a["stride"], a["padding"], a["groups"], a["dilation"])
+    return requantize_sum(acc, p["multiplier"], p["shift"], p["bias"], xs[1], p["residual_multiplier"], lo=a["lo"],
+                          hi=a["hi"], axis=1)
 
 
 @kernel("linear", backend="reference")

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.ir.dyadic import float32_epilogue_exact, requantize
+from lowbit.ir.dyadic import float32_epilogue_exact, float32_sum_epilogue_exact, requantize
 from lowbit.ir.graph import Node
 from lowbit.ir.kernels import kernel, kernels
 from lowbit.runtime.engine import IntegerModel
@@ -68,6 +68,10 @@ from lowbit.runtime.reference import EXACT_LIMIT, FLOAT32_EXACT_LIMIT, INT32_MAX
 
 INT16_MAX = 32767
 AUTO_COMPILE_AFTER_S = 5.0  # compile="auto": compile a shape once its eager calls have taken this long
+# A large batch runs in chunks of images whose largest intermediate (a conv's float32 accumulators) stays below this:
+# every tensor of a call then comes from memory the allocator keeps (glibc serves blocks above 32 MiB with fresh
+# pages, faulted in on every call) and the working set stays in the caches.
+CHUNK_BYTES = 16 * 2**20
 CAPABILITIES = ("avx2", "vnni", "amx")  # weakest first
 ISA_ENV = "LOWBIT_CPU_ISA"
 _ALIASES = {"avx2": "avx2", "avx512": "avx2", "avx512_core": "avx2", "vnni": "vnni", "avx512_vnni": "vnni",
@@ -154,6 +158,9 @@ def value_bounds(model: IntegerModel) -> dict[str, tuple[int, int]]:
         elif node.op in ("conv2d", "linear"):
             lo_c, hi_c = acc_bounds(p["weight"], xs[0])
             r = _requant_bounds(lo_c, hi_c, p["multiplier"], p["shift"], p["bias"])
+        elif node.op == "conv2d_add":
+            lo_c, hi_c = acc_bounds(p["weight"], xs[0])
+            r = _requant_bounds(lo_c, hi_c, p["multiplier"], p["shift"], p["bias"], xs[1], p["residual_multiplier"])
         elif node.op == "requantize":
             r = _requant_bounds(*_t(xs[0]), a["multiplier"], a["shift"], a["bias"])
         elif node.op == "add":
@@ -193,16 +200,19 @@ def _t(r: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([r[0]], dtype=torch.int64), torch.tensor([r[1]], dtype=torch.int64)
 
 
-def _requant_bounds(lo: torch.Tensor, hi: torch.Tensor, m, k, bias) -> tuple[int, int]:
-    """Range of ``round((v*m + b) * 2^-k)`` over ``v`` in ``[lo, hi]`` per channel (floor/ceil: outward).
-    Python ints: the products can pass int64."""
+def _requant_bounds(lo: torch.Tensor, hi: torch.Tensor, m, k, bias, r: tuple[int, int] = (0, 0), mr=0
+                    ) -> tuple[int, int]:
+    """Range of ``round((v*m + b + r*m_r) * 2^-k)`` over ``v`` in ``[lo, hi]`` per channel and ``r`` in ``r``
+    (floor/ceil: outward). Python ints: the products can pass int64."""
     lo, hi = lo.tolist(), hi.tolist()
-    ms, ks, bs = (torch.as_tensor(v).reshape(-1).tolist() for v in (m, k, bias))
-    n = max(len(lo), len(ms), len(ks), len(bs))
+    ms, ks, bs, mrs = (torch.as_tensor(v).reshape(-1).tolist() for v in (m, k, bias, mr))
+    n = max(len(lo), len(ms), len(ks), len(bs), len(mrs))
     out_lo, out_hi = None, None
     for c in range(n):
-        mc, kc, bc = ms[c % len(ms)], ks[c % len(ks)], bs[c % len(bs)]
+        mc, kc, bc, mrc = ms[c % len(ms)], ks[c % len(ks)], bs[c % len(bs)], mrs[c % len(mrs)]
+        rt = sorted((r[0] * mrc, r[1] * mrc))
         ends = sorted((lo[c % len(lo)] * mc + bc, hi[c % len(hi)] * mc + bc))
+        ends = [ends[0] + rt[0], ends[1] + rt[1]]
         l, h = ends[0] >> kc, -((-ends[1]) >> kc)
         out_lo = l if out_lo is None else min(out_lo, l)
         out_hi = h if out_hi is None else max(out_hi, h)
@@ -279,32 +289,37 @@ def _(x: torch.Tensor, key: str) -> torch.Tensor:
 
 
 def _register_fused(op: str, w: torch.Tensor, a: dict[str, Any], zp_in: int, p: dict[str, torch.Tensor],
-                    lo: int, hi: int, zp_out: int) -> str:
+                    lo: int, hi: int, zp_out: int, zp_r: int | None = None) -> str:
     """Prepack a layer whose requantization runs in the kernel's float32 epilogue (weight scales
     ``|m|*2^-k``, bias ``b*2^-k``, clip to ``[lo, hi]``, output zero point): exact under
     :func:`~lowbit.ir.dyadic.float32_epilogue_exact`. Channels with ``m < 0`` run with negated weights; a zero
-    multiplier gets scale 1 and zero weights (the output is then the bias alone)."""
+    multiplier gets scale 1 and zero weights (the output is then the bias alone). conv2d_add (``zp_r`` given): the
+    residual's one scale ``S = m_r*2^-k`` and zero point for the sum post-op (:func:`conv_add_u8`)."""
     m, k, b = (p[r].to(torch.int64) for r in ("multiplier", "shift", "bias"))
     sign = torch.where(m < 0, -1, 1).reshape(-1, *[1] * (w.dim() - 1))
     w8 = torch.where((m == 0).reshape(sign.shape), 0, w.to(torch.int64) * sign).to(torch.int8).contiguous()
     p2 = torch.pow(2.0, -k.to(torch.float64))
     scales = torch.where(m == 0, 1.0, m.abs().to(torch.float64) * p2).to(torch.float32)
     beta = (b.to(torch.float64) * p2).to(torch.float32)
-    geometry = (op, zp_in, lo, hi, zp_out, *(tuple(a[g]) if isinstance(a.get(g), list) else a.get(g)
-                                             for g in ("stride", "padding", "dilation", "groups")))
+    sum_scale = None
+    if zp_r is not None:  # one number on every channel (checked by float32_sum_epilogue_exact)
+        sum_scale = float(p["residual_multiplier"][0].double() * p2[0])
+    geometry = (op, zp_in, lo, hi, zp_out, zp_r, sum_scale,
+                *(tuple(a[g]) if isinstance(a.get(g), list) else a.get(g)
+                  for g in ("stride", "padding", "dilation", "groups")))
     key = "u8" + hashlib.sha1(w8.numpy().tobytes() + scales.numpy().tobytes() + beta.numpy().tobytes()
                               + repr((tuple(w8.shape), geometry)).encode()).hexdigest()[:20]
     if key in _PACKED:
         return key
     c = w8.shape[0]
-    if op == "conv2d":
+    if op != "linear":
         packed = torch.ops.onednn.qconv_prepack(w8, scales, 1.0, zp_in, a["stride"], a["padding"], a["dilation"],
                                                 a["groups"], None)
     else:
         packed = torch.ops.onednn.qlinear_prepack(w8, None)
     _PACKED[key] = {"op": op, "packed": packed, "scales": scales, "beta": beta,
                     "wzp": torch.zeros(c, dtype=torch.int64), "zp": zp_in, "zp_out": zp_out,
-                    "clip": [float(lo), float(hi)], "out": c,
+                    "clip": [float(lo), float(hi)], "out": c, "zp_r": zp_r, "sum_scale": sum_scale,
                     "kernel": list(w8.shape[2:]), **{g: a.get(g) for g in ("stride", "padding", "dilation", "groups")}}
     return key
 
@@ -323,6 +338,27 @@ def conv_u8(x: torch.Tensor, key: str) -> torch.Tensor:
 
 @conv_u8.register_fake
 def _(x: torch.Tensor, key: str) -> torch.Tensor:
+    return _conv_out(x, _PACKED[key], torch.uint8)
+
+
+@torch.library.custom_op("lowbit::conv_add_u8", mutates_args=())
+def conv_add_u8(x: torch.Tensor, r: torch.Tensor, key: str) -> torch.Tensor:
+    """A prepacked int8 conv, plus the residual codes ``r`` (stored uint8, its zero point) through oneDNN's sum
+    post-op (``S*(r - zp_r)`` added in the float32 epilogue), requantized there and written as uint8 codes into a copy
+    of ``r`` (the sum post-op works in place), channels-last (:func:`_register_fused`). Measured semantics (torch
+    2.13): ``sat_u8(rne((x_scale*w_scale_c*acc + bias_c + accum_scale*(accum - accum_zp)) / output_scale) +
+    output_zp)``, ``alpha`` unused; no clip post-op (only ``sum`` and ``sum_relu``)."""
+    e = _PACKED[key]
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = r.contiguous(memory_format=torch.channels_last).clone(memory_format=torch.channels_last)
+    return torch.ops.onednn.qconv2d_pointwise.binary(
+        x, 1.0, e["zp"], e["packed"], e["scales"], e["wzp"], out, e["beta"], e["stride"], e["padding"],
+        e["dilation"], e["groups"], 1.0, e["zp_out"], torch.uint8, e["sum_scale"], e["zp_r"], "sum", 1.0, "none",
+        [], "")
+
+
+@conv_add_u8.register_fake
+def _(x: torch.Tensor, r: torch.Tensor, key: str) -> torch.Tensor:
     return _conv_out(x, _PACKED[key], torch.uint8)
 
 
@@ -391,9 +427,16 @@ class FastModel:
     or ``LOWBIT_COMPILE=0|1|auto``) compiles an input shape once its eager calls have taken
     :data:`AUTO_COMPILE_AFTER_S` seconds, so a short job stays eager and a long one pays the compile once.
     ``compile_seconds``: the compiling call's time per input shape.
+
+    ``chunk``: images per call of the graph; a larger batch runs chunk by chunk, its last chunk padded with zero
+    input to the same shape (images are independent: the padding changes no other image's integers), so one compiled
+    graph serves every batch size from ``chunk`` up. Default: as many images as keep the largest intermediate below
+    :data:`CHUNK_BYTES` (at batch 64, fresh pages for ResNet-18's 200 MB of stem accumulators cost more than the
+    conv).
     """
 
-    def __init__(self, model: IntegerModel, capability: str | None = None, compile: bool | str | None = None):
+    def __init__(self, model: IntegerModel, capability: str | None = None, compile: bool | str | None = None,
+                 chunk: int | None = None):
         if not available():
             raise LowbitError("this PyTorch build has no oneDNN quantized ops (torch.ops.onednn.qconv2d_pointwise)")
         self.model = model
@@ -432,6 +475,19 @@ class FastModel:
         self._compiled = torch.compile(self._body, dynamic=False) if self.compile else None
         self._eager_s: dict[tuple[int, ...], float] = {}
         self.compile_seconds: dict[tuple[int, ...], float] = {}
+        if chunk is not None and chunk < 1:
+            raise LowbitError(f"chunk must be at least 1 image, got {chunk}")
+        self.chunk = chunk or max(1, CHUNK_BYTES // max(1, self.image_bytes()))
+
+    def image_bytes(self) -> int:
+        """Bytes of one image's largest intermediate tensor: a value stored as uint8 codes or int32, or the float32
+        accumulators of a conv/linear requantized in the glue."""
+        out = 0
+        for node in self.model.nodes:
+            n = math.prod(self.model.shapes[node.output])
+            glue = node.name in self.paths and self.paths[node.name] != "int8 fused"
+            out = max(out, n * (4 if glue or self._zp[node.output] is None else 1))
+        return out
 
     @property
     def compiled(self) -> bool:
@@ -477,10 +533,19 @@ class FastModel:
             return self._body(self._prologue(x), trace=True)
 
     def run_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer logits (int32), identical to :meth:`IntegerModel.run_int`."""
+        """Integer logits (int32), identical to :meth:`IntegerModel.run_int` (``chunk`` images per call)."""
         self.model._check_input(x)
         x = self._prologue(x)
-        return run_logits(self, tuple(x.shape), x)
+        n, c = x.shape[0], self.chunk
+        if n <= c:
+            return run_logits(self, tuple(x.shape), x)
+        outs = []
+        for i in range(0, n, c):
+            part = x[i:i + c]
+            if len(part) < c:  # the compiled chunk shape: zero input (valid codes or pixels) fills it
+                part = torch.cat([part, part.new_zeros((c - len(part), *part.shape[1:]))])
+            outs.append(run_logits(self, tuple(part.shape), part)[: n - i])
+        return torch.cat(outs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (self.run_int(x).to(torch.float64) * self.model.output_scale).to(torch.float32)
@@ -587,15 +652,18 @@ class _Requant:
     (ATen's AVX-512 vector conversions have no double specializations), so exact float64 glue ran 2-3x slower
     than the same int64 arithmetic (``vpmullq``, variable shifts) at ResNet-18's shapes.
 
-    ``axis``: the channel axis of per-channel parameters. The result is an integer-valued tensor (float32, int32
-    or int64), stored by :func:`_from_float`."""
+    ``axis``: the channel axis of per-channel parameters. With ``mr`` (a fused residual add, conv2d_add) the value
+    is ``(v*m + b + r*m_r) * 2^-k`` for residual values ``|r| <= r_max`` (the bound grows by ``r_max*|m_r|``; the
+    residual, codes or int32, is converted to the arithmetic's type, exactly). The result is an integer-valued
+    tensor (float32, int32 or int64), stored by :func:`_from_float`."""
 
     def __init__(self, m, k, bias, lo: int, hi: int, v_max: int | torch.Tensor, axis: int, ndim: int,
-                 int64: bool = False, float32_input: bool = False):
-        m, k, bias = _drop_common_twos(*(torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (m, k, bias)))
+                 int64: bool = False, float32_input: bool = False, mr=None, r_max: int = 0):
+        terms = [torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (m, k, bias, 0 if mr is None else mr)]
+        m, k, bias, mr_t = _drop_common_twos(*terms)
         v_max = torch.as_tensor(v_max, dtype=torch.int64).reshape(-1)
-        bound = max(int(vm) * abs(int(mm)) + abs(int(bb)) for vm, mm, bb in
-                    zip(*torch.broadcast_tensors(v_max, m, bias)))
+        bound = max(int(vm) * abs(int(mm)) + abs(int(bb)) + r_max * abs(int(rr)) for vm, mm, bb, rr in
+                    zip(*torch.broadcast_tensors(v_max, m, bias, mr_t)))
         half = (1 << (int(k.max()) - 1)) if int(k.max()) > 0 else 0
         if int64:
             self.mode = "int64"
@@ -609,14 +677,16 @@ class _Requant:
             raise LowbitError(f"fast path: |v*m + b| may reach 2^{math.log2(bound):.1f}, beyond int64")
         self.why = self.mode
         shape = [1] * ndim
-        if max(m.numel(), k.numel(), bias.numel()) > 1:
+        if max(m.numel(), k.numel(), bias.numel(), mr_t.numel()) > 1:
             shape[axis] = -1
+        self.residual = mr is not None
         self.lo, self.hi = float(lo), float(hi)
         self.ilo, self.ihi = lo, hi
         if self.mode == "float32":
             dt = self.dt = torch.float32
             self.m = m.to(dt).reshape(shape) if m.numel() > 1 else float(m)
             self.b = bias.to(dt).reshape(shape) if bias.numel() > 1 else float(bias)
+            self.mr = mr_t.to(dt).reshape(shape) if mr_t.numel() > 1 else float(mr_t)
             p2 = torch.pow(2.0, -k.to(torch.float64))
             self.p2 = p2.to(dt).reshape(shape) if k.numel() > 1 else float(p2)
         else:
@@ -628,12 +698,14 @@ class _Requant:
             def param(t):  # a Python int for a per-tensor parameter: no broadcast load in the graph
                 return t.to(dt).reshape(shape) if t.numel() > 1 else int(t)
 
-            self.m, self.b, self.k, self.c, self.pos = (param(t) for t in (m, bias, k, c, pos))
+            self.m, self.b, self.k, self.c, self.pos, self.mr = (param(t) for t in (m, bias, k, c, pos, mr_t))
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        if self.mode == "float32":
-            return torch.round((v.to(self.dt) * self.m + self.b) * self.p2).clamp(self.lo, self.hi)
+    def __call__(self, v: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         x = v.to(self.dt) * self.m + self.b
+        if self.residual:
+            x = x + r.to(self.dt) * self.mr
+        if self.mode == "float32":
+            return torch.round(x * self.p2).clamp(self.lo, self.hi)
         return _round_shift_int(x, self.k, self.c, self.pos).clamp(self.ilo, self.ihi)
 
 
@@ -657,10 +729,17 @@ def _fast_input(fm: FastModel, node: Node, p):
 
 
 @kernel("conv2d", backend="cpu_fast")
+@kernel("conv2d_add", backend="cpu_fast")
 @kernel("linear", backend="cpu_fast")
 def _fast_layer(fm: FastModel, node: Node, p):
+    """A conv/linear (conv2d_add: with the residual of its second input added before the one rounding): oneDNN int8
+    requantizing in its float32 epilogue (conv2d_add: with a sum post-op reading the residual codes) where that is
+    provably exact, else exact accumulators requantized in the compiled glue, else an exact float conv."""
     a, w, src = node.attrs, p["weight"], node.inputs[0]
     zp_in, zp = fm._zp[src], fm._zp[node.output]
+    res = node.inputs[1] if node.op == "conv2d_add" else None
+    zp_r = fm._zp[res] if res else None
+    conv = node.op != "linear"
     lo_c, hi_c = acc_bounds(w, fm.bounds[src])
     acc_max = int(torch.maximum(lo_c.abs(), hi_c.abs()).max()) if w.numel() else 0
     w_max = int(w.abs().max()) if w.numel() else 0
@@ -671,26 +750,35 @@ def _fast_layer(fm: FastModel, node: Node, p):
         why = f"|acc| may reach 2^{math.log2(acc_max):.1f} >= 2^24, beyond exact float32 accumulators"
     elif int16_saturates(fm.capability) and 2 * (fm.bounds[src][1] + zp_in) * w_max > INT16_MAX:
         why = "u8 x s8 pair sums could saturate int16 without VNNI"
-    axis, ndim = (1, 4) if node.op == "conv2d" else (-1, 2)
+    axis, ndim = (1, 4) if conv else (-1, 2)
     rq = _Requant(p["multiplier"], p["shift"], p["bias"], a["lo"], a["hi"],
                   torch.maximum(lo_c.abs(), hi_c.abs()), axis % ndim, ndim,
-                  float32_input=acc_max < FLOAT32_EXACT_LIMIT)  # float32 accumulators (int8 kernel or fp32 conv)
+                  float32_input=acc_max < FLOAT32_EXACT_LIMIT,  # float32 accumulators (int8 kernel or fp32 conv)
+                  mr=p["residual_multiplier"] if res else None, r_max=_max_abs(fm.bounds[res]) if res else 0)
     fm.requant[node.name] = rq.why
     if why is None and zp is not None:
-        fused_why = _fused_why(w, p, a, zp_in, zp, lo_c, hi_c)
-        fm.epilogue[node.name] = fused_why or "in the kernel (uint8 codes)"
+        if res:
+            fused_why = _fused_sum_why(w, p, a, zp_in, zp, lo_c, hi_c, fm.bounds[res], zp_r)
+        else:
+            fused_why = _fused_why(w, p, a, zp_in, zp, lo_c, hi_c)
+        fm.epilogue[node.name] = fused_why or ("in the kernel (uint8 codes" + (", residual sum post-op)" if res
+                                                                               else ")"))
         if not fused_why:
             fm.paths[node.name] = "int8 fused"
             fm.requant[node.name] = "in the int8 kernel"
-            key = _register_fused(node.op, w, a, zp_in, p, a["lo"], a["hi"], zp)
-            if node.op == "conv2d":
+            key = _register_fused(node.op, w, a, zp_in, p, a["lo"], a["hi"], zp, zp_r)
+            if res:
+                return lambda env: conv_add_u8(_cl(env[src]), _cl(env[res]), key)
+            if conv:
                 return lambda env: conv_u8(_cl(env[src]), key)
             return lambda env: linear_u8(env[src].contiguous(), key)
     if why is None:
         fm.paths[node.name] = "int8"
-        key = register_layer(node.op, w.to(torch.int8).contiguous(), a, zp_in)
-        acc_op = conv_acc if node.op == "conv2d" else linear_acc
+        key = register_layer("conv2d" if conv else "linear", w.to(torch.int8).contiguous(), a, zp_in)
+        acc_op = conv_acc if conv else linear_acc
 
+        if res:
+            return lambda env: _from_float(rq(acc_op(_cl(env[src]), key), _as_int(env[res], zp_r)), zp)
         if node.output in fm._pool_first and int(p["multiplier"].min()) >= 0:
             # read only by a max pool, and rq is non-decreasing (m >= 0; round and clamp are monotone): the
             # pool selects from the accumulators and requantizes 1/window of the values (exact, same result)
@@ -699,25 +787,25 @@ def _fast_layer(fm: FastModel, node: Node, p):
 
         def layer(env):
             x = env[src]
-            x = _cl(x) if node.op == "conv2d" else x.contiguous()
+            x = _cl(x) if conv else x.contiguous()
             return _from_float(rq(acc_op(x, key)), zp)
 
         return layer
     dt = torch.float32 if acc_max < FLOAT32_EXACT_LIMIT else torch.float64
     if acc_max >= EXACT_LIMIT:
         raise LowbitError(f"fast path: layer {node.name!r} is too wide for exact float64 products")
-    fm.paths[node.name] = f"{'fp32' if dt == torch.float32 else 'fp64'} {node.op} ({why})"
+    fm.paths[node.name] = f"{'fp32' if dt == torch.float32 else 'fp64'} {'conv2d' if conv else 'linear'} ({why})"
     wt = w.to(dt)
-    if node.op == "conv2d":
+    if conv:
         wt = wt.contiguous(memory_format=torch.channels_last)
 
     def exact_layer(env):
         x = _as_int(env[src], zp_in).to(dt)
-        if node.op == "conv2d":
+        if conv:
             acc = F.conv2d(_cl(x), wt, None, a["stride"], a["padding"], a["dilation"], a["groups"])
         else:
             acc = x @ wt.T
-        return _from_float(rq(acc), zp)
+        return _from_float(rq(acc, _as_int(env[res], zp_r) if res else None), zp)
 
     return exact_layer
 
@@ -729,6 +817,25 @@ def _fused_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, l
     if bool((m < 0).any()) and w.numel() and bool((w[m < 0] == -128).any()):
         return "compiled glue: negating a channel with multiplier < 0 needs weight code +128"
     ok, why = float32_epilogue_exact(m, p["shift"], p["bias"], a["lo"], a["hi"], zp_out, lo_c, hi_c)
+    if not bool(ok.all()):
+        return f"compiled glue: {int((~ok).sum())}/{ok.numel()} channels not exact in a float32 epilogue ({why})"
+    return ""
+
+
+def _fused_sum_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, lo_c: torch.Tensor,
+                   hi_c: torch.Tensor, r_range: tuple[int, int], zp_r: int | None) -> str:
+    """Why this conv2d_add cannot run as one int8 kernel with a residual sum post-op writing uint8, or "": the sum
+    post-op has no clip, so ``[lo, hi]`` must be the uint8 range less the zero point; the residual must be stored as
+    uint8 codes; and the epilogue must be exact (:func:`~lowbit.ir.dyadic.float32_sum_epilogue_exact`)."""
+    m = p["multiplier"].to(torch.int64)
+    if zp_r is None:
+        return "compiled glue: the residual is a wide (int32) value, not uint8 codes"
+    if (a["lo"], a["hi"]) != (-zp_out, 255 - zp_out):
+        return f"compiled glue: the output range [{a['lo']}, {a['hi']}] is not uint8's less the zero point"
+    if bool((m < 0).any()) and w.numel() and bool((w[m < 0] == -128).any()):
+        return "compiled glue: negating a channel with multiplier < 0 needs weight code +128"
+    ok, why = float32_sum_epilogue_exact(m, p["shift"], p["bias"], p["residual_multiplier"], a["lo"], a["hi"], zp_out,
+                                         lo_c, hi_c, r_range[0], r_range[1], zp_r)
     if not bool(ok.all()):
         return f"compiled glue: {int((~ok).sum())}/{ok.numel()} channels not exact in a float32 epilogue ({why})"
     return ""

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.ir.dyadic import BIAS_LIMIT, PRODUCT_LIMIT, requantize, round_shift
+from lowbit.ir.dyadic import BIAS_LIMIT, PRODUCT_LIMIT, requantize, requantize_sum, round_shift
 from lowbit.ir.graph import Node
 from lowbit.ir.kernels import kernel, kernel_or_fallback
 from lowbit.runtime.engine import IntegerModel
@@ -255,12 +255,13 @@ class _Layer:
     """One conv/linear on its path: prepared (padded, cast, on the device) weights and requantization."""
 
     def __init__(self, node: Node, p: dict[str, torch.Tensor], x_range: tuple[int, int],
-                 device: torch.device, fp8: bool, emulate: bool, epilogue: Any):
+                 device: torch.device, fp8: bool, emulate: bool, epilogue: Any, r_range: tuple[int, int] = (0, 0)):
         a = node.attrs
         self.node, self.a, self.op, self.emulate, self.x_range = node, a, node.op, emulate, x_range
         w = p["weight"].to(torch.int64)
-        self.groups = a.get("groups", 1) if self.op == "conv2d" else 1
-        self.kernel = tuple(w.shape[2:]) if self.op == "conv2d" else (1, 1)
+        self.conv = self.op != "linear"
+        self.groups = a.get("groups", 1) if self.conv else 1
+        self.kernel = tuple(w.shape[2:]) if self.conv else (1, 1)
         self.out_channels = w.shape[0]
         k = w[0].numel()
         mult_max = int(p["multiplier"].to(torch.int64).abs().max())
@@ -269,8 +270,15 @@ class _Layer:
             self.info = LayerPath(self.info.path, f"{self.info.why} ({self.groups} groups, one GEMM each)",
                                   self.info.k, self.info.bound, self.info.offset)
         self.m, self.k, self.b = (p[r].to(device=device, dtype=torch.int64) for r in ("multiplier", "shift", "bias"))
+        # conv2d_add: the residual's multiplier, added before the one rounding (as int64 terms: |r*m_r| < 2^62)
+        self.mr = p["residual_multiplier"].to(device=device, dtype=torch.int64) if "residual_multiplier" in p else None
         if int(self.b.abs().max()) > BIAS_LIMIT:
             raise LowbitError(f"layer {node.name!r}: |bias| > 2^61")
+        if self.mr is not None and self.info.path != "reference":  # the unchecked epilogue's int64 bound
+            r_term = max(abs(r_range[0]), abs(r_range[1])) * int(self.mr.abs().max())
+            if self.info.bound * mult_max + int(self.b.abs().max()) + r_term >= 2**63 - 2**61:
+                self.info = LayerPath("reference", f"{self.info.why}; with the residual |acc*m + b + r*m_r| may "
+                                                   "overflow int64 (checked requantize)", k, self.info.bound)
         self.lo, self.hi = a["lo"], a["hi"]
         self.lo_hi = torch.tensor([self.lo, self.hi], dtype=torch.int64, device=device)  # tensors: no recompiles
         self.epilogue = epilogue
@@ -280,7 +288,7 @@ class _Layer:
             return
         # (O, C/g, kh, kw) -> per group (O/g, K) with K in (kh, kw, C) order, zero-padded
         align, dtype = (FP8_ALIGN, FP8) if path == "fp8" else (INT8_ALIGN, torch.int8)
-        mat = w.permute(0, 2, 3, 1).reshape(w.shape[0], k) if self.op == "conv2d" else w
+        mat = w.permute(0, 2, 3, 1).reshape(w.shape[0], k) if self.conv else w
         og = w.shape[0] // self.groups
         self.k_pad, self.n_pad = _round_up(k, align), _round_up(og, align)
         self.w_t = []  # per group: (K_pad, N_pad) column-major views of contiguous (N_pad, K_pad)
@@ -293,9 +301,9 @@ class _Layer:
         self.carrier = torch.float32 if device.type == "cpu" else torch.bfloat16
         self.one = torch.ones((), dtype=torch.float32, device=device)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         if self.info.path == "reference":
-            return self._reference(x)
+            return self._reference(x, r)
         offset = self.info.offset
         if self.info.path == "int8":
             xc = x.to(torch.int32) - offset if offset else x.to(torch.int32)  # int8 range by plan_layer
@@ -303,11 +311,11 @@ class _Layer:
             xc = x.to(self.carrier)
         n = x.shape[0]
         og = self.out_channels // self.groups
-        cg = x.shape[1] // self.groups if self.op == "conv2d" else x.shape[1]
+        cg = x.shape[1] // self.groups if self.conv else x.shape[1]
         outs, hw = [], None
         for g in range(self.groups):
             xg = xc[:, g * cg:(g + 1) * cg] if self.groups > 1 else xc
-            if self.op == "conv2d":
+            if self.conv:
                 ho, wo = _out_hw(x.shape[-2:], self.kernel, self.a)
                 rows = n * ho * wo
             else:
@@ -317,7 +325,7 @@ class _Layer:
             raw = buf.view(torch.uint8) if buf.dtype == FP8 else buf  # e4m3 zero is the zero byte
             raw[:, self.info.k:].zero_()
             raw[rows:].zero_()
-            if self.op == "conv2d":
+            if self.conv:
                 hw = _im2col(xg, self.kernel, self.a["stride"], self.a["padding"], self.a["dilation"], -offset, buf)
             else:
                 buf[:rows, : self.info.k].copy_(xg)
@@ -329,8 +337,11 @@ class _Layer:
                 acc = int8_mm(buf, self.w_t[g], emulate=self.emulate)
             outs.append(acc[:rows, :og])
         acc = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        y = self.epilogue(acc, self.corr, self.m, self.b, self.k, self.lo_hi[0], self.lo_hi[1])
-        if self.op == "conv2d":
+        extra = None
+        if r is not None:  # the residual in the GEMM's (N*Ho*Wo, O) layout, times its multiplier
+            extra = r.permute(0, 2, 3, 1).reshape(acc.shape).to(torch.int64) * self.mr
+        y = self.epilogue(acc, self.corr, self.m, self.b, self.k, self.lo_hi[0], self.lo_hi[1], extra)
+        if self.conv:
             return y.view(n, *hw, self.out_channels).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
         return y
 
@@ -342,11 +353,11 @@ class _Layer:
             raise LowbitError(f"layer {self.node.name!r}: input codes leave the declared range [{lo}, {hi}] "
                               "or are not exact in e4m3")
 
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+    def _reference(self, x: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         """The reference kernels (CPU), or on CUDA the im2col GEMM in float64, exact below 2^53 (checked)."""
         a, name = self.a, self.node.name
         if x.device.type == "cpu":
-            if self.op == "conv2d":
+            if self.conv:
                 acc = conv2d_int(x, self.w_ref, a["stride"], a["padding"], a["groups"], a["dilation"])
             else:
                 acc = linear_int(x, self.w_ref)
@@ -354,7 +365,9 @@ class _Layer:
             w = self.w_ref.to(torch.int64)
             _check_exact(x, w, w[0].numel(), name)
             acc = self._float64_gemm(x, w)
-        return requantize(acc, self.m, self.k, self.b, lo=self.lo, hi=self.hi, axis=1 if self.op == "conv2d" else -1)
+        if r is not None:
+            return requantize_sum(acc, self.m, self.k, self.b, r, self.mr, lo=self.lo, hi=self.hi, axis=1)
+        return requantize(acc, self.m, self.k, self.b, lo=self.lo, hi=self.hi, axis=1 if self.conv else -1)
 
     def _float64_gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.op == "linear":
@@ -373,13 +386,17 @@ class _Layer:
 
 
 def _epilogue(acc: torch.Tensor, corr: torch.Tensor | None, m: torch.Tensor, b: torch.Tensor, k: torch.Tensor,
-              lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+              lo: torch.Tensor, hi: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
     """Accumulator (float32 integers or int32) -> int64, + int8 offset correction, dyadic requantization:
-    :func:`~lowbit.ir.dyadic.requantize` without its per-call checks (bounded once per layer)."""
+    :func:`~lowbit.ir.dyadic.requantize` without its per-call checks (bounded once per layer); ``extra`` (a fused
+    residual's ``r*m_r``) is added before the rounding, as :func:`~lowbit.ir.dyadic.requantize_sum`."""
     acc = acc.to(torch.int64)
     if corr is not None:
         acc = acc + corr
-    return round_shift(acc * m + b, k).clamp(lo, hi).to(torch.int32)
+    x = acc * m + b
+    if extra is not None:
+        x = x + extra
+    return round_shift(x, k).clamp(lo, hi).to(torch.int32)
 
 
 @functools.cache
@@ -421,9 +438,10 @@ class GpuModel:
         epilogue = _compiled_epilogue() if compile else _epilogue
         self.layers: dict[str, _Layer] = {}
         for node in model.nodes:
-            if node.op in ("conv2d", "linear"):
+            if node.op in ("conv2d", "conv2d_add", "linear"):
+                r_range = ranges[node.inputs[1]] if node.op == "conv2d_add" else (0, 0)
                 self.layers[node.name] = _Layer(node, model.params[node.name], ranges[node.inputs[0]],
-                                                   self.device, fp8, emulate, epilogue)
+                                                self.device, fp8, emulate, epilogue, r_range)
         p = model.params[model.nodes[0].name]
         self._lut = p["lut"].to(self.device, torch.int64).reshape(-1) if "lut" in p else None
         self._steps = [kernel_or_fallback("gpu", node.op) for node in model.nodes]
@@ -477,6 +495,11 @@ def _gpu_input(gm: GpuModel, node: Node, xs: list[torch.Tensor]) -> torch.Tensor
 @kernel("linear", backend="gpu")
 def _gpu_layer(gm: GpuModel, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
     return gm.layers[node.name](xs[0])
+
+
+@kernel("conv2d_add", backend="gpu")
+def _gpu_conv_add(gm: GpuModel, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    return gm.layers[node.name](xs[0], xs[1])
 
 
 @kernel("dequantize_output", backend="gpu")
