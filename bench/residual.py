@@ -1,6 +1,6 @@
 """What a quantized residual stream costs in accuracy: the same fine-tune with the stream float (today's default,
-exported as wide int32 values) and with ``--residual-bits`` (8-bit or narrower codes after every residual add,
-as PyTorch's own int8 models carry it, which lets the CPU backend keep it as uint8).
+exported as wide int32 values) and with ``--residual-bits`` (8-bit or narrower codes after every residual add and
+on every shortcut into one, as PyTorch's own int8 models carry it, which lets the CPU backend keep it as uint8).
 
 Every run starts from one fp32 checkpoint and is a normal `lowbit quantize` run directory under ``--runs``
 (finished runs are reused: the benchmark resumes). Seeds vary the fine-tuning. Rows are compared on the
@@ -65,7 +65,8 @@ def markdown(args, fp: dict, rows: list[dict]) -> str:
           f"From one fp32 checkpoint (val {fp_val:.2f}%, test {fp_test:.2f}%), {args.bits.upper()} with LSQ and "
           f"distillation from the fp32 teacher, {args.epochs:g} epoch(s), first and last layers at 8 bits; the "
           "residual stream either float in the fake-quant model (exported as exact int32 values) or fake-quantized "
-          "after every residual add (`--residual-bits`, exported as narrow codes). Mean ± std over the seeds "
+          "after every residual add and on every shortcut into one (`--residual-bits`, exported as narrow codes, "
+          "each add fused into its branch conv). Mean ± std over the seeds "
           "(fine-tuning data order); Δ is against the float-stream row of the same seeds. Compare on validation; "
           "test is reported only.", "",
           f"Machine: {machine_line(machine())}; wall-clock seconds on a shared 2-core machine.", "",

@@ -169,3 +169,8 @@ def test_other_user_errors(run_dir, lowbit_file, tmp_path, capsys):
     assert rc == 2 and "already a .lowbit file" in err
     rc, _, err = _run(["export", "--from", tmp_path / "nowhere"], capsys)
     assert rc == 2 and err.count("\n") == 1
+    for bad in ("0", "0.75", "-1"):  # a budget outside (0, 0.5] output steps: one line, no file
+        rc, _, err = _run(["export", "--from", run_dir, "--out", tmp_path / "e.lowbit", "--epilogue-error", bad],
+                          capsys)
+        assert rc == 2 and "epilogue_error must be in (0, 0.5]" in err and err.count("\n") == 1
+        assert not (tmp_path / "e.lowbit").exists()

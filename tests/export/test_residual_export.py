@@ -484,3 +484,87 @@ def test_in_kernel_residual_sum_worst_cases(exports):
             _assert_exact(fast, ref, x)
         assert torch.equal(FastModel(ref, compile=True).run_int(x), ref.run_int(x))
     assert fused >= 6
+
+
+# ------------------------------------------------------------- a 4-bit stream from residual_bits, wider epilogue budget
+def _residual_bits_model(bits=4):
+    """TvResNet with ``QuantConfig(residual_bits=bits)``: QuantActs after each join and on each shortcut into a conv
+    branch (the stem's output, the downsample's), so every join is ``conv branch + codes``."""
+    torch.manual_seed(0)
+    model = _randomise_bn(TvResNet(), seed=5)
+    model = quantize_(model, Plan.preset("w4a4", model), QuantConfig(residual_bits=bits))
+    shape = (3, 32, 32)
+    calibrate_(model, [normalize_pixels(_pixels(64, seed=1, shape=shape), PIXELS["mean"], PIXELS["std"])])
+    fc = model.fc.input_quantizer
+    fc.set_step_(fc.step.detach() * 1.03)  # see _with_qacts
+    return model.eval(), shape
+
+
+# A budget the random batch norms here need (gammas near 0 widen a channel's accumulator window; a fused add
+# needs every channel within budget); ResNet-18 with random weights fuses every join at 2^-5 (bench/deploy.py).
+WIDE = 2.0**-3
+
+
+@pytest.fixture(scope="module")
+def budgets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("budget")
+    model, shape = _residual_bits_model()
+    return model, shape, {e: export_model(model, tmp / f"{i}.lowbit", input_shape=shape, pixels=PIXELS,
+                                          epilogue_error=e)
+                          for i, e in enumerate((None, WIDE))}
+
+
+def test_a_4bit_residual_stream_fuses_every_join_into_its_conv(budgets):
+    model, shape, results = budgets
+    ref = IntegerModel.load(results[None].path)
+    adds = [n for n in ref.nodes if n.op == "conv2d_add"]
+    assert len(adds) == 4 and not [n for n in ref.nodes if n.op == "add"]  # every join: conv branch + codes
+    codes = {a["value"]: a["bits"] for a in ref.manifest["activations"]}
+    for n in adds:
+        assert codes.get(n.inputs[1]) == 4, n.name  # the shortcut is the 4-bit codes of a QuantAct
+    assert ref.manifest["epilogue_error"] == 2.0**-10
+    assert IntegerModel.load(results[WIDE].path).manifest["epilogue_error"] == WIDE
+    x = _pixels(16, seed=7, shape=shape)
+    for result in results.values():
+        ref = IntegerModel.load(result.path)
+        sim = Simulation(result.lowered).run_int(x)
+        assert torch.equal(ref.run_int(x), sim)
+        check = check_lowering(ref, model, x)
+        assert check.ok, check.failures
+
+
+@fast_only
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_a_wider_epilogue_budget_puts_more_layers_in_the_kernel_bit_exactly(budgets, capability):
+    model, shape, results = budgets
+    x = _pixels(16, seed=8, shape=shape)
+    fused = {}
+    with forced_capability(capability):
+        for e, result in results.items():
+            ref = IntegerModel.load(result.path)
+            fast = FastModel(ref, compile=False)
+            assert torch.equal(fast.run_int(x), ref.run_int(x)), (capability, e)
+            fused[e] = {n for n, p in fast.paths.items() if p == "int8 fused"}
+    assert fused[None] < fused[WIDE]
+    assert any(ref.graph.node(n).op == "conv2d_add" for n in fused[WIDE])
+
+
+def test_epilogue_error_out_of_range_is_refused(budgets, tmp_path):
+    model, shape, _ = budgets
+    for bad in (0, 0.6, "x"):
+        with pytest.raises(LowbitError, match="epilogue_error must be"):
+            export_model(model, tmp_path / "x.lowbit", input_shape=shape, pixels=PIXELS, epilogue_error=bad)
+    assert not (tmp_path / "x.lowbit").exists()
+
+
+def test_a_4bit_stream_on_onnx_and_the_gpu_emulation(budgets, tmp_path):
+    _, shape, results = budgets
+    ref = IntegerModel.load(results[WIDE].path)
+    x = _pixels(64, seed=9, shape=shape)
+    assert torch.equal(GpuModel(ref, emulate=True).run_int(x), ref.run_int(x))
+    pytest.importorskip("onnxruntime")
+    from lowbit.export.onnx_export import OnnxModel, export_onnx
+
+    got, want = OnnxModel(export_onnx(ref, tmp_path / "m.onnx"), threads=1)(x), ref(x)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+    assert torch.allclose(got, want, rtol=0, atol=0.02 * float(want.abs().max()))

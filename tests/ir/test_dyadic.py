@@ -301,3 +301,31 @@ def test_float32_sum_epilogue_refuses_what_it_cannot_prove():
     ok, _ = dyadic.float32_sum_epilogue_exact(torch.tensor([403, -403]), torch.tensor([10, 11]),
                                               torch.tensor([7, 0]), torch.tensor([512, 1024]), **args)
     assert bool(ok.all())
+
+
+@pytest.mark.parametrize("order", ["left", "right", "fma"])
+def test_a_wider_budget_narrows_a_4bit_sum_and_a_clamp_after_the_kernel_gives_the_reference(order):
+    """A fused residual add into 4-bit codes ``[0, 15]`` (a 4-bit residual stream): a gain too small for the default
+    2^-10 steps narrows under a 2^-5 budget; the narrowed constants then (a) are proved exact, (b) move every value
+    of the window by at most the budget, and (c) the kernel's uint8 result (saturating at 0 and 255 only) clamped to
+    ``[0, 15]`` afterwards, as the fast path does, equals requantize_sum on every accumulator and residual code."""
+    gain, offset, resid, r_max = 0.011, 1.3, 0.93, 15
+    m31, k31 = to_dyadic(gain)
+    args = (torch.tensor([gain]), torch.tensor([offset]), resid, 0, 15, 0, r_max, torch.tensor([m31]),
+            torch.tensor([k31]), torch.tensor([to_fixed(offset, k31)]), torch.tensor([round(resid * 2.0**k31)]))
+    assert int(dyadic.float32_sum_epilogue_dyadic(*args)[1]) == k31  # unchanged under the default budget
+    m, k, b, mr = (int(t) for t in dyadic.float32_sum_epilogue_dyadic(*args, max_error=2.0**-5))
+    assert k < k31
+    ok, why = dyadic.float32_sum_epilogue_exact(torch.tensor([m]), torch.tensor([k]), torch.tensor([b]),
+                                                torch.tensor([mr]), 0, 15, 0, torch.tensor([-40000]),
+                                                torch.tensor([40000]), 0, r_max, 0)
+    assert bool(ok.all()), why
+    accs = torch.arange(-40000, 40001, 3)
+    for r in range(0, r_max + 1):
+        exact = accs.double() * gain + offset + r * resid
+        window = (exact > -1.5) & (exact < 16.5)
+        narrowed = (accs.double() * m + b + r * mr) * 2.0**-k
+        assert float((narrowed - exact)[window].abs().max()) <= 2.0**-5
+        want = dyadic.requantize_sum(accs, m, k, b, torch.full_like(accs, r), mr, lo=0, hi=15, axis=0)
+        got = [min(max(_sum_epilogue(a, r, m, k, b, mr, 0, 0, order), 0), 15) for a in accs.tolist()]
+        assert got == want.tolist(), r

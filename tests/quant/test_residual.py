@@ -104,7 +104,9 @@ class Dropping(Net):
 
 
 EXPECTED = {  # QuantAct name -> what it reads, in named_modules() order
+    "b1.shortcut_quant": (F.relu,),  # the stem's output, the identity of a join into a conv branch
     "b1.residual_quant": (F.relu,),
+    "b2.shortcut_quant": ("b2.down.1",),  # the downsample's batch norm
     "b2.residual_quant": (F.relu,),
     "b3.residual_quant": ("b3.relu",),
     "residual_quant": (operator.add,),
@@ -124,16 +126,17 @@ def _quantized(model=None, bits=8, calibrate=True, **cfg):
     return gm
 
 
-def _reads(gm):
-    return {n.target: n.args[0] for n in gm.graph.nodes if n.op == "call_module" and "residual_quant" in n.target}
+def _reads(gm, kinds=("residual_quant",)):
+    return {n.target: n.args[0] for n in gm.graph.nodes
+            if n.op == "call_module" and any(k in n.target for k in kinds)}
 
 
 def test_a_quantact_after_each_join_reading_the_relu_that_follows():
     gm = _quantized(calibrate=False)
     assert isinstance(gm, fx.GraphModule)
     assert list(quant_acts(gm)) == list(EXPECTED)  # named_modules order: the model's own one last
-    reads = _reads(gm)
-    assert set(reads) == set(EXPECTED)  # none for ``y.size(0) + 1``
+    reads = _reads(gm, ("residual_quant", "shortcut_quant"))
+    assert set(reads) == set(EXPECTED)  # none for ``y.size(0) + 1``; b3's and proj's shortcuts are codes already
     for name, src in reads.items():
         assert src.target in EXPECTED[name], name
     first_relu = next(n for n in gm.graph.nodes if n.target == "b3.relu")
@@ -158,7 +161,7 @@ def test_outputs_lie_on_the_code_grid_and_calibration_makes_them_unsigned_after_
     gm = _quantized(bits=4)
     acts = quant_acts(gm)
     assert all(bool(a.input_quantizer.initialized) for a in acts.values())
-    assert [a.input_quantizer.signed for a in acts.values()] == [False, False, False, True]
+    assert [a.input_quantizer.signed for a in acts.values()] == [False, False, True, False, False, True]
     seen = {}
     for name, a in acts.items():
         a.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (m, o)))
@@ -362,10 +365,10 @@ def test_cli_quantize_with_residual_bits_records_it_and_the_checkpoint_loads_bac
     assert load_checkpoint(q / "checkpoint.pt")["epoch"] == 2
     model, ckpt = load_quantized_run(q)
     acts = quant_acts(model)
-    assert list(acts) == ["residual_quant"] and acts["residual_quant"].bits == 4
+    assert list(acts) == ["shortcut_quant", "residual_quant"] and all(a.bits == 4 for a in acts.values())
     assert bool(acts["residual_quant"].input_quantizer.initialized) and ckpt["quant_config"]["residual_bits"] == 4
     capsys.readouterr()
     assert main(["plan", "--from", str(q), "--show"]) == 0
     assert "residual_quant  residual" in capsys.readouterr().out
     assert main(["plan", "--model", f"{code}:Net", "--residual-bits", "8", "--show"]) == 0
-    assert "residual   a8 x1" in capsys.readouterr().out
+    assert "residual   a8 x2" in capsys.readouterr().out

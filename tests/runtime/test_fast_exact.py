@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.export.exporter import export_model
 from lowbit.ir.dyadic import float32_epilogue_exact
 from lowbit.models import create_model
 from lowbit.quant import Plan, calibrate_, quantize_
+from lowbit.runtime import fastpath
 from lowbit.runtime.engine import IntegerModel
 from lowbit.runtime.fastpath import FastModel, acc_bounds, available, compare, value_bounds
 
@@ -151,6 +153,22 @@ def test_compiled_graph_is_bit_exact(exports):
             assert torch.equal(fast.run_int(x), ref.run_int(x))
             assert torch.equal(fast.run_int(x), ref.run_int(x))  # the compiled call again
         assert set(fast.compile_seconds) == {(1, *ref.input_spec["shape"]), (5, *ref.input_spec["shape"])}
+
+
+def test_large_batches_run_in_equal_chunks_bit_exactly(exports, monkeypatch):
+    """``chunk`` 3: 7 images run as three chunks of 3 (the last padded with zero input), 8 as three of 3 too, 6 as
+    two of 3; every image's integers equal the reference's, and each chunk shape is one graph."""
+    ref = IntegerModel.load(exports["resnet8 w4a4"])
+    fast = FastModel(ref, compile=False, chunk=3)
+    shapes = []
+    real = fastpath.run_logits
+    monkeypatch.setattr(fastpath, "run_logits", lambda fm, shape, x: shapes.append(shape[0]) or real(fm, shape, x))
+    for n in (2, 6, 7, 8):
+        x = _pixels(ref.input_spec["shape"], n=n, seed=n)
+        assert torch.equal(fast.run_int(x), ref.run_int(x)), n
+    assert shapes == [2, 3, 3, 3, 3, 3, 3, 3, 3]
+    with pytest.raises(LowbitError, match="chunk must be at least 1"):
+        FastModel(ref, compile=False, chunk=0)
 
 
 def test_auto_compile_waits_until_eager_time_adds_up(exports, monkeypatch):

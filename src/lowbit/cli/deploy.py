@@ -30,6 +30,11 @@ def _export():
                        help="lowbit: integer model (safetensors + manifest); onnx: QDQ ONNX for onnxruntime")
         p.add_argument("--no-int4", dest="int4", action="store_false",
                        help="ONNX: store <=4-bit weights as INT8 instead of the ONNX INT4 type")
+        p.add_argument("--epilogue-error", type=float, default=None, metavar="STEPS",
+                       help="output steps a requantization narrowed for the int8 kernel's own epilogue may move a "
+                            "value (default 2^-10 ~ 0.001): larger (e.g. 0.03) puts more layers, fused residual adds "
+                            "above all, inside the oneDNN kernel on the CPU fast path, while values within that "
+                            "distance of a rounding tie may round the other way than in the fake-quant model")
         p.add_argument("--verify", action="store_true",
                        help="check the export on the run's test set: runtime vs simulation (bit-exact), vs the "
                             "fake-quant model, fast path (and ONNX with --format onnx)")
@@ -63,14 +68,14 @@ def _export():
             print(f"{out}: {_size(out.stat().st_size)} (QDQ ONNX of {src})")
             return 0
         if a.format == "lowbit":
-            result = export_run(src, a.out or "model.lowbit")
+            result = export_run(src, a.out or "model.lowbit", a.epilogue_error)
             print(result.summary() + _ckpt_note(result.info))
             path, runtime = result.path, IntegerModel.load(result.path)
         else:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                result = export_run(src, Path(tmp) / "model.lowbit")
+                result = export_run(src, Path(tmp) / "model.lowbit", a.epilogue_error)
                 runtime = IntegerModel(*read_model(result.path), source=str(src))
             path = _onnx(runtime, a.out or "model.onnx", a.int4)
             size = path.stat().st_size

@@ -291,9 +291,10 @@ def _quantize():
         p.add_argument("--activation-init", default="mean", choices=["mean", "mse", "percentile"],
                        help="LSQ input steps: the paper's 2·mean|x|/sqrt(Q_P), or outlier-robust MSE / percentile")
         p.add_argument("--residual-bits", type=int, default=None, choices=[8, 4, 3, 2],
-                       help="also quantize the residual stream after each add (after its ReLU), so that integer "
-                            "backends keep it as narrow codes instead of int32 (faster); costs accuracy that QAT "
-                            "recovers. Needs a forward torch.fx can trace")
+                       help="also quantize the residual stream: after each add (after its ReLU) and on the shortcut "
+                            "into an add of a conv branch, so that integer backends keep it as narrow codes and run "
+                            "each add inside its conv's kernel (faster; 4 bits with `export --epilogue-error` the "
+                            "fastest); QAT recovers the accuracy. Needs a forward torch.fx can trace")
         p.add_argument("--first-last-bits", type=_bits_or_float, default=8,
                        help="bits of the first and last layers in presets ('float' keeps them fp32)")
         add_fit(p, epochs=None, lr=None, wd=None, schedule=None)

@@ -24,7 +24,7 @@ _ROLE_NOTES = {
     "head": "--first-last-bits: pooler/classifier",
     "edge": "--first-last-bits: first/last executed layer",
     "matmul": "both inputs at the block's query input bits",
-    "residual": "--residual-bits: the sum after each residual add (and its ReLU)",
+    "residual": "--residual-bits: the sum after each residual add (and its ReLU), and the shortcut into it",
 }
 
 
@@ -53,7 +53,7 @@ def describe_plan(model: nn.Module, plan: Any, roles: dict[str, str], matmuls: d
     for name, (a, b) in (matmuls or {}).items():
         rows.append((name, "matmul", "attention matmul", a, b))
     for name, bits in (residuals or {}).items():
-        rows.append((name, "residual", "residual add", "-", bits))
+        rows.append((name, "residual", "shortcut" if "shortcut_quant" in name else "residual add", "-", bits))
     width = max([len("layer"), *(len(r[0]) for r in rows)])
     shape_w = max([len("type"), *(len(r[2]) for r in rows)])
     lines = [f"{'layer':<{width}}  {'role':<9}  {'type':<{shape_w}}  w_bits  a_bits   (matmuls: both inputs)"]
@@ -126,9 +126,9 @@ def _plan():
         g.add_argument("--quantize-matmuls", action="store_true",
                        help="also list the attention matmuls QuantConfig(quantize_matmuls=True) quantizes")
         g.add_argument("--residual-bits", type=int, default=None, choices=[8, 4, 3, 2],
-                       help="also list the residual adds `lowbit quantize --residual-bits` quantizes: the residual "
-                            "stream after each add, so integer backends keep it as narrow codes (QAT recovers the "
-                            "accuracy it costs)")
+                       help="also list the residual stream `lowbit quantize --residual-bits` quantizes: after each "
+                            "add and on each shortcut into one, so integer backends keep it as narrow codes (QAT "
+                            "recovers the accuracy it costs)")
         g.add_argument("--show", action="store_true", help="print the table (the default when --out is not given)")
         g.add_argument("--out", default=None, help="write the plan to this .yaml/.json file")
         d = p.add_argument_group("data (optional)")

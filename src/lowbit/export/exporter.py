@@ -27,6 +27,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.capture import FNode, capture
 from lowbit.export.lower import WIDE_FRAC_BITS, Program, lower
+from lowbit.ir.dyadic import EPILOGUE_MAX_ERROR
 from lowbit.ir.format import FORMAT_NAME, FORMAT_VERSION, write_model
 
 ROUNDING = "half_to_even"
@@ -48,6 +49,7 @@ class Lowered:
             "graph": [n.to_json() for n in self.program.graph], "tensors": self.program.entries, "input": self.input,
             "rounding": ROUNDING, "wide_frac_bits": WIDE_FRAC_BITS, "layers": self.program.layers,
             **({"activations": self.program.activations} if self.program.activations else {}),
+            "epilogue_error": self.program.epilogue_error,
             **(extra or {}),
         }
 
@@ -72,19 +74,20 @@ class ExportResult:
                 f"({self.ratio:.1f}x smaller)")
 
 
-def lower_model(model: nn.Module, input_shape: tuple[int, ...], pixels: dict[str, Any] | None = None
-                ) -> Lowered:
+def lower_model(model: nn.Module, input_shape: tuple[int, ...], pixels: dict[str, Any] | None = None,
+                epilogue_error: float | None = None) -> Lowered:
     """Capture and lower an eval-mode copy of ``model`` for inputs of ``input_shape`` (no batch dim).
 
     ``pixels``: ``{"mean": m, "std": s}`` (scalars or per channel) when the model reads uint8 images
     normalised as ``(p / 255 - mean) / std``; the exported model then takes the uint8 pixels. None: the
-    exported model takes the float input the PyTorch model takes.
+    exported model takes the float input the PyTorch model takes. ``epilogue_error``: see :func:`export_model`.
     """
+    epilogue_error = check_epilogue_error(epilogue_error)
     model = copy.deepcopy(model).cpu().float().eval()
     input_shape = tuple(int(d) for d in input_shape)
     example = torch.zeros((1, *input_shape))
     fnodes = capture(model, example)
-    program = lower(fnodes, pixels)
+    program = lower(fnodes, pixels, epilogue_error)
     spec = {"shape": list(input_shape), "dtype": "uint8" if pixels else "float32"}
     if pixels:
         spec.update(mean=_as_list(pixels["mean"]), std=_as_list(pixels["std"]))
@@ -93,11 +96,20 @@ def lower_model(model: nn.Module, input_shape: tuple[int, ...], pixels: dict[str
 
 def export_model(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...] | None = None,
                  pixels: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
-                 example: Mapping[str, torch.Tensor] | None = None) -> ExportResult:
+                 example: Mapping[str, torch.Tensor] | None = None, epilogue_error: float | None = None
+                 ) -> ExportResult:
     """Export ``model`` (quantized with :func:`lowbit.quant.quantize_`, calibrated) to ``path``.
 
     ``input_shape``: the one input tensor of an image model; ``example``: instead, a batch of the token tensors
     an encoder is called with (``model(**example)``), which fixes the sequence length of the export.
+
+    ``epilogue_error``: how many output steps a requantization narrowed for an int8 kernel's float32 epilogue may
+    move a value (default :data:`~lowbit.ir.dyadic.EPILOGUE_MAX_ERROR`, 2^-10). A conv that writes codes runs
+    its requantization inside the kernel (the CPU fast path's fastest form) only where a multiplier of about
+    ``24 - log2(range)`` bits is exact there; a larger budget lets more layers do so, above all convs whose
+    residual add is fused (their window is wider), at the cost of fidelity to the fake-quant model: a value
+    within ``epilogue_error`` of a rounding tie may round the other way (the file and every backend still agree
+    bit for bit; :func:`lowbit.deploy.check_lowering` widens its tolerance to match).
 
     Raises:
         LowbitError: a layer or operation the integer format cannot express (named), or an unwritable path.
@@ -106,10 +118,12 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, input_shape: tupl
         if not isinstance(example, Mapping):
             raise LowbitError("example must be a dict of token tensors (model(**example)); give an image model "
                               "input_shape instead")
+        if epilogue_error is not None:
+            raise LowbitError("epilogue_error applies to image models (the encoder export requantizes in float glue)")
         return export_encoder(model, path, example, metadata)
     if input_shape is None:
         raise LowbitError("export_model needs input_shape (one input tensor) or example (a dict of token tensors)")
-    lowered = lower_model(model, input_shape, pixels)
+    lowered = lower_model(model, input_shape, pixels, epilogue_error)
     fp32 = fp32_weight_bytes(model)
     extra = {"fp32_weight_bytes": fp32, **(metadata or {})}
     path = write_model(path, lowered.manifest(extra), lowered.program.tensors)
@@ -126,6 +140,20 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, example: Mapping[s
     fp32 = fp32_weight_bytes(model)
     path = write_model(path, lowered.manifest({"fp32_weight_bytes": fp32, **(metadata or {})}), lowered.program.tensors)
     return ExportResult(Path(path), Path(path).stat().st_size, fp32, lowered)
+
+
+def check_epilogue_error(value: float | None) -> float:
+    """``value`` (None: the default) as a float in ``(0, 0.5]``, or one-line LowbitError."""
+    if value is None:
+        return EPILOGUE_MAX_ERROR
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise LowbitError(f"epilogue_error must be a number of output steps, got {value!r}") from None
+    if not 0 < value <= 0.5:
+        raise LowbitError(f"epilogue_error must be in (0, 0.5] output steps (default {EPILOGUE_MAX_ERROR:g}), got "
+                          f"{value:g}")
+    return value
 
 
 def fp32_weight_bytes(model: nn.Module) -> int:
@@ -165,8 +193,9 @@ def run_input_spec(ckpt: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, Any
     raise LowbitError(f"unknown data set {data!r} in the run's checkpoint: cannot tell its input normalisation")
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
-    """Export the model of a ``lowbit quantize`` run directory; reports the size against the fp32 run."""
+def export_run(run: str | os.PathLike, out: str | os.PathLike, epilogue_error: float | None = None) -> ExportResult:
+    """Export the model of a ``lowbit quantize`` run directory; reports the size against the fp32 run
+    (``epilogue_error``: :func:`export_model`'s)."""
     from lowbit.train.checkpoint import CHECKPOINT_NAME
     from lowbit.train.quantize import load_quantized_run
 
@@ -181,9 +210,10 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
             "data_spec": {k: spec[k] for k in ("data", "data_args", "val_fraction") if spec.get(k) is not None},
             "source": {"quantized_run": str(run), "fp32_run": ckpt.get("source")}}
     if example is not None:
-        result = export_model(model, out, example=example, metadata=meta)
+        result = export_model(model, out, example=example, metadata=meta, epilogue_error=epilogue_error)
     else:
-        result = export_model(model, out, input_shape=shape, pixels=pixels, metadata=meta)
+        result = export_model(model, out, input_shape=shape, pixels=pixels, metadata=meta,
+                              epilogue_error=epilogue_error)
     fp32_ckpt = Path(ckpt["source"]) / CHECKPOINT_NAME if ckpt.get("source") else None
     if fp32_ckpt is not None and fp32_ckpt.is_file():
         result.info["fp32_checkpoint_bytes"] = fp32_ckpt.stat().st_size

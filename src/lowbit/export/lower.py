@@ -73,6 +73,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.export.capture import JOINS, PRODUCERS, TRANSPARENT, FNode, users
 from lowbit.ir.dyadic import (
+    EPILOGUE_MAX_ERROR,
     INT32_MAX,
     INT32_MIN,
     MAX_SHIFT,
@@ -164,6 +165,7 @@ class Program:
     converted: dict[tuple[str, Rep], str] = field(default_factory=dict)
     activations: list[dict[str, Any]] = field(default_factory=list)
     fused: dict[str, tuple[str, str, torch.Tensor]] = field(default_factory=dict)  # add -> (conv, shortcut, m_r)
+    epilogue_error: float = EPILOGUE_MAX_ERROR  # output steps a narrowed in-kernel multiplier may move a value
     pending: dict[str, str] = field(default_factory=dict)  # fused conv -> its input value, until its add
 
 
@@ -198,7 +200,8 @@ def dyadic_affine(gain: np.ndarray | torch.Tensor, offset: np.ndarray | torch.Te
     return m, k, torch.as_tensor(to_fixed(off, k), dtype=torch.int64).reshape(-1)
 
 
-def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None) -> Program:
+def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None, epilogue_error: float = EPILOGUE_MAX_ERROR
+          ) -> Program:
     """Decide every value's representation, compute the dyadic constants and build the manifest graph.
 
     ``pixel_input``: ``{"mean": [...], "std": [...]}`` when the model reads uint8 pixels normalised as
@@ -210,7 +213,7 @@ def lower(fnodes: list[FNode], pixel_input: dict[str, Any] | None) -> Program:
     _share_shortcut_scales(fnodes, byname, readers, reps)
     fused = _fused_adds(fnodes, byname, readers, reps) if FUSE_RESIDUAL_ADDS else {}
     branches = {branch for branch, _ in fused.values()}
-    p = Program()
+    p = Program(epilogue_error=epilogue_error)
     for n in fnodes:
         if n.kind == "input":
             _emit_input(p, n, reps[n.name], _sinks(n.name, byname, readers)[0], pixel_input)
@@ -459,12 +462,13 @@ def _emit_qlayer(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode],
         if EPILOGUE_MULTIPLIERS and not r_rep.wide:
             mult, shift, bias, m_r = float32_sum_epilogue_dyadic(g, off, r_rep.scale / rep.scale, rep.lo, rep.hi,
                                                                  max(0, -rep.lo), max(abs(r_rep.lo), abs(r_rep.hi)),
-                                                                 mult, shift, bias, m_r)
+                                                                 mult, shift, bias, m_r, p.epilogue_error)
         inputs, op, out = [x, r], "conv2d_add", add.name
         extra = {"residual_multiplier": _int_entry(m_r, "int32")}
         p.fused[add.name] = (n.name, shortcut, m_r)
     elif EPILOGUE_MULTIPLIERS and not rep.wide:
-        mult, shift, bias = float32_epilogue_dyadic(g, off, rep.lo, rep.hi, max(0, -rep.lo), mult, shift, bias)
+        mult, shift, bias = float32_epilogue_dyadic(g, off, rep.lo, rep.hi, max(0, -rep.lo), mult, shift, bias,
+                                                    p.epilogue_error)
     p.consts[n.name] = Requant(mult, shift, bias, rep.lo, rep.hi)
     w_bits = m.weight_quantizer.bits
     params = {"weight": pack_tensor(w_codes, w_bits, signed=True), "multiplier": _int_entry(mult, "int32"),

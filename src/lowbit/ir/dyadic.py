@@ -286,11 +286,11 @@ def float32_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, lo
 
 
 def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, hi: int, zp: int,
-                            m: torch.Tensor, k: torch.Tensor, b: torch.Tensor
+                            m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, max_error: float = EPILOGUE_MAX_ERROR
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(m, k, b)`` for ``gain``/``offset`` (real multiplier and bias, output steps) narrowed, per channel, to
     the largest shift for which :func:`float32_epilogue_exact` holds whatever the accumulators, where that moves
-    no value by more than :data:`EPILOGUE_MAX_ERROR` output steps; other channels keep the given ``m, k, b``.
+    no value by more than ``max_error`` output steps; other channels keep the given ``m, k, b``.
 
     On the window the exact value and ``acc*s`` stay within ``top = max(|lo|, |hi|) + 2 + |gain| + |offset|``
     output steps, so ``k = floor(log2((2^24 - 1) / top))`` (also bounded by the zero-point condition). The
@@ -304,7 +304,7 @@ def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, h
     m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
     b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
     err = top / g.abs().clamp_min(1e-300) * torch.ldexp(torch.ones_like(g), -(k_e + 1))
-    use = (err <= EPILOGUE_MAX_ERROR) & (g != 0) & (zp % 2 == 0)
+    use = (err <= max_error) & (g != 0) & (zp % 2 == 0)
     return torch.where(use, m_e, m), torch.where(use, k_e, k), torch.where(use, b_e, b)
 
 
@@ -364,11 +364,12 @@ def float32_sum_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor
 
 def float32_sum_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, residual: float, lo: int, hi: int,
                                 zp: int, r_max: int, m: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
-                                mr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                mr: torch.Tensor, max_error: float = EPILOGUE_MAX_ERROR
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`float32_epilogue_dyadic` for a fused residual add: ``(m, k, b, m_r)`` narrowed on every channel so that
     :func:`float32_sum_epilogue_exact` holds whatever the accumulators and residual codes ``|r| <= r_max``, with one
     residual scale ``S = M*2^-K`` (``K`` the smallest channel shift, ``m_r = M*2^(k-K)``), where that moves no
-    value by more than :data:`EPILOGUE_MAX_ERROR` output steps; else all four unchanged (a kernel needs every
+    value by more than ``max_error`` output steps; else all four unchanged (a kernel needs every
     channel). The window bound of each channel is ``top = max(|lo|, |hi|) + 2 + |gain| + 2|offset| +
     2*residual*r_max``; the error ``top / |gain| * 2^-(k+1)`` of the multiplier plus ``r_max * 2^-(K+1)`` of ``S``."""
     g, off = torch.as_tensor(gain, dtype=torch.float64), torch.as_tensor(offset, dtype=torch.float64)
@@ -382,6 +383,6 @@ def float32_sum_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, residu
     b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
     mr_e = torch.full_like(k_e, big_m) << (k_e - big_k)
     err = top / g.abs().clamp_min(1e-300) * torch.ldexp(torch.ones_like(g), -(k_e + 1)) + r_max * 2.0 ** -(big_k + 1)
-    if not bool(((err <= EPILOGUE_MAX_ERROR) & (g != 0)).all()) or zp % 2 or big_m == 0:
+    if not bool(((err <= max_error) & (g != 0)).all()) or zp % 2 or big_m == 0:
         return m, k, b, mr
     return m_e, k_e, b_e, mr_e

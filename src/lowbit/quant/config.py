@@ -62,9 +62,10 @@ class QuantConfig:
             the quantization MSE over all calibration batches) or ``"percentile"`` (FAQ's percentile of ``|x|``
             over ``Q_P``). Matters most after calibration alone (post-training); QAT then learns the step.
         residual_bits: also fake-quantize the residual stream at these bits: the output of every residual add
-            (tensor + tensor, after the ReLU/clamp that follows it) gets a :class:`lowbit.quant.modules.QuantAct`
-            (:func:`lowbit.quant.residual.quantize_residuals`), so QAT learns it and an integer backend can
-            carry the stream as narrow codes instead of int32. None (the default) keeps residual adds float.
+            (tensor + tensor, after the ReLU/clamp that follows it) and the shortcut operand of an add into a conv
+            branch get a :class:`lowbit.quant.modules.QuantAct` (:func:`lowbit.quant.residual.quantize_residuals`),
+            so QAT learns them and an integer backend can carry the stream as narrow codes instead of int32. None
+            (the default) keeps residual adds float.
             Needs a forward that ``torch.fx`` can trace; ``quantize_`` then returns a new model.
     """
 

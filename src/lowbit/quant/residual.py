@@ -16,6 +16,13 @@ parameters or buffers (``x + self.pos_embedding``: no dependence on the input). 
 The QuantAct reads the add's result, or, when the only reader of the sum is a ReLU/ReLU6/hardtanh/clamp, that
 op's result, so a post-activation block (``relu(out + identity)``) gets unsigned codes. In-place ops are
 followed: ``out.add_(identity); return self.relu(out)`` quantizes after the ReLU too.
+
+The stream *into* a join is codes too: where one operand is a *branch* (a quantized conv/linear, or a batch norm
+after one, read by nothing but the add), every other operand that is not a QuantAct's codes already gets a
+QuantAct of its own (``shortcut_quant``: the first block's input after the stem, a downsample conv's output), read
+by all of that value's readers. The sum is then ``branch + codes``, which an integer backend computes in the
+branch's kernel with one rounding (oneDNN's sum post-op), as PyTorch's own int8 models do; the branch itself is
+never rounded before the add.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from lowbit.quant.plan import is_transformer
 from lowbit.quant.quantizers import check_bits
 
 RESIDUAL_NAME = "residual_quant"  # the inserted module's name under the module whose forward does the add
+SHORTCUT_NAME = "shortcut_quant"  # the QuantAct on a join's non-branch operand
 _LEAVES = (QuantConv2d, QuantLinear, QuantMatmul, QuantAct)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
@@ -232,6 +240,21 @@ def _owner(n: fx.Node, modules: dict[str, nn.Module], recorded: bool) -> str:
     return ".".join(common)
 
 
+def _is_branch(a: fx.Node, value: set[fx.Node], modules: dict[str, nn.Module]) -> bool:
+    """A conv/linear's output (or a batch norm's after one) that only the add reads (``value``: the add's aliases).
+    QuantConv2d/QuantLinear are Conv2d/Linear, and a float model (``lowbit plan``) finds the same joins."""
+    node = a
+    if node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
+    if not (node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear))):
+        return False
+    return all(u in value for u in a.users) and (node is a or list(node.users) == [a])
+
+
+def _is_codes(a: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return a.op == "call_module" and isinstance(modules.get(a.target), QuantAct)
+
+
 def _graph_module(model: nn.Module, root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule with ``root``'s module tree as it is (fx would keep only the called modules, under plain
     ``nn.Module`` parents), so names, types, the state dict and unused layers stay those of ``model``."""
@@ -256,14 +279,15 @@ def _graph_module(model: nn.Module, root: nn.Module, graph: fx.Graph) -> fx.Grap
 
 
 def quantize_residuals(model: nn.Module, bits: int, config: QuantConfig | None = None) -> fx.GraphModule:
-    """The traced ``model`` with a ``QuantAct(bits, config)`` after every residual add (module docstring).
+    """The traced ``model`` with a ``QuantAct(bits, config)`` after every residual add and on the shortcut operand
+    of every add into a conv branch (module docstring).
 
-    Each QuantAct is named ``residual_quant`` under the module whose forward does the add (``layer1.0.residual_quant``;
-    ``residual_quant_1``, ``_2`` for further adds of that module), so that :func:`lowbit.quant.build_quantized`
-    rebuilds the same names from a fresh model. The result keeps ``model``'s modules, names and state dict
-    (plus the QuantActs); ``model`` itself is not changed, only its forward is replaced, so use the returned
-    model. Its quantizers are uninitialised: :func:`lowbit.quant.calibrate_` initialises them. Adds already
-    followed by a QuantAct are left alone.
+    Each QuantAct is named ``residual_quant`` (``shortcut_quant``) under the module whose forward does the add
+    (``layer1.0.residual_quant``; ``residual_quant_1``, ``_2`` for further adds of that module), so that
+    :func:`lowbit.quant.build_quantized` rebuilds the same names from a fresh model. The result keeps
+    ``model``'s modules, names and state dict (plus the QuantActs); ``model`` itself is not changed, only its
+    forward is replaced, so use the returned model. Its quantizers are uninitialised:
+    :func:`lowbit.quant.calibrate_` initialises them. Adds already followed by a QuantAct are left alone.
 
     Raises one-line :class:`LowbitError` for a transformer, a forward that fx cannot trace (data-dependent
     control flow) or that depends on ``self.training``, and a model without any residual add.
@@ -294,7 +318,36 @@ def quantize_residuals(model: nn.Module, bits: int, config: QuantConfig | None =
     owners = {add: _owner(add, modules, recorded) for add in joins}  # before any operand is rewritten
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     counts: dict[str, int] = {}
+
+    def insert(after: fx.Node, owner: str, base: str, readers: list[fx.Node], value: set[fx.Node], like: fx.Node):
+        """A QuantAct named ``<owner>.<base>[_k]`` reading ``after``, read by ``readers`` instead of ``value``."""
+        parent = gm.get_submodule(owner)
+        k = counts.get((owner, base), 0)
+        while hasattr(parent, child := base if k == 0 else f"{base}_{k}"):
+            k += 1
+        counts[(owner, base)] = k + 1
+        target = f"{owner}.{child}" if owner else child
+        qa = QuantAct(bits, config).train(gm.training)
+        if param is not None:
+            qa.to(device=param.device, dtype=param.dtype)
+        gm.add_submodule(target, qa)
+        modules[target] = qa
+        with graph.inserting_after(after):
+            q = graph.call_module(target, (after,))
+        if "nn_module_stack" in like.meta:
+            q.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+        for r in readers:
+            for v in value:
+                r.replace_input_with(v, q)
+
     for add in joins:
+        ops, value = _add_operands(add), _aliases(add, modules)
+        if any(_is_branch(a, value, modules) for a in ops):
+            kept = next(a for a in ops if _is_branch(a, value, modules))
+            for a in dict.fromkeys(ops):
+                if a is not kept and not _is_codes(a, modules):
+                    a_value = _aliases(a, modules)
+                    insert(a, owners[add], SHORTCUT_NAME, _readers(a, a_value), a_value, add)
         point, value = add, _aliases(add, modules)
         readers = _readers(point, value)
         if len(readers) == 1 and _is_clamp(readers[0], value, modules):
@@ -307,28 +360,10 @@ def quantize_residuals(model: nn.Module, bits: int, config: QuantConfig | None =
             and isinstance(modules.get(readers[0].target), QuantAct)
         ):
             continue  # quantized already
-        owner = owners[add]
-        parent = gm.get_submodule(owner)
-        k = counts.get(owner, 0)
-        while hasattr(parent, child := RESIDUAL_NAME if k == 0 else f"{RESIDUAL_NAME}_{k}"):
-            k += 1
-        counts[owner] = k + 1
-        target = f"{owner}.{child}" if owner else child
-        qa = QuantAct(bits, config).train(gm.training)
-        if param is not None:
-            qa.to(device=param.device, dtype=param.dtype)
-        gm.add_submodule(target, qa)
-        modules[target] = qa
-        with graph.inserting_after(point):
-            q = graph.call_module(target, (point,))
-        if "nn_module_stack" in add.meta:
-            q.meta["nn_module_stack"] = add.meta["nn_module_stack"]
-        for r in readers:
-            for v in value:
-                r.replace_input_with(v, q)
+        insert(point, owners[add], RESIDUAL_NAME, readers, value, add)
     graph.lint()
     gm.recompile()
     return gm
 
 
-__all__ = ["RESIDUAL_NAME", "ResidualTracer", "quantize_residuals"]
+__all__ = ["RESIDUAL_NAME", "SHORTCUT_NAME", "ResidualTracer", "quantize_residuals"]

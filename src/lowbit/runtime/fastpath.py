@@ -428,11 +428,11 @@ class FastModel:
     :data:`AUTO_COMPILE_AFTER_S` seconds, so a short job stays eager and a long one pays the compile once.
     ``compile_seconds``: the compiling call's time per input shape.
 
-    ``chunk``: images per call of the graph; a larger batch runs chunk by chunk, its last chunk padded with zero
-    input to the same shape (images are independent: the padding changes no other image's integers), so one compiled
-    graph serves every batch size from ``chunk`` up. Default: as many images as keep the largest intermediate below
-    :data:`CHUNK_BYTES` (at batch 64, fresh pages for ResNet-18's 200 MB of stem accumulators cost more than the
-    conv).
+    ``chunk``: the most images per call of the graph; a larger batch runs in as few equal chunks as that allows
+    (64 images with ``chunk`` 20: four of 16), the last one padded with zero input to the same shape where the
+    batch does not divide (images are independent: the padding changes no other image's integers). Default: as
+    many images as keep the largest intermediate below :data:`CHUNK_BYTES` (at batch 64, fresh pages for
+    ResNet-18's 200 MB of stem accumulators cost more than the conv).
     """
 
     def __init__(self, model: IntegerModel, capability: str | None = None, compile: bool | str | None = None,
@@ -539,6 +539,7 @@ class FastModel:
         n, c = x.shape[0], self.chunk
         if n <= c:
             return run_logits(self, tuple(x.shape), x)
+        c = -(-n // -(-n // c))  # equal chunks: ceil(n / number of chunks)
         outs = []
         for i in range(0, n, c):
             part = x[i:i + c]
@@ -767,6 +768,9 @@ def _fast_layer(fm: FastModel, node: Node, p):
             fm.paths[node.name] = "int8 fused"
             fm.requant[node.name] = "in the int8 kernel"
             key = _register_fused(node.op, w, a, zp_in, p, a["lo"], a["hi"], zp, zp_r)
+            if res and (a["lo"], a["hi"]) != (-zp, 255 - zp):  # the sum post-op saturates at uint8's ends only
+                lo_u, hi_u = a["lo"] + zp, a["hi"] + zp
+                return lambda env: conv_add_u8(_cl(env[src]), _cl(env[res]), key).clamp_(lo_u, hi_u)
             if res:
                 return lambda env: conv_add_u8(_cl(env[src]), _cl(env[res]), key)
             if conv:
@@ -824,14 +828,16 @@ def _fused_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, l
 
 def _fused_sum_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, lo_c: torch.Tensor,
                    hi_c: torch.Tensor, r_range: tuple[int, int], zp_r: int | None) -> str:
-    """Why this conv2d_add cannot run as one int8 kernel with a residual sum post-op writing uint8, or "": the sum
-    post-op has no clip, so ``[lo, hi]`` must be the uint8 range less the zero point; the residual must be stored as
-    uint8 codes; and the epilogue must be exact (:func:`~lowbit.ir.dyadic.float32_sum_epilogue_exact`)."""
+    """Why this conv2d_add cannot run as one int8 kernel with a residual sum post-op writing uint8, or "": the
+    residual must be stored as uint8 codes, and the epilogue exact
+    (:func:`~lowbit.ir.dyadic.float32_sum_epilogue_exact`). The sum post-op has no clip: it saturates at uint8's
+    ends, and a narrower ``[lo, hi]`` is one clamp of the uint8 result after it, which gives the reference's clamp:
+    both sides are exact on the accumulators that round into ``[lo, hi]`` and monotone beyond them."""
     m = p["multiplier"].to(torch.int64)
     if zp_r is None:
         return "compiled glue: the residual is a wide (int32) value, not uint8 codes"
-    if (a["lo"], a["hi"]) != (-zp_out, 255 - zp_out):
-        return f"compiled glue: the output range [{a['lo']}, {a['hi']}] is not uint8's less the zero point"
+    if a["lo"] + zp_out < 0 or a["hi"] + zp_out > 255:
+        return f"compiled glue: the output range [{a['lo']}, {a['hi']}] plus zero point {zp_out} is not in uint8"
     if bool((m < 0).any()) and w.numel() and bool((w[m < 0] == -128).any()):
         return "compiled glue: negating a channel with multiplier < 0 needs weight code +128"
     ok, why = float32_sum_epilogue_exact(m, p["shift"], p["bias"], p["residual_multiplier"], a["lo"], a["hi"], zp_out,
