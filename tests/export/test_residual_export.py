@@ -404,8 +404,11 @@ def test_add_of_a_wide_branch_and_codes_into_codes_is_exact(ma, mb, s, bias, wid
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnx_and_gpu_emulation_agree_with_the_reference(exports, name, tmp_path):
     _, result, shape = exports[name]
-    ref = IntegerModel.load(result.path)
-    x = _pixels(64, seed=6, shape=shape)
+    _assert_onnx_and_gpu(IntegerModel.load(result.path), _pixels(64, seed=6, shape=shape), tmp_path)
+
+
+def _assert_onnx_and_gpu(ref, x, tmp_path):
+    """The GPU emulation bit for bit; onnxruntime (float QDQ) on top-1 and within 2% of the largest logit."""
     assert torch.equal(GpuModel(ref, emulate=True).run_int(x), ref.run_int(x))
     pytest.importorskip("onnxruntime")
     from lowbit.export.onnx_export import OnnxModel, export_onnx
@@ -559,12 +562,4 @@ def test_epilogue_error_out_of_range_is_refused(budgets, tmp_path):
 
 def test_a_4bit_stream_on_onnx_and_the_gpu_emulation(budgets, tmp_path):
     _, shape, results = budgets
-    ref = IntegerModel.load(results[WIDE].path)
-    x = _pixels(64, seed=9, shape=shape)
-    assert torch.equal(GpuModel(ref, emulate=True).run_int(x), ref.run_int(x))
-    pytest.importorskip("onnxruntime")
-    from lowbit.export.onnx_export import OnnxModel, export_onnx
-
-    got, want = OnnxModel(export_onnx(ref, tmp_path / "m.onnx"), threads=1)(x), ref(x)
-    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
-    assert torch.allclose(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
+    _assert_onnx_and_gpu(IntegerModel.load(results[WIDE].path), _pixels(64, seed=9, shape=shape), tmp_path)

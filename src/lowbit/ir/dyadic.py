@@ -276,13 +276,15 @@ def float32_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, lo
               ("|bias| * 2^k reaches 2^24", b.abs() < lim),
               ("(code + zero point) * 2^k may reach 2^24", (max(abs(lo + zp), abs(hi + zp)) + 1) * p2 < lim),
               ("odd output zero point (ties would round to its parity)", torch.full_like(neg, zp % 2 == 0)))
-    ok = torch.ones_like(neg)
-    why = ""
-    for reason, c in checks:
-        if not why and not bool(c.all()):
-            why = reason
+    return _verdict(checks, neg)
+
+
+def _verdict(checks, like: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Per channel: every ``(reason, condition)`` holds; and the first reason that fails somewhere."""
+    ok = torch.ones_like(like, dtype=torch.bool)
+    for _, c in checks:
         ok &= c
-    return ok, why
+    return ok, next((reason for reason, c in checks if not bool(c.all())), "")
 
 
 def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, hi: int, zp: int,
@@ -353,13 +355,7 @@ def float32_sum_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor
                a_max * am + b.abs() + r_max * mr < lim),
               ("(code + zero point) * 2^k may reach 2^24", (max(abs(lo + zp), abs(hi + zp)) + 1) * p2 < lim),
               ("odd output zero point (ties would round to its parity)", torch.full_like(neg, zp % 2 == 0)))
-    ok = torch.ones_like(neg)
-    why = ""
-    for reason, c in checks:
-        if not why and not bool(c.all()):
-            why = reason
-        ok &= c
-    return ok, why
+    return _verdict(checks, neg)
 
 
 def float32_sum_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, residual: float, lo: int, hi: int,
