@@ -362,6 +362,18 @@ def _(x: torch.Tensor, r: torch.Tensor, key: str) -> torch.Tensor:
     return _conv_out(x, _PACKED[key], torch.uint8)
 
 
+@torch.library.custom_op("lowbit::conv_add_u8_", mutates_args=("r",))
+def conv_add_u8_(x: torch.Tensor, r: torch.Tensor, key: str) -> None:
+    """:func:`conv_add_u8` writing into ``r`` itself (channels-last uint8), for an add that is its residual's last
+    reader: no copy. Under torch.compile the mutation is functionalized, and Inductor writes in place where nothing
+    reads ``r`` later (else it copies, as :func:`conv_add_u8` does)."""
+    e = _PACKED[key]
+    torch.ops.onednn.qconv2d_pointwise.binary(
+        x.contiguous(memory_format=torch.channels_last), 1.0, e["zp"], e["packed"], e["scales"], e["wzp"], r,
+        e["beta"], e["stride"], e["padding"], e["dilation"], e["groups"], 1.0, e["zp_out"], torch.uint8,
+        e["sum_scale"], e["zp_r"], "sum", 1.0, "none", [], "")
+
+
 @torch.library.custom_op("lowbit::linear_u8", mutates_args=())
 def linear_u8(x: torch.Tensor, key: str) -> torch.Tensor:
     """A prepacked int8 linear layer that requantizes in its epilogue and writes uint8 codes."""
@@ -452,6 +464,8 @@ class FastModel:
             for v in node.inputs:
                 readers.setdefault(v, []).append(node.op)
         builders = kernels("cpu_fast")
+        self.last_reader = {v: n.name for n in model.nodes for v in n.inputs}  # value -> its last reader
+        self.tracing = False  # run_trace keeps every value: no step may then write into its input
         self._pool_first = {n.output for n in model.nodes if n.op == "conv2d" and "maxpool2d" in builders
                             and readers.get(n.output) == ["maxpool2d"]}
         self._deferred: dict[str, tuple[Any, int | None]] = {}  # conv output held as accumulators -> (rq, zp)
@@ -529,8 +543,12 @@ class FastModel:
     def run_trace(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every integer value of the graph (int64, by value name), run eagerly: for comparisons."""
         self.model._check_input(x)
-        with torch.inference_mode():
-            return self._body(self._prologue(x), trace=True)
+        self.tracing = True
+        try:
+            with torch.inference_mode():
+                return self._body(self._prologue(x), trace=True)
+        finally:
+            self.tracing = False
 
     def run_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer logits (int32), identical to :meth:`IntegerModel.run_int` (``chunk`` images per call)."""
@@ -768,11 +786,8 @@ def _fast_layer(fm: FastModel, node: Node, p):
             fm.paths[node.name] = "int8 fused"
             fm.requant[node.name] = "in the int8 kernel"
             key = _register_fused(node.op, w, a, zp_in, p, a["lo"], a["hi"], zp, zp_r)
-            if res and (a["lo"], a["hi"]) != (-zp, 255 - zp):  # the sum post-op saturates at uint8's ends only
-                lo_u, hi_u = a["lo"] + zp, a["hi"] + zp
-                return lambda env: conv_add_u8(_cl(env[src]), _cl(env[res]), key).clamp_(lo_u, hi_u)
             if res:
-                return lambda env: conv_add_u8(_cl(env[src]), _cl(env[res]), key)
+                return _fused_add(fm, node, src, res, key, a["lo"] + zp, a["hi"] + zp)
             if conv:
                 return lambda env: conv_u8(_cl(env[src]), key)
             return lambda env: linear_u8(env[src].contiguous(), key)
@@ -824,6 +839,25 @@ def _fused_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, l
     if not bool(ok.all()):
         return f"compiled glue: {int((~ok).sum())}/{ok.numel()} channels not exact in a float32 epilogue ({why})"
     return ""
+
+
+def _fused_add(fm: FastModel, node: Node, src: str, res: str, key: str, lo_u: int, hi_u: int):
+    """The step of an in-kernel residual add: into the residual's own buffer where this node is its last reader
+    (and the buffer is not the model's input), else into a copy; a code range narrower than uint8's is one clamp
+    after the kernel (the sum post-op saturates at uint8's ends only)."""
+    last = fm.last_reader.get(res) == node.name
+    clamp = (lo_u, hi_u) != (0, 255)
+
+    def step(env):
+        x, r = _cl(env[src]), env[res]
+        if last and not fm.tracing and r.dtype == torch.uint8 and r.is_contiguous(memory_format=torch.channels_last):
+            conv_add_u8_(x, r, key)
+            out = r
+        else:
+            out = conv_add_u8(x, _cl(r), key)
+        return out.clamp_(lo_u, hi_u) if clamp else out
+
+    return step
 
 
 def _fused_sum_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, lo_c: torch.Tensor,
