@@ -27,6 +27,7 @@ from lowbit.runtime.engine import IntegerModel
 from lowbit.runtime.fastpath import CAPABILITIES, FastModel, available, compare, forced_capability
 from lowbit.runtime.gpu import GpuModel
 from lowbit.runtime.reference import add_requant
+from tests.export.test_user_models import _randomise_bn
 
 PIXELS = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.3, 0.2]}
 SHAPE = (3, 16, 16)
@@ -124,18 +125,6 @@ class OddNet(nn.Module):
         y = self.rq2(self.rq(h))
         z = F.relu(self.head(y) + h)
         return self.fc(F.adaptive_avg_pool2d(z, 1).flatten(1))
-
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data = torch.randn(c, generator=g)
-            m.bias.data = torch.randn(c, generator=g) * 0.5
-            m.running_mean.data = torch.randn(c, generator=g) * 0.3
-            m.running_var.data = torch.rand(c, generator=g) + 0.5
-    return model
 
 
 def _pixels(n, seed, shape=SHAPE):
