@@ -372,3 +372,8 @@ def test_cli_quantize_with_residual_bits_records_it_and_the_checkpoint_loads_bac
     assert "residual_quant  residual" in capsys.readouterr().out
     assert main(["plan", "--model", f"{code}:Net", "--residual-bits", "8", "--show"]) == 0
     assert "residual   a8 x2" in capsys.readouterr().out
+    assert main(["export", "--from", str(q), "--out", str(tmp_path / "m.lowbit"), "--epilogue-error", "0.125"]) == 0
+    from lowbit.runtime.engine import IntegerModel
+
+    ref = IntegerModel.load(tmp_path / "m.lowbit")
+    assert ref.manifest["epilogue_error"] == 0.125 and [n.op for n in ref.nodes].count("conv2d_add") == 1
