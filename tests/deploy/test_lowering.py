@@ -66,3 +66,12 @@ def test_verify_reports_the_lowering_line(tmp_path):
     assert report["lowering"]["ok"] and report["lowering"]["images"] == 16
     lines = format_report(report).splitlines()
     assert lines[-1].startswith("lowering vs fake-quant model (independent, 16 images): OK, 6 layers' input codes")
+
+
+def test_code_tolerance_widens_only_for_a_larger_epilogue_budget():
+    from lowbit.deploy.lowering import code_tolerance
+
+    assert code_tolerance(None) == code_tolerance(2.0**-10) == 0.002  # default files keep the 0.2% bound
+    assert code_tolerance(2.0**-7) == 16 * 2.0**-7 and code_tolerance(0.5) == 0.5  # at most half the codes
+    for bad in ("x", float("nan"), float("inf"), -1.0, 0.6):  # not a budget an export writes: the default
+        assert code_tolerance(bad) == 0.002

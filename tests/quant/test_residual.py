@@ -377,3 +377,22 @@ def test_cli_quantize_with_residual_bits_records_it_and_the_checkpoint_loads_bac
 
     ref = IntegerModel.load(tmp_path / "m.lowbit")
     assert ref.manifest["epilogue_error"] == 0.125 and [n.op for n in ref.nodes].count("conv2d_add") == 1
+
+
+class ShortcutFirst(nn.Module):
+    """``identity + out``: the 1x1 downsample's branch comes first, the 3x3 branch second."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(2, 4, stride=2)
+
+    def forward(self, x):
+        b = self.block
+        out = b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x)))))
+        return F.relu(b.down(x) + out)
+
+
+def test_the_largest_conv_branch_stays_unrounded_whatever_the_operand_order():
+    gm = _quantized(ShortcutFirst(), calibrate=False)
+    reads = _reads(gm, ("shortcut_quant",))
+    assert [src.target for src in reads.values()] == ["block.down.1"]  # the 1x1's output is rounded, not bn2's

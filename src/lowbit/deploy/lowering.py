@@ -37,6 +37,7 @@ from torch import fx, nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.simulate import normalize_pixels
+from lowbit.ir.dyadic import EPILOGUE_MAX_ERROR
 from lowbit.ir.graph import Graph
 from lowbit.quant.modules import QUANT_LAYERS, QuantAct
 from lowbit.runtime.engine import IntegerModel
@@ -176,14 +177,21 @@ def check_lowering(runtime: IntegerModel | Graph, fake_quant: nn.Module, images:
                          act_codes)
 
 
-def code_tolerance(epilogue_error: float | None) -> float:
-    """The share of a layer's codes that may differ from the fake-quant model's: 0.2%, or ``16 * epilogue_error``
-    for a file exported with a larger budget. A requantization whose multiplier moved values by at most ``e``
-    steps flips a code only where the exact value lies within ``e`` of a tie (a share of about ``2e``), but a
-    flipped code moves every later accumulator, so flips compound, most where a layer averages many codes into
-    fine steps (measured, a trained resnet8 with a 4-bit stream at ``e = 2^-7``: at most 2% of any QuantAct's codes,
-    6.4% of the classifier's 8-bit input codes, a global average of 49 values; top-1 agreement 99.6%)."""
-    return max(MAX_FRAC_DIFFERING, 16 * float(epilogue_error or 0.0))
+def code_tolerance(epilogue_error: Any) -> float:
+    """The share of a layer's codes that may differ from the fake-quant model's: 0.2% for a file exported with
+    the default budget (or none recorded), else ``16 * epilogue_error``, at most half. A requantization whose
+    multiplier moved values by at most ``e`` steps flips a code only where the exact value lies within ``e`` of a
+    tie (a share of about ``2e``), but a flipped code moves every later accumulator, so flips compound, most where
+    a layer averages many codes into fine steps (measured, a trained resnet8 with a 4-bit stream at ``e = 2^-7``: at
+    most 2% of any QuantAct's codes, 6.4% of the classifier's 8-bit input codes, a global average of 49 values;
+    top-1 agreement 99.6%). A value that is not a number in ``(default, 0.5]`` counts as the default."""
+    try:
+        e = float(epilogue_error)
+    except (TypeError, ValueError):
+        return MAX_FRAC_DIFFERING
+    if not EPILOGUE_MAX_ERROR < e <= 0.5:  # also NaN
+        return MAX_FRAC_DIFFERING
+    return min(0.5, max(MAX_FRAC_DIFFERING, 16 * e))
 
 
 def _count(c: LayerCodes, got: torch.Tensor, want: torch.Tensor) -> None:

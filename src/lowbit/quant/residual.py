@@ -17,12 +17,12 @@ The QuantAct reads the add's result, or, when the only reader of the sum is a Re
 op's result, so a post-activation block (``relu(out + identity)``) gets unsigned codes. In-place ops are
 followed: ``out.add_(identity); return self.relu(out)`` quantizes after the ReLU too.
 
-The stream *into* a join is codes too: where one operand is a *branch* (a quantized conv/linear, or a batch norm
-after one, read by nothing but the add), every other operand that is not a QuantAct's codes already gets a
-QuantAct of its own (``shortcut_quant``: the first block's input after the stem, a downsample conv's output), read
-by all of that value's readers. The sum is then ``branch + codes``, which an integer backend computes in the
-branch's kernel with one rounding (oneDNN's sum post-op), as PyTorch's own int8 models do; the branch itself is
-never rounded before the add.
+The stream *into* a join is codes too: where an operand is a *branch* (a conv/linear, or a batch norm after one,
+read by nothing but the add; of several, the one with the most weights), every other operand that is not a
+QuantAct's codes already gets a QuantAct of its own (``shortcut_quant``: the first block's input after the stem,
+a downsample conv's output), read by all of that value's readers. The sum is then ``branch + codes``, which an
+integer backend computes in the branch's kernel with one rounding (oneDNN's sum post-op), as PyTorch's own int8
+models do; the branch itself is never rounded before the add.
 """
 
 from __future__ import annotations
@@ -251,6 +251,12 @@ def _is_branch(a: fx.Node, value: set[fx.Node], modules: dict[str, nn.Module]) -
     return all(u in value for u in a.users) and (node is a or list(node.users) == [a])
 
 
+def _branch_size(a: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """Weights of the conv/linear behind a branch (through its batch norm)."""
+    node = a.args[0] if isinstance(modules.get(a.target), nn.modules.batchnorm._BatchNorm) else a
+    return modules[node.target].weight.numel()
+
+
 def _is_codes(a: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return a.op == "call_module" and isinstance(modules.get(a.target), QuantAct)
 
@@ -342,8 +348,9 @@ def quantize_residuals(model: nn.Module, bits: int, config: QuantConfig | None =
 
     for add in joins:
         ops, value = _add_operands(add), _aliases(add, modules)
-        if any(_is_branch(a, value, modules) for a in ops):
-            kept = next(a for a in ops if _is_branch(a, value, modules))
+        branches = [a for a in ops if _is_branch(a, value, modules)]
+        if branches:  # the largest conv stays unrounded and takes the add into its kernel (a 3x3, not a 1x1)
+            kept = max(branches, key=lambda a: _branch_size(a, modules))
             for a in dict.fromkeys(ops):
                 if a is not kept and not _is_codes(a, modules):
                     a_value = _aliases(a, modules)

@@ -442,7 +442,9 @@ class FastModel:
 
     ``chunk``: the most images per call of the graph; a larger batch runs in as few equal chunks as that allows
     (64 images with ``chunk`` 20: four of 16), the last one padded with zero input to the same shape where the
-    batch does not divide (images are independent: the padding changes no other image's integers). Default: as
+    batch does not divide (images are independent: the padding changes no other image's integers); the chunk shape
+    follows the batch size, so each batch size compiles its own graph (``compile="auto"`` compiles only the ones
+    that run long enough to repay it). Default: as
     many images as keep the largest intermediate below :data:`CHUNK_BYTES` (at batch 64, fresh pages for
     ResNet-18's 200 MB of stem accumulators cost more than the conv).
     """
@@ -465,6 +467,9 @@ class FastModel:
                 readers.setdefault(v, []).append(node.op)
         builders = kernels("cpu_fast")
         self.last_reader = {v: n.name for n in model.nodes for v in n.inputs}  # value -> its last reader
+        # values that only ops making new tensors read (no view or pass-through of them can outlive their reader)
+        self.consumed = {v for v in self.last_reader
+                         if all(n.op in _CONSUMING for n in model.nodes if v in n.inputs)}
         self.tracing = False  # run_trace keeps every value: no step may then write into its input
         self._pool_first = {n.output for n in model.nodes if n.op == "conv2d" and "maxpool2d" in builders
                             and readers.get(n.output) == ["maxpool2d"]}
@@ -841,11 +846,17 @@ def _fused_why(w: torch.Tensor, p, a: dict[str, Any], zp_in: int, zp_out: int, l
     return ""
 
 
+# Ops whose fast kernels always return a new tensor (never a view or their input itself).
+_CONSUMING = frozenset({"conv2d", "conv2d_add", "linear", "requantize", "add", "maxpool2d", "avgpool2d",
+                        "adaptive_avgpool"})
+
+
 def _fused_add(fm: FastModel, node: Node, src: str, res: str, key: str, lo_u: int, hi_u: int):
-    """The step of an in-kernel residual add: into the residual's own buffer where this node is its last reader
-    (and the buffer is not the model's input), else into a copy; a code range narrower than uint8's is one clamp
-    after the kernel (the sum post-op saturates at uint8's ends only)."""
-    last = fm.last_reader.get(res) == node.name
+    """The step of an in-kernel residual add: into the residual's own buffer where this node is its last reader,
+    every reader of it makes a new tensor (so no view of it outlives them) and the conv does not read that very
+    value, else into a copy; a code range narrower than uint8's is one clamp after the kernel (the sum post-op
+    saturates at uint8's ends only)."""
+    last = fm.last_reader.get(res) == node.name and res in fm.consumed and src != res
     clamp = (lo_u, hi_u) != (0, 255)
 
     def step(env):
