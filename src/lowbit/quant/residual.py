@@ -240,21 +240,25 @@ def _owner(n: fx.Node, modules: dict[str, nn.Module], recorded: bool) -> str:
     return ".".join(common)
 
 
+def _layer_behind(a: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """``a``, or the node a batch norm ``a`` reads."""
+    if a.op == "call_module" and isinstance(modules.get(a.target), nn.modules.batchnorm._BatchNorm):
+        return a.args[0] if a.args and isinstance(a.args[0], fx.Node) else a
+    return a
+
+
 def _is_branch(a: fx.Node, value: set[fx.Node], modules: dict[str, nn.Module]) -> bool:
     """A conv/linear's output (or a batch norm's after one) that only the add reads (``value``: the add's aliases).
     QuantConv2d/QuantLinear are Conv2d/Linear, and a float model (``lowbit plan``) finds the same joins."""
-    node = a
-    if node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
-        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
+    node = _layer_behind(a, modules)
     if not (node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear))):
         return False
     return all(u in value for u in a.users) and (node is a or list(node.users) == [a])
 
 
 def _branch_size(a: fx.Node, modules: dict[str, nn.Module]) -> int:
-    """Weights of the conv/linear behind a branch (through its batch norm)."""
-    node = a.args[0] if isinstance(modules.get(a.target), nn.modules.batchnorm._BatchNorm) else a
-    return modules[node.target].weight.numel()
+    """Weights of the conv/linear behind a branch."""
+    return modules[_layer_behind(a, modules).target].weight.numel()
 
 
 def _is_codes(a: fx.Node, modules: dict[str, nn.Module]) -> bool:
