@@ -159,7 +159,7 @@ def test_large_batches_run_in_equal_chunks_bit_exactly(exports, monkeypatch):
     """``chunk`` 3: 4 images run as two chunks of 2 (not 3 + 1 padded to 3), 7 as three of 3 (the last padded
     with zero input), 8 as three of 3 too; every image's integers equal the reference's."""
     ref = IntegerModel.load(exports["resnet8 w4a4"])
-    fast = FastModel(ref, compile=False, chunk=3)
+    fast = FastModel(ref, compile=False, chunk=3, capability="vnni")
     shapes = []
     real = fastpath.run_logits
     monkeypatch.setattr(fastpath, "run_logits", lambda fm, shape, x: shapes.append(shape[0]) or real(fm, shape, x))
