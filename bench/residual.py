@@ -27,12 +27,13 @@ from lowbit.train import FitConfig, QuantizeConfig, TrainConfig, quantize_run, t
 from mirror import mirror  # noqa: E402
 
 
-def run_one(fp32: str, out: Path, bits: str, residual: int | None, seed: int, epochs: float, data,
+def run_one(fp32: str, out: Path, bits: str, residual: int | None, share: bool, seed: int, epochs: float, data,
             device: str) -> dict:
     if (out / "summary.json").exists() and load_json(out / "summary.json").get("complete"):
         return load_json(out / "summary.json")
     resume = (out / "checkpoint.pt").exists()
-    cfg = QuantizeConfig(source=fp32, out=str(out), bits=bits, recipe="lsq", distill=True, residual_bits=residual)
+    cfg = QuantizeConfig(source=fp32, out=str(out), bits=bits, recipe="lsq", distill=True, residual_bits=residual,
+                         share_residual_steps=share)
     return quantize_run(cfg, data=data, resume=resume, overwrite=not resume,
                         fit_overrides={"epochs": epochs, "seed": seed, "device": device})
 
@@ -96,27 +97,31 @@ def main() -> None:
     ap.add_argument("--model", default="resnet8", help="registry model of --fp32-weights")
     ap.add_argument("--runs", default="runs/bench-residual")
     ap.add_argument("--bits", default="w4a4")
-    ap.add_argument("--residual-bits", default="none,8", help="comma-separated: none (float stream) or bits")
+    ap.add_argument("--residual-bits", default="none,8", help="comma-separated: none (float stream), bits (layers "
+                    "reading the stream at its bits share its step) or bits+'own' (every layer a step of its own)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--state", default=None, help="committed mirror of the resumable state (bench/mirror.py)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args()
-    streams = [None if s == "none" else int(s) for s in args.residual_bits.split(",")]
-    if streams[0] is not None:
-        streams.insert(0, None)  # the float stream is the reference row
+    streams = [(None, False) if s == "none" else (int(s.removesuffix("own")), not s.endswith("own"))
+               for s in args.residual_bits.split(",")]
+    if streams[0][0] is not None:
+        streams.insert(0, (None, False))  # the float stream is the reference row
     data = get_data("fashion-mnist")
     if args.state:
         mirror(Path(args.runs), Path(args.state))
     fp = fp32_run(args, data)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    for residual in streams:
-        tag = "float" if residual is None else f"r{residual}"
-        res = [run_one(args.fp32, Path(args.runs) / f"{args.bits}-{tag}-s{seed}", args.bits, residual, seed,
+    for residual, share in streams:
+        tag = "float" if residual is None else f"r{residual}" + ("s" if share else "")  # r<bits>: own steps
+        res = [run_one(args.fp32, Path(args.runs) / f"{args.bits}-{tag}-s{seed}", args.bits, residual, share, seed,
                        args.epochs, data, args.device) for seed in seeds]
-        rows.append({"stream": "float (int32 in the export)" if residual is None else f"{residual}-bit codes",
-                     "residual_bits": residual, "val_acc": [r["val_acc"] for r in res],
+        label = "float (int32 in the export)" if residual is None else \
+            f"{residual}-bit codes, " + ("readers at its bits share its step" if share else "every layer its own step")
+        rows.append({"stream": label, "residual_bits": residual, "share_residual_steps": share,
+                     "val_acc": [r["val_acc"] for r in res],
                      "test_acc": [r["test_acc"] for r in res], "seconds": [r["train_seconds"] for r in res],
                      "compiled": [compiled_steps(Path(args.runs) / f"{args.bits}-{tag}-s{seed}") for seed in seeds]})
         print(rows[-1], flush=True)

@@ -514,6 +514,10 @@ def test_a_4bit_residual_stream_fuses_every_join_into_its_conv(budgets):
     codes = {a["value"]: a["bits"] for a in ref.manifest["activations"]}
     for n in adds:
         assert codes.get(n.inputs[1]) == 4, n.name  # the shortcut is the 4-bit codes of a QuantAct
+    # every 4-bit layer reading the stream shares its step (share_residual_steps): no requantize node anywhere
+    assert not [n.name for n in ref.nodes if n.op == "requantize"]
+    assert sum(ref.graph.producer(n.inputs[0]).op in ("conv2d_add", "maxpool2d") for n in ref.nodes
+               if n.op == "conv2d") == 5  # four conv1s and the downsample read the codes as they are
     assert ref.manifest["epilogue_error"] == 2.0**-10
     assert IntegerModel.load(results[WIDE].path).manifest["epilogue_error"] == WIDE
     x = _pixels(16, seed=7, shape=shape)

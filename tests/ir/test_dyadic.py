@@ -329,3 +329,43 @@ def test_a_wider_budget_narrows_a_4bit_sum_and_a_clamp_after_the_kernel_gives_th
         want = dyadic.requantize_sum(accs, m, k, b, torch.full_like(accs, r), mr, lo=0, hi=15, axis=0)
         got = [min(max(_sum_epilogue(a, r, m, k, b, mr, 0, 0, order), 0), 15) for a in accs.tolist()]
         assert got == want.tolist(), r
+
+
+def test_the_accumulators_reach_bounds_the_window_of_a_small_gain():
+    """A gain so small that the window ``top / gain`` (every accumulator that could round into the codes) needs most of
+    float32's bits; the layer's weights and input codes reach far fewer accumulators, and with that reach given both
+    narrowings take a shift that is proved exact on it and moves no reachable value by more than the budget."""
+    gain, offset, resid, r_max, reach = 0.0004, 1.3, 0.93, 15, 3000  # window top/gain: ~46,000 and ~120,000
+    acc = (torch.tensor([-reach]), torch.tensor([reach]))
+    m31, k31 = to_dyadic(gain)
+    plain = (torch.tensor([gain]), torch.tensor([offset]), 0, 15, 0, torch.tensor([m31]), torch.tensor([k31]),
+             torch.tensor([to_fixed(offset, k31)]))
+    assert int(dyadic.float32_epilogue_dyadic(*plain, max_error=2.0**-5)[1]) == k31  # without the reach: unchanged
+    m, k, b = dyadic.float32_epilogue_dyadic(*plain, max_error=2.0**-5, acc=acc)
+    assert int(k) < k31 and bool(dyadic.float32_epilogue_exact(m, k, b, 0, 15, 0, *acc)[0].all())
+    accs = torch.arange(-reach, reach + 1)
+    assert float(((accs * int(m) + int(b)) * 2.0 ** -int(k) - (accs * gain + offset)).abs().max()) <= 2.0**-5
+    fused = (*plain[:2], resid, 0, 15, 0, r_max, *plain[5:], torch.tensor([round(resid * 2.0**k31)]))
+    assert int(dyadic.float32_sum_epilogue_dyadic(*fused, max_error=2.0**-5)[1]) == k31
+    m, k, b, mr = (int(t) for t in dyadic.float32_sum_epilogue_dyadic(*fused, max_error=2.0**-5, acc=acc))
+    assert k < k31
+    ok, why = dyadic.float32_sum_epilogue_exact(torch.tensor([m]), torch.tensor([k]), torch.tensor([b]),
+                                                torch.tensor([mr]), 0, 15, 0, *acc, 0, r_max, 0)
+    assert bool(ok.all()), why
+    for r in range(r_max + 1):
+        moved = (accs * m + b + r * mr) * 2.0**-k - (accs * gain + offset + r * resid)
+        assert float(moved.abs().max()) <= 2.0**-5
+
+
+def test_a_zero_gain_narrows_exactly():
+    """A batch norm whose gamma is 0 (ResNets initialise the last one of each block so): the channel's multiplier 0 is
+    exact at any shift, so only the residual's scale is rounded and the narrowing applies under the default budget."""
+    m31, k31 = to_dyadic(0.93)
+    args = (torch.tensor([0.0, 0.0]), torch.tensor([0.4, -1.2]), 0.93, 0, 15, 0, 15, torch.tensor([0, 0]),
+            torch.tensor([k31, k31]), torch.tensor([to_fixed(0.4, k31), to_fixed(-1.2, k31)]),
+            torch.tensor([m31, m31]))
+    m, k, b, mr = dyadic.float32_sum_epilogue_dyadic(*args)
+    assert bool((m == 0).all()) and int(k.max()) < k31
+    ok, why = dyadic.float32_sum_epilogue_exact(m, k, b, mr, 0, 15, 0, torch.tensor([-9000, -9000]),
+                                                torch.tensor([9000, 9000]), 0, 15, 0)
+    assert bool(ok.all()), why

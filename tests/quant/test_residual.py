@@ -19,8 +19,10 @@ from lowbit.quant import (
     calibrate_,
     plan_of,
     quant_acts,
+    quant_layers,
     quantize_,
     quantize_residuals,
+    reset_layer_,
 )
 
 
@@ -203,6 +205,46 @@ def test_state_dict_round_trip_through_build_quantized():
         build_quantized(Net(), Plan.preset("w4a4", Net()), blob, _quantized(bits=None).state_dict())
 
 
+STREAM_READERS = {"b1.conv1": "b1.shortcut_quant", "b2.conv1": "b1.residual_quant",
+                  "b2.down.0": "b1.residual_quant", "b3.conv1": "b2.residual_quant", "proj": "b3.residual_quant"}
+
+
+def test_layers_reading_the_stream_at_its_bits_share_its_quantizer():
+    model = Net()
+    gm, own = _quantized(model, bits=4), _quantized(bits=4, share_residual_steps=False)
+    acts, layers = quant_acts(gm), quant_layers(gm)
+    assert {n for n, m in layers.items() if m.shares_input} == set(STREAM_READERS)
+    assert all(layers[n].input_quantizer is acts[a].input_quantizer for n, a in STREAM_READERS.items())
+    assert not any(m.shares_input for m in [*quant_layers(model).values(), *quant_layers(own).values()])
+    steps = [k for k in gm.state_dict() if k.endswith("input_quantizer.step")]
+    assert not set(steps) & {f"{n}.input_quantizer.step" for n in STREAM_READERS}  # one step per stream value
+    assert len(steps) == len(acts) + len(layers) - len(STREAM_READERS)
+    # calibration gives a reader's own step the stream's value, and rounding its codes again changes nothing
+    assert all(torch.equal(quant_layers(own)[n].input_quantizer.scale, acts[a].input_quantizer.scale)
+               for n, a in STREAM_READERS.items())
+    x = _x(8, 7)
+    assert torch.equal(gm.eval()(x), own.eval()(x))
+    copied = pickle.loads(pickle.dumps(gm))  # spawned ALPS workers: the sharing survives, one quantizer per value
+    stream = copied.b1.residual_quant.input_quantizer
+    assert copied.b2.down[0].input_quantizer is copied.b2.conv1.input_quantizer is stream
+    assert torch.equal(copied(x), gm(x))
+    with pytest.raises(LowbitError, match="cannot read 8-bit codes"):
+        layers["b1.conv1"].share_input_quantizer_(QuantAct(8))
+
+
+def test_resetting_a_stream_reader_keeps_the_stream_step_and_the_layout_rebuilds():
+    gm = _quantized(bits=4)
+    stream = {n: a.input_quantizer.step.detach().clone() for n, a in quant_acts(gm).items()}
+    reset_layer_(gm.b2.conv1, 2, 2, [_x(8, 3)], model=gm)  # 2 bits: a quantizer of its own
+    reset_layer_(gm.b3.conv1, 4, 4, [_x(8, 3)], model=gm)  # the stream's bits: still the stream's step
+    assert not gm.b2.conv1.shares_input and gm.b2.conv1.a_bits == 2 and gm.b3.conv1.shares_input
+    assert gm.b3.conv1.input_quantizer is gm.b2.residual_quant.input_quantizer
+    assert all(torch.equal(a.input_quantizer.step, stream[n]) for n, a in quant_acts(gm).items())
+    rebuilt = build_quantized(Net(), plan_of(gm), QuantConfig(residual_bits=4), gm.state_dict()).eval()
+    x = _x(4, 5)
+    assert torch.equal(rebuilt(x), gm.eval()(x))
+
+
 def test_config_round_trip_and_old_dicts():
     assert "residual_bits" not in QuantConfig().to_dict()  # old fingerprints still match
     d = QuantConfig(residual_bits=4).to_dict()
@@ -217,6 +259,9 @@ def test_config_round_trip_and_old_dicts():
         "signed_inputs": "auto",
     }  # a checkpoint's, from before
     assert QuantConfig().to_dict() == old and QuantConfig.from_dict(old).residual_bits is None
+    assert d["share_residual_steps"] is True and "share_residual_steps" not in QuantConfig().to_dict()
+    before = {**old, "residual_bits": 4}  # saved before the option: every reader had a step of its own
+    assert QuantConfig.from_dict(before).share_residual_steps is False
 
 
 @pytest.mark.parametrize("bad", [5, 16, True, "8", 8.0])
@@ -305,9 +350,10 @@ def test_registry_resnet8_gets_one_quantact_per_block_after_its_relu():
     assert gm.prefers_channels_last  # fit's channels-last choice survives tracing
 
 
+@pytest.mark.parametrize("bits", [8, 4])  # 4: five layers read the stream's codes unrounded
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compiled_forward_and_backward_match_eager(backend):
-    gm = _quantized().train()
+def test_compiled_forward_and_backward_match_eager(backend, bits):
+    gm = _quantized(bits=bits).train()
     x, y = _x(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     F.cross_entropy(gm(x), y).backward()
     eager = {n: p.grad.clone() for n, p in gm.named_parameters() if "residual_quant" in n}
@@ -377,6 +423,11 @@ def test_cli_quantize_with_residual_bits_records_it_and_the_checkpoint_loads_bac
 
     ref = IntegerModel.load(tmp_path / "m.lowbit")
     assert ref.manifest["epilogue_error"] == 0.125 and [n.op for n in ref.nodes].count("conv2d_add") == 1
+    assert model.a.shares_input and "requantize" not in [n.op for n in ref.nodes]  # `a` reads the stream's codes
+    own = tmp_path / "own"
+    assert main([*quantize, "--epochs", "1", "--no-share-residual-steps", "--out", str(own)]) == 0
+    assert load_yaml(own / "config.yaml")["quant_config"]["share_residual_steps"] is False
+    assert not load_quantized_run(own)[0].a.shares_input
 
 
 class ShortcutFirst(nn.Module):

@@ -295,6 +295,10 @@ def _quantize():
                             "into an add of a conv branch, so that integer backends keep it as narrow codes and run "
                             "each add inside its conv's kernel (faster; 4 bits with `export --epilogue-error` the "
                             "fastest); QAT recovers the accuracy. Needs a forward torch.fx can trace")
+        p.add_argument("--share-residual-steps", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --residual-bits, a layer reading the stream at the stream's bits takes the stream's "
+                            "step instead of rounding its codes again, so they feed the next int8 kernel as they are "
+                            "(default: on; --no-share-residual-steps gives every layer a step of its own)")
         p.add_argument("--first-last-bits", type=_bits_or_float, default=8,
                        help="bits of the first and last layers in presets ('float' keeps them fp32)")
         add_fit(p, epochs=None, lr=None, wd=None, schedule=None)
@@ -321,7 +325,7 @@ def _quantize():
         cfg = QuantizeConfig(source=a.source, out=a.out, bits=None if a.plan_file else a.bits,
                              plan_file=a.plan_file, recipe=a.recipe, method=a.method, per_channel=a.per_channel,
                              quantize_matmuls=a.quantize_matmuls, activation_init=a.activation_init,
-                             residual_bits=a.residual_bits,
+                             residual_bits=a.residual_bits, share_residual_steps=a.share_residual_steps,
                              first_last_bits=a.first_last_bits, distill=a.distill, data=a.data,
                              data_dir=a.data_dir, loss=a.loss, metric=a.metric)
         s = quantize_run(cfg, resume=a.resume, overwrite=a.overwrite, fit_overrides=over, data=data)

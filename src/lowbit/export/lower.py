@@ -38,13 +38,14 @@ A :class:`~lowbit.quant.QuantAct` (``QuantConfig.residual_bits`` puts one after 
 producer whose output is always its quantizer's codes, whoever reads them, and a sink that demands them like a
 quantized layer: the add it alone reads requantizes straight into them, its ReLU folded, rounding once (the
 QuantAct then emits no node; ``"activations"`` in the manifest names the value), so the residual stream is 8-bit
-codes instead of a wide value. Readers with a quantizer of their own (the next block's 4-bit conv1, a downsample
-conv) get a codes->codes requantize ``s_q / s_x``: the fake-quant model rounds twice there too (``q4(q8(x))``),
-and computes ``round(float32(float32(s_q*c) / s_x))``, which differs from the exact ``round(c*s_q/s_x)`` only
-where that is within ~2^-22 of a tie (of 256 codes, rarely one). Codes made for another layer's quantizer are
-never requantized (the model never rounds them twice). The add's exact sum of a wide conv branch and the codes
-``c*s_q`` is the fake-quant model's float32 sum but for float32's ~2^-24 relative rounding; the model's float32
-rounds differ from the exact ones within ~2^-20 of a tie.
+codes instead of a wide value. Readers that share the QuantAct's quantizer (``QuantConfig.share_residual_steps``:
+a layer at the stream's bits) read the codes as they are; readers with a quantizer of their own (the next block's
+4-bit conv1 after an 8-bit stream) get a codes->codes requantize ``s_q / s_x``: the fake-quant model rounds twice
+there too (``q4(q8(x))``), and computes ``round(float32(float32(s_q*c) / s_x))``, which differs from the exact
+``round(c*s_q/s_x)`` only where that is within ~2^-22 of a tie (of 256 codes, rarely one). Codes made for another
+layer's quantizer are never requantized (the model never rounds them twice). The add's exact sum of a wide conv
+branch and the codes ``c*s_q`` is the fake-quant model's float32 sum but for float32's ~2^-24 relative rounding;
+the model's float32 rounds differ from the exact ones within ~2^-20 of a tie.
 
 Ops that move values keep their input's representation: max pool, flatten (any view/reshape of trailing
 dims), nearest upsampling by integer factors (each value repeated), ReLU and clamps. A clamp to real bounds
@@ -77,6 +78,7 @@ from lowbit.ir.dyadic import (
     INT32_MAX,
     INT32_MIN,
     MAX_SHIFT,
+    acc_bounds,
     float32_epilogue_dyadic,
     float32_sum_epilogue_dyadic,
     to_dyadic,
@@ -453,6 +455,7 @@ def _emit_qlayer(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode],
     w_codes, gain, offset, s_w = _layer_terms(n)
     g, off = gain / rep.scale, offset / rep.scale
     mult, shift, bias = dyadic_affine(g, off)
+    reach = acc_bounds(w_codes, (p.reps[x].lo, p.reps[x].hi))  # bounds the epilogue windows below
     inputs, op, out, extra = [x], "conv2d" if isinstance(m, QuantConv2d) else "linear", None, {}
     if residual:
         add, shortcut = residual
@@ -462,13 +465,13 @@ def _emit_qlayer(p: Program, n: FNode, rep: Rep, byname: dict[str, FNode],
         if EPILOGUE_MULTIPLIERS and not r_rep.wide:
             mult, shift, bias, m_r = float32_sum_epilogue_dyadic(g, off, r_rep.scale / rep.scale, rep.lo, rep.hi,
                                                                  max(0, -rep.lo), max(abs(r_rep.lo), abs(r_rep.hi)),
-                                                                 mult, shift, bias, m_r, p.epilogue_error)
+                                                                 mult, shift, bias, m_r, p.epilogue_error, reach)
         inputs, op, out = [x, r], "conv2d_add", add.name
         extra = {"residual_multiplier": _int_entry(m_r, "int32")}
         p.fused[add.name] = (n.name, shortcut, m_r)
     elif EPILOGUE_MULTIPLIERS and not rep.wide:
         mult, shift, bias = float32_epilogue_dyadic(g, off, rep.lo, rep.hi, max(0, -rep.lo), mult, shift, bias,
-                                                    p.epilogue_error)
+                                                    p.epilogue_error, reach)
     p.consts[n.name] = Requant(mult, shift, bias, rep.lo, rep.hi)
     w_bits = m.weight_quantizer.bits
     params = {"weight": pack_tensor(w_codes, w_bits, signed=True), "multiplier": _int_entry(mult, "int32"),

@@ -240,6 +240,15 @@ FLOAT32_SIGNIFICAND = 2**24
 EPILOGUE_MAX_ERROR = 2.0**-10  # narrowed multipliers may move a value by at most this many output steps
 
 
+def acc_bounds(w: torch.Tensor, x_range: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel, the least and greatest accumulator ``sum(x * w)`` of integer weights ``w`` (output
+    channels first) for ``x`` in ``x_range`` (zero padding included), as int64 tensors."""
+    lo_x, hi_x = min(0, x_range[0]), max(0, x_range[1])
+    w = w.to(torch.int64).reshape(w.shape[0], -1)
+    pos, neg = w.clamp_min(0).sum(1), w.clamp_max(0).sum(1)
+    return pos * lo_x + neg * hi_x, pos * hi_x + neg * lo_x
+
+
 def float32_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, lo: int, hi: int, zp: int,
                            acc_lo: torch.Tensor, acc_hi: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Per channel: does a float32 epilogue ``rne(clip(|s|*float(acc') + beta, lo, hi) + zp)`` with
@@ -288,7 +297,8 @@ def _verdict(checks, like: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, hi: int, zp: int,
-                            m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, max_error: float = EPILOGUE_MAX_ERROR
+                            m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, max_error: float = EPILOGUE_MAX_ERROR,
+                            acc: tuple[torch.Tensor, torch.Tensor] | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(m, k, b)`` for ``gain``/``offset`` (real multiplier and bias, output steps) narrowed, per channel, to
     the largest shift for which :func:`float32_epilogue_exact` holds whatever the accumulators, where that moves
@@ -297,17 +307,49 @@ def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, h
     On the window the exact value and ``acc*s`` stay within ``top = max(|lo|, |hi|) + 2 + |gain| + |offset|``
     output steps, so ``k = floor(log2((2^24 - 1) / top))`` (also bounded by the zero-point condition). The
     multiplier then carries ``k`` bits below the output step, a rounding of at most ``2^-(k+1)`` per accumulator
-    unit: at most ``top / |gain| * 2^-(k+1)`` steps on the window (the values that are not clipped)."""
+    unit: at most ``top / |gain| * 2^-(k+1)`` steps on the window (the values that are not clipped); a zero gain
+    moves nothing.
+
+    ``acc = (acc_lo, acc_hi)``, the accumulators the layer can produce per channel (from its weights and input
+    codes), bounds the window too: a channel with a small gain, whose window ``top / |gain|`` is wider than what
+    its accumulators reach, gets the shift its real range allows and the error of that range (the shift is lowered
+    where :func:`float32_epilogue_exact` on those bounds still refuses)."""
     g, off = torch.as_tensor(gain, dtype=torch.float64), torch.as_tensor(offset, dtype=torch.float64)
     top = (max(abs(lo), abs(hi)) + 2.0) + g.abs() + off.abs()
+    window = top / g.abs().clamp_min(1e-300)
+    if acc is not None:
+        reach = _reach(acc, g)
+        window = torch.minimum(window, reach)
+        top = torch.minimum(top, reach * g.abs() + off.abs() + 2.0)
     top = torch.maximum(top, torch.full_like(top, max(abs(lo + zp), abs(hi + zp)) + 1.0))
     k_e = torch.floor(torch.log2((FLOAT32_SIGNIFICAND - 1) / top)).to(torch.int64).clamp(0, MAX_SHIFT)
     k_e = torch.minimum(k_e, k)
-    m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
-    b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
-    err = top / g.abs().clamp_min(1e-300) * torch.ldexp(torch.ones_like(g), -(k_e + 1))
-    use = (err <= max_error) & (g != 0) & (zp % 2 == 0)
+    for _ in range(8 if acc is not None else 1):
+        m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
+        b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
+        if acc is None:
+            break
+        ok, _ = float32_epilogue_exact(m_e, k_e, b_e, lo, hi, zp, *acc)
+        if bool(ok.all()):
+            break
+        k_e = torch.where(ok, k_e, (k_e - 1).clamp_min(0))
+    err = _multiplier_error(window, g, k_e)
+    use = (err <= max_error) & (zp % 2 == 0)
     return torch.where(use, m_e, m), torch.where(use, k_e, k), torch.where(use, b_e, b)
+
+
+def _multiplier_error(window: torch.Tensor, g: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Output steps by which a multiplier rounded to ``k`` bits may move ``g*acc`` for ``|acc| <= window``:
+    ``window * 2^-(k+1)``, and nothing for a zero gain (its multiplier 0 is exact: a batch norm whose gamma is 0,
+    as ResNets initialise their last one in each block)."""
+    bound = window * torch.ldexp(torch.ones_like(g), -(k + 1))
+    return torch.where(g == 0, torch.zeros_like(bound), bound)
+
+
+def _reach(acc: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per channel, the largest ``|acc|`` within ``acc = (acc_lo, acc_hi)``, as float64 shaped like ``like``."""
+    lo, hi = (torch.as_tensor(t, dtype=torch.float64).reshape(-1) for t in acc)
+    return torch.maximum(lo.abs(), hi.abs()).expand_as(like)
 
 
 def float32_sum_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor, mr: torch.Tensor, lo: int, hi: int,
@@ -360,25 +402,40 @@ def float32_sum_epilogue_exact(m: torch.Tensor, k: torch.Tensor, b: torch.Tensor
 
 def float32_sum_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, residual: float, lo: int, hi: int,
                                 zp: int, r_max: int, m: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
-                                mr: torch.Tensor, max_error: float = EPILOGUE_MAX_ERROR
+                                mr: torch.Tensor, max_error: float = EPILOGUE_MAX_ERROR,
+                                acc: tuple[torch.Tensor, torch.Tensor] | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`float32_epilogue_dyadic` for a fused residual add: ``(m, k, b, m_r)`` narrowed on every channel so that
     :func:`float32_sum_epilogue_exact` holds whatever the accumulators and residual codes ``|r| <= r_max``, with one
     residual scale ``S = M*2^-K`` (``K`` the smallest channel shift, ``m_r = M*2^(k-K)``), where that moves no
     value by more than ``max_error`` output steps; else all four unchanged (a kernel needs every
     channel). The window bound of each channel is ``top = max(|lo|, |hi|) + 2 + |gain| + 2|offset| +
-    2*residual*r_max``; the error ``top / |gain| * 2^-(k+1)`` of the multiplier plus ``r_max * 2^-(K+1)`` of ``S``."""
+    2*residual*r_max``; the error ``top / |gain| * 2^-(k+1)`` of the multiplier (none for a zero gain) plus
+    ``r_max * 2^-(K+1)`` of ``S``.
+    ``acc``: the accumulators' reach per channel, as in :func:`float32_epilogue_dyadic`."""
     g, off = torch.as_tensor(gain, dtype=torch.float64), torch.as_tensor(offset, dtype=torch.float64)
     top = (max(abs(lo), abs(hi)) + 2.0) + g.abs() + 2 * off.abs() + 2 * residual * r_max
+    window = top / g.abs().clamp_min(1e-300)
+    if acc is not None:
+        reach = _reach(acc, g)
+        window = torch.minimum(window, reach)
+        top = torch.minimum(top, reach * g.abs() + 2 * off.abs() + 2 * residual * r_max + 2.0)
     top = torch.maximum(top, torch.full_like(top, max(abs(lo + zp), abs(hi + zp)) + 1.0))
     k_e = torch.floor(torch.log2((FLOAT32_SIGNIFICAND - 1) / top)).to(torch.int64).clamp(0, MAX_SHIFT)
     k_e = torch.minimum(k_e, torch.as_tensor(k, dtype=torch.int64))
-    big_k = int(k_e.min())
-    big_m = round(residual * 2.0**big_k)
-    m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
-    b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
-    mr_e = torch.full_like(k_e, big_m) << (k_e - big_k)
-    err = top / g.abs().clamp_min(1e-300) * torch.ldexp(torch.ones_like(g), -(k_e + 1)) + r_max * 2.0 ** -(big_k + 1)
-    if not bool(((err <= max_error) & (g != 0)).all()) or zp % 2 or big_m == 0:
+    for _ in range(8 if acc is not None else 1):
+        big_k = int(k_e.min())
+        big_m = round(residual * 2.0**big_k)
+        m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
+        b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
+        mr_e = torch.full_like(k_e, big_m) << (k_e - big_k)
+        if acc is None:
+            break
+        ok, _ = float32_sum_epilogue_exact(m_e, k_e, b_e, mr_e, lo, hi, zp, *acc, -r_max, r_max, 0)
+        if bool(ok.all()):
+            break
+        k_e = torch.where(ok, k_e, (k_e - 1).clamp_min(0))
+    err = _multiplier_error(window, g, k_e) + r_max * 2.0 ** -(big_k + 1)
+    if not bool((err <= max_error).all()) or zp % 2 or big_m == 0:
         return m, k, b, mr
     return m_e, k_e, b_e, mr_e

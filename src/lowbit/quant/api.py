@@ -159,7 +159,8 @@ def calibrate_(model: nn.Module, batches: Iterable) -> nn.Module:
     layers = quant_layers(model)
     if not layers:
         raise LowbitError("model has no quantized layers: call lowbit.quant.quantize_(model, plan) first")
-    inputs = {name: m.input_quantizer for name, m in layers.items() if m.input_quantizer is not None}
+    inputs = {name: m.input_quantizer for name, m in layers.items()
+              if m.input_quantizer is not None and not m.shares_input}  # a shared one is its QuantAct's
     for name, mm in quant_matmuls(model).items():  # both operands of a matmul are activations
         for side, q in (("a", mm.a_quantizer), ("b", mm.b_quantizer)):
             if q is not None:
@@ -206,7 +207,7 @@ def reset_layer_(layer: QuantLayer, w_bits: int | None, a_bits: int | None, batc
     if layer.weight_quantizer is not None:
         layer.weight_quantizer.init_from_(layer.weight.detach())
     new = layer.input_quantizer
-    if new is None:
+    if new is None or layer.shares_input:  # the residual stream's step, not this layer's to reset
         return layer
     if batches is None:
         new.init_from_step_(old.scale, old.q_p)

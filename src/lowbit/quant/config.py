@@ -67,6 +67,10 @@ class QuantConfig:
             so QAT learns them and an integer backend can carry the stream as narrow codes instead of int32. None
             (the default) keeps residual adds float.
             Needs a forward that ``torch.fx`` can trace; ``quantize_`` then returns a new model.
+        share_residual_steps: with ``residual_bits``, a conv/linear that reads a residual QuantAct's codes at its
+            own input bits takes that QuantAct's quantizer instead of rounding the codes again with a step of its
+            own, so the stream feeds the next int8 kernels without a requantization (one step per stream value, as
+            in PyTorch's int8 models). Configs saved before this option existed load with False, their layout.
     """
 
     method: str = "lsq"
@@ -79,6 +83,7 @@ class QuantConfig:
     quantize_matmuls: bool = False
     activation_init: str = "mean"
     residual_bits: int | None = None
+    share_residual_steps: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -97,7 +102,7 @@ class QuantConfig:
                               f"{', '.join(map(str, SUPPORTED_BITS))}, or None to keep residual adds float")
         if rb is not None:
             object.__setattr__(self, "residual_bits", int(rb))
-        for name in ("per_channel", "faq_power_of_two", "minmax_mse", "quantize_matmuls"):
+        for name in ("per_channel", "faq_power_of_two", "minmax_mse", "quantize_matmuls", "share_residual_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")
         object.__setattr__(self, "faq_weight_std_multiple",
@@ -115,6 +120,8 @@ class QuantConfig:
         for key, default in _NEW_DEFAULTS.items():
             if d[key] == default:
                 del d[key]
+        if self.residual_bits is None:
+            del d["share_residual_steps"]  # means nothing without a quantized stream
         return d
 
     @classmethod
@@ -125,6 +132,8 @@ class QuantConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise LowbitError(f"unknown quantization config keys {unknown}; known keys: {sorted(known)}")
+        if d.get("residual_bits") is not None and "share_residual_steps" not in d:
+            d = {**d, "share_residual_steps": False}  # saved before the option: every reader had a step of its own
         return cls(**d)
 
 

@@ -57,6 +57,22 @@ class _QuantLayer:
         return None if self.input_quantizer is None else self.input_quantizer.bits
 
     @property
+    def shares_input(self) -> bool:
+        """Whether the input quantizer is a QuantAct's (:meth:`share_input_quantizer_`): held, not registered."""
+        return "input_quantizer" in self.__dict__
+
+    def share_input_quantizer_(self, act: QuantAct) -> None:
+        """Read ``act``'s codes as they are: its quantizer becomes this layer's input quantizer and the layer
+        does not round its input again, as an integer backend reads the codes without requantizing them.
+
+        The layer must read nothing but ``act``'s output. The quantizer stays registered under ``act`` only, so
+        the state dict holds its step once (a checkpoint with a step of the layer's own does not load)."""
+        if act.bits != self.a_bits:
+            raise LowbitError(f"a layer at {self.a_bits} input bits cannot read {act.bits}-bit codes unrounded")
+        self._modules.pop("input_quantizer", None)
+        object.__setattr__(self, "input_quantizer", act.input_quantizer)  # not a child: nn.Module would register it
+
+    @property
     def method(self) -> str:
         return self.quant_config.method
 
@@ -65,13 +81,20 @@ class _QuantLayer:
         """Replace both quantizers by fresh, uninitialised ones (new Parameters: rebuild the optimizer).
 
         ``input_signed`` fixes the input quantizer's signedness; None falls back to the config.
+        A layer that reads a QuantAct's codes at ``a_bits`` keeps that quantizer (the stream's, not its own);
+        at other bits it gets one of its own again.
         """
         cfg = self.quant_config
         if input_signed is None:
             input_signed = cfg.input_signed
+        keep = self.shares_input and a_bits == self.a_bits
+        if self.shares_input and not keep:
+            del self.__dict__["input_quantizer"]
         wq = None if w_bits is None else make_quantizer(cfg, w_bits, "weight", signed=True)
         aq = None if a_bits is None else make_quantizer(cfg, a_bits, "activation", signed=input_signed)
         for name, q in (("weight_quantizer", wq), ("input_quantizer", aq)):
+            if name == "input_quantizer" and keep:
+                continue
             if q is not None:
                 q.to(device=self.weight.device, dtype=self.weight.dtype)
             self.register_module(name, q)
@@ -88,7 +111,7 @@ class _QuantLayer:
         self.train(module.training)
 
     def _quantized_operands(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_hat = x if self.input_quantizer is None else self.input_quantizer(x)
+        x_hat = x if self.input_quantizer is None or self.shares_input else self.input_quantizer(x)
         w_hat = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
         return x_hat, w_hat
 

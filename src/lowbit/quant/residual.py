@@ -23,12 +23,19 @@ QuantAct's codes already gets a QuantAct of its own (``shortcut_quant``: the fir
 a downsample conv's output), read by all of that value's readers. The sum is then ``branch + codes``, which an
 integer backend computes in the branch's kernel with one rounding (oneDNN's sum post-op), as PyTorch's own int8
 models do; the branch itself is never rounded before the add.
+
+A conv/linear that reads nothing but a QuantAct's codes, at the QuantAct's bits, takes the QuantAct's quantizer
+(``QuantConfig.share_residual_steps``, the default): it reads the codes as they are instead of rounding them again
+with a step of its own, so an integer backend feeds the stream to the next int8 kernel without a requantization,
+as PyTorch's int8 models do. Calibration gives both steps the same value anyway (the layer sees the QuantAct's
+input); QAT then learns one.
 """
 
 from __future__ import annotations
 
 import operator
 import re
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -98,14 +105,7 @@ def _clone_tree(model: nn.Module, training: bool | None = None) -> nn.Module:
     def clone(m: nn.Module) -> nn.Module:
         if id(m) in memo:  # a block reachable by two paths stays one object
             return memo[id(m)]
-        # not copy.copy, nor a GraphModule's __new__: those would take over the graph or make a new class
-        c = object.__new__(type(m))
-        c.__dict__.update(m.__dict__)
-        memo[id(m)] = c
-        c._parameters = type(m._parameters)(m._parameters)
-        c._buffers = type(m._buffers)(m._buffers)
-        c._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
-        c._modules = type(m._modules)()
+        c = memo[id(m)] = _shallow_copy(m)
         if training is not None:
             c.training = training
         for name, child in m._modules.items():
@@ -113,6 +113,18 @@ def _clone_tree(model: nn.Module, training: bool | None = None) -> nn.Module:
         return c
 
     return clone(model)
+
+
+def _shallow_copy(m: nn.Module) -> nn.Module:
+    """A new module object of ``m``'s class holding ``m``'s parameters, buffers and children in dicts of its own.
+    Not copy.copy, nor a GraphModule's __new__: those would share the dicts, or make a new class."""
+    c = object.__new__(type(m))
+    c.__dict__.update(m.__dict__)
+    c._parameters = type(m._parameters)(m._parameters)
+    c._buffers = type(m._buffers)(m._buffers)
+    c._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    c._modules = type(m._modules)(m._modules)
+    return c
 
 
 def _trace(model: nn.Module) -> tuple[nn.Module, fx.Graph]:
@@ -372,9 +384,33 @@ def quantize_residuals(model: nn.Module, bits: int, config: QuantConfig | None =
         ):
             continue  # quantized already
         insert(point, owners[add], RESIDUAL_NAME, readers, value, add)
+    if config.share_residual_steps:
+        _share_steps(gm, graph, modules)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _share_steps(gm: fx.GraphModule, graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """A conv/linear called once, on nothing but a QuantAct's output, at the QuantAct's bits and with a quantizer
+    of the same kind, reads its codes unrounded (``QuantConfig.share_residual_steps``). The layer is replaced by a
+    shallow copy first, so the caller's model keeps a layer that rounds its own input."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for n in graph.nodes:
+        act = modules.get(n.target) if n.op == "call_module" else None
+        if not isinstance(act, QuantAct):
+            continue
+        for u in n.users:
+            layer = modules.get(u.target) if u.op == "call_module" else None
+            if not (isinstance(layer, (QuantConv2d, QuantLinear)) and calls[u.target] == 1 and u.args == (n,)
+                    and not u.kwargs and layer.a_bits == act.bits and not layer.shares_input
+                    and type(layer.input_quantizer) is type(act.input_quantizer)
+                    and layer.input_quantizer.signed == act.input_quantizer.signed):
+                continue
+            parent, _, child = u.target.rpartition(".")
+            layer = modules[u.target] = _shallow_copy(layer)
+            gm.get_submodule(parent)._modules[child] = layer
+            layer.share_input_quantizer_(act)
 
 
 __all__ = ["RESIDUAL_NAME", "SHORTCUT_NAME", "ResidualTracer", "quantize_residuals"]

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.ir.dyadic import acc_bounds
 from lowbit.ir.graph import Node
 from lowbit.ir.kernels import kernel, kernels
 from lowbit.runtime.engine import IntegerModel, additive_mask, binary
@@ -269,10 +270,8 @@ def _out(fm: FastEncoderModel, value: str, y: torch.Tensor) -> torch.Tensor:
 
 def _acc_bounds(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Per output channel, the largest |sum(x * w)| for codes ``x`` in ``[lo, hi]``."""
-    w = w.to(torch.int64)
-    pos, neg = w.clamp_min(0).sum(1), w.clamp_max(0).sum(1)
-    lo, hi = min(0, lo), max(0, hi)
-    return torch.maximum((pos * lo + neg * hi).abs(), (pos * hi + neg * lo).abs())
+    a_lo, a_hi = acc_bounds(w, (lo, hi))
+    return torch.maximum(a_lo.abs(), a_hi.abs())
 
 
 # ------------------------------------------------------------------------------------------------ kernels

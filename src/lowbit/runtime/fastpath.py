@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.ir.dyadic import float32_epilogue_exact, float32_sum_epilogue_exact, requantize
+from lowbit.ir.dyadic import acc_bounds, float32_epilogue_exact, float32_sum_epilogue_exact, requantize
 from lowbit.ir.graph import Node
 from lowbit.ir.kernels import kernel, kernels
 from lowbit.runtime.engine import IntegerModel
@@ -187,15 +187,6 @@ def value_bounds(model: IntegerModel) -> dict[str, tuple[int, int]]:
     return b
 
 
-def acc_bounds(w: torch.Tensor, x_range: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output channel, the least and greatest accumulator ``sum(x * w)`` for ``x`` in ``x_range`` (zero
-    padding included), as int64 tensors."""
-    lo_x, hi_x = min(0, x_range[0]), max(0, x_range[1])
-    w = w.to(torch.int64).reshape(w.shape[0], -1)
-    pos, neg = w.clamp_min(0).sum(1), w.clamp_max(0).sum(1)
-    return pos * lo_x + neg * hi_x, pos * hi_x + neg * lo_x
-
-
 def _t(r: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([r[0]], dtype=torch.int64), torch.tensor([r[1]], dtype=torch.int64)
 
@@ -320,6 +311,7 @@ def _register_fused(op: str, w: torch.Tensor, a: dict[str, Any], zp_in: int, p: 
     _PACKED[key] = {"op": op, "packed": packed, "scales": scales, "beta": beta,
                     "wzp": torch.zeros(c, dtype=torch.int64), "zp": zp_in, "zp_out": zp_out,
                     "clip": [float(lo), float(hi)], "out": c, "zp_r": zp_r, "sum_scale": sum_scale,
+                    "narrow": (lo + zp_out, hi + zp_out) if (lo + zp_out, hi + zp_out) != (0, 255) else None,
                     "kernel": list(w8.shape[2:]), **{g: a.get(g) for g in ("stride", "padding", "dilation", "groups")}}
     return key
 
@@ -347,14 +339,11 @@ def conv_add_u8(x: torch.Tensor, r: torch.Tensor, key: str) -> torch.Tensor:
     post-op (``S*(r - zp_r)`` added in the float32 epilogue), requantized there and written as uint8 codes into a copy
     of ``r`` (the sum post-op works in place), channels-last (:func:`_register_fused`). Measured semantics (torch
     2.13): ``sat_u8(rne((x_scale*w_scale_c*acc + bias_c + accum_scale*(accum - accum_zp)) / output_scale) +
-    output_zp)``, ``alpha`` unused; no clip post-op (only ``sum`` and ``sum_relu``)."""
-    e = _PACKED[key]
-    x = x.contiguous(memory_format=torch.channels_last)
+    output_zp)``, ``alpha`` unused; no clip post-op (only ``sum`` and ``sum_relu``): a code range narrower than uint8's
+    is one in-place clamp after the kernel (inside the op, so the compiled graph neither copies nor re-reads it)."""
     out = r.contiguous(memory_format=torch.channels_last).clone(memory_format=torch.channels_last)
-    return torch.ops.onednn.qconv2d_pointwise.binary(
-        x, 1.0, e["zp"], e["packed"], e["scales"], e["wzp"], out, e["beta"], e["stride"], e["padding"],
-        e["dilation"], e["groups"], 1.0, e["zp_out"], torch.uint8, e["sum_scale"], e["zp_r"], "sum", 1.0, "none",
-        [], "")
+    conv_add_u8_(x, out, key)
+    return out
 
 
 @conv_add_u8.register_fake
@@ -372,6 +361,8 @@ def conv_add_u8_(x: torch.Tensor, r: torch.Tensor, key: str) -> None:
         x.contiguous(memory_format=torch.channels_last), 1.0, e["zp"], e["packed"], e["scales"], e["wzp"], r,
         e["beta"], e["stride"], e["padding"], e["dilation"], e["groups"], 1.0, e["zp_out"], torch.uint8,
         e["sum_scale"], e["zp_r"], "sum", 1.0, "none", [], "")
+    if e["narrow"] is not None:
+        r.clamp_(*e["narrow"])
 
 
 @torch.library.custom_op("lowbit::linear_u8", mutates_args=())
@@ -576,10 +567,10 @@ class FastModel:
 
     def _prologue(self, x: torch.Tensor) -> torch.Tensor:
         """Float input: the reference's float32 quantizer, eagerly (a compiled division could become a
-        multiplication by the reciprocal and round differently). uint8 pixels go in as they are."""
+        multiplication by the reciprocal and round differently). uint8 pixels go in as they are, channels-last."""
         node = self.model.nodes[0]
-        if self.model.pixel_input:
-            return x
+        if self.model.pixel_input:  # channels-last before the lookup: ATen transposes bytes 4x faster than Inductor
+            return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         a = node.attrs
         return (x.to(torch.float32) / torch.tensor(a["scale"], dtype=torch.float32)).clamp(a["lo"], a["hi"]).round()
 
@@ -792,7 +783,7 @@ def _fast_layer(fm: FastModel, node: Node, p):
             fm.requant[node.name] = "in the int8 kernel"
             key = _register_fused(node.op, w, a, zp_in, p, a["lo"], a["hi"], zp, zp_r)
             if res:
-                return _fused_add(fm, node, src, res, key, a["lo"] + zp, a["hi"] + zp)
+                return _fused_add(fm, node, src, res, key)
             if conv:
                 return lambda env: conv_u8(_cl(env[src]), key)
             return lambda env: linear_u8(env[src].contiguous(), key)
@@ -851,22 +842,19 @@ _CONSUMING = frozenset({"conv2d", "conv2d_add", "linear", "requantize", "add", "
                         "adaptive_avgpool"})
 
 
-def _fused_add(fm: FastModel, node: Node, src: str, res: str, key: str, lo_u: int, hi_u: int):
+def _fused_add(fm: FastModel, node: Node, src: str, res: str, key: str):
     """The step of an in-kernel residual add: into the residual's own buffer where this node is its last reader,
     every reader of it makes a new tensor (so no view of it outlives them) and the conv does not read that very
-    value, else into a copy; a code range narrower than uint8's is one clamp after the kernel (the sum post-op
-    saturates at uint8's ends only)."""
+    value, else into a copy; a code range narrower than uint8's is one clamp inside the op, after the kernel (the sum
+    post-op saturates at uint8's ends only)."""
     last = fm.last_reader.get(res) == node.name and res in fm.consumed and src != res
-    clamp = (lo_u, hi_u) != (0, 255)
 
     def step(env):
         x, r = _cl(env[src]), env[res]
         if last and not fm.tracing and r.dtype == torch.uint8 and r.is_contiguous(memory_format=torch.channels_last):
             conv_add_u8_(x, r, key)
-            out = r
-        else:
-            out = conv_add_u8(x, _cl(r), key)
-        return out.clamp_(lo_u, hi_u) if clamp else out
+            return r
+        return conv_add_u8(x, _cl(r), key)
 
     return step
 

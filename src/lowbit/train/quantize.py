@@ -103,6 +103,7 @@ class QuantizeConfig:
     quantize_matmuls: bool = False  # also the attention matmuls of Hugging Face encoders
     activation_init: str = "mean"  # LSQ input steps: mean (the paper) | mse | percentile (outlier-robust)
     residual_bits: int | None = None  # also quantize the residual stream after each add (QuantConfig.residual_bits)
+    share_residual_steps: bool = True  # readers of the stream at its bits take its step (QuantConfig's option)
     first_last_bits: int | None = 8
     distill: bool = False
     data: str | None = None  # None: the fp32 run's own data (its factory and split)
@@ -119,6 +120,8 @@ class QuantizeConfig:
         for key, default in (("quantize_matmuls", False), ("activation_init", "mean"), ("residual_bits", None)):
             if d[key] == default:  # recorded when used: configs of earlier runs compare as before
                 del d[key]
+        if self.residual_bits is None:
+            del d["share_residual_steps"]
         return d
 
 
@@ -156,7 +159,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits, data.example(1))
     qcfg = QuantConfig(method=cfg.method or cfg.recipe, per_channel=cfg.per_channel,
                        quantize_matmuls=cfg.quantize_matmuls, activation_init=cfg.activation_init,
-                       residual_bits=cfg.residual_bits)
+                       residual_bits=cfg.residual_bits, share_residual_steps=cfg.share_residual_steps)
     fit_cfg = cfg.fit or recipe_fit_config(cfg.recipe, plan_min_bits(plan), **(fit_overrides or {}))
     if cfg.distill:
         fit_cfg = replace(fit_cfg, distill=True)
