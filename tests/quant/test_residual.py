@@ -260,8 +260,23 @@ def test_config_round_trip_and_old_dicts():
     }  # a checkpoint's, from before
     assert QuantConfig().to_dict() == old and QuantConfig.from_dict(old).residual_bits is None
     assert d["share_residual_steps"] is True and "share_residual_steps" not in QuantConfig().to_dict()
-    before = {**old, "residual_bits": 4}  # saved before the option: every reader had a step of its own
-    assert QuantConfig.from_dict(before).share_residual_steps is False
+
+
+def test_a_checkpoint_with_a_readers_own_step_loads_with_that_step():
+    """Saved before shared steps existed (or after reset_layer_ gave a reader a step of its own): the config shares by
+    default, the state dict has the reader's own step, and the rebuilt reader keeps it."""
+    own = _quantized(bits=4, share_residual_steps=False).eval()
+    before = {"residual_bits": 4}  # a checkpoint's config from before the option: no key
+    rebuilt = build_quantized(Net(), Plan.preset("w4a4", Net()), before, own.state_dict()).eval()
+    assert not any(m.shares_input for m in quant_layers(rebuilt).values())
+    x = _x(4, 6)
+    assert torch.equal(rebuilt(x), own(x))
+    mixed = _quantized(bits=4)
+    reset_layer_(mixed.b3.conv1, 2, 2, [_x(8, 3)], model=mixed)
+    reset_layer_(mixed.b3.conv1, 4, 4, [_x(8, 3)], model=mixed)  # back at the stream's bits: a step of its own
+    rebuilt = build_quantized(Net(), plan_of(mixed), {"residual_bits": 4}, mixed.state_dict()).eval()
+    assert not rebuilt.b3.conv1.shares_input and rebuilt.b2.conv1.shares_input
+    assert torch.equal(rebuilt(x), mixed.eval()(x))
 
 
 @pytest.mark.parametrize("bad", [5, 16, True, "8", 8.0])

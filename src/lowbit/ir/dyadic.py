@@ -324,26 +324,25 @@ def float32_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, lo: int, h
     top = torch.maximum(top, torch.full_like(top, max(abs(lo + zp), abs(hi + zp)) + 1.0))
     k_e = torch.floor(torch.log2((FLOAT32_SIGNIFICAND - 1) / top)).to(torch.int64).clamp(0, MAX_SHIFT)
     k_e = torch.minimum(k_e, k)
-    for _ in range(8 if acc is not None else 1):
+    ok = torch.ones_like(k_e, dtype=torch.bool)
+    for attempt in range(8 if acc is not None else 1):
         m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
         b_e = torch.round(torch.ldexp(off, k_e)).to(torch.int64)
         if acc is None:
             break
         ok, _ = float32_epilogue_exact(m_e, k_e, b_e, lo, hi, zp, *acc)
-        if bool(ok.all()):
+        if bool(ok.all()) or attempt == 7:
             break
         k_e = torch.where(ok, k_e, (k_e - 1).clamp_min(0))
-    err = _multiplier_error(window, g, k_e)
-    use = (err <= max_error) & (zp % 2 == 0)
+    use = (_narrowing_error(window, g, k_e) <= max_error) & ok & (zp % 2 == 0)
     return torch.where(use, m_e, m), torch.where(use, k_e, k), torch.where(use, b_e, b)
 
 
-def _multiplier_error(window: torch.Tensor, g: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Output steps by which a multiplier rounded to ``k`` bits may move ``g*acc`` for ``|acc| <= window``:
-    ``window * 2^-(k+1)``, and nothing for a zero gain (its multiplier 0 is exact: a batch norm whose gamma is 0,
-    as ResNets initialise their last one in each block)."""
-    bound = window * torch.ldexp(torch.ones_like(g), -(k + 1))
-    return torch.where(g == 0, torch.zeros_like(bound), bound)
+def _narrowing_error(window: torch.Tensor, g: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Output steps by which the multiplier and bias rounded to ``k`` bits may move ``g*acc + offset`` for
+    ``|acc| <= window``: ``(window + 1) * 2^-(k+1)``; a zero gain's multiplier 0 is exact (a batch norm whose gamma
+    is 0, as ResNets initialise the last one of each block), so only its bias moves it."""
+    return (torch.where(g == 0, torch.zeros_like(window), window) + 1) * torch.ldexp(torch.ones_like(g), -(k + 1))
 
 
 def _reach(acc: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -423,7 +422,8 @@ def float32_sum_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, residu
     top = torch.maximum(top, torch.full_like(top, max(abs(lo + zp), abs(hi + zp)) + 1.0))
     k_e = torch.floor(torch.log2((FLOAT32_SIGNIFICAND - 1) / top)).to(torch.int64).clamp(0, MAX_SHIFT)
     k_e = torch.minimum(k_e, torch.as_tensor(k, dtype=torch.int64))
-    for _ in range(8 if acc is not None else 1):
+    ok = torch.ones_like(k_e, dtype=torch.bool)
+    for attempt in range(8 if acc is not None else 1):
         big_k = int(k_e.min())
         big_m = round(residual * 2.0**big_k)
         m_e = torch.round(torch.ldexp(g, k_e)).to(torch.int64)
@@ -432,10 +432,10 @@ def float32_sum_epilogue_dyadic(gain: torch.Tensor, offset: torch.Tensor, residu
         if acc is None:
             break
         ok, _ = float32_sum_epilogue_exact(m_e, k_e, b_e, mr_e, lo, hi, zp, *acc, -r_max, r_max, 0)
-        if bool(ok.all()):
+        if bool(ok.all()) or attempt == 7:
             break
         k_e = torch.where(ok, k_e, (k_e - 1).clamp_min(0))
-    err = _multiplier_error(window, g, k_e) + r_max * 2.0 ** -(big_k + 1)
-    if not bool((err <= max_error).all()) or zp % 2 or big_m == 0:
+    err = _narrowing_error(window, g, k_e) + r_max * 2.0 ** -(big_k + 1)
+    if not bool(((err <= max_error) & ok).all()) or zp % 2 or big_m == 0:
         return m, k, b, mr
     return m_e, k_e, b_e, mr_e

@@ -230,9 +230,13 @@ def build_quantized(model_fp: nn.Module, plan: Plan | Mapping, config: QuantConf
     """Rebuild a saved quantized model: ``quantize_`` a fresh float model, then load weights and steps.
 
     No calibration is needed afterwards: steps, signedness and ``initialized`` flags are in the state dict.
-    With ``residual_bits`` in the config the model is traced again and its QuantActs get the names they had.
+    With ``residual_bits`` in the config the model is traced again and its QuantActs get the names they had; a layer
+    that would share a QuantAct's step (``share_residual_steps``) but was saved with a step of its own keeps its own.
     """
     model = quantize_(model_fp, plan, config)
+    for name, layer in quant_layers(model).items():  # saved with a step of its own (a layout from before sharing,
+        if layer.shares_input and f"{name}.input_quantizer.step" in state_dict:  # or reset_layer_): keep it
+            layer.own_input_quantizer_()
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:

@@ -70,7 +70,8 @@ class QuantConfig:
         share_residual_steps: with ``residual_bits``, a conv/linear that reads a residual QuantAct's codes at its
             own input bits takes that QuantAct's quantizer instead of rounding the codes again with a step of its
             own, so the stream feeds the next int8 kernels without a requantization (one step per stream value, as
-            in PyTorch's int8 models). Configs saved before this option existed load with False, their layout.
+            in PyTorch's int8 models). A checkpoint whose layer has a step of its own (saved before this option, or
+            after :func:`lowbit.quant.reset_layer_`) loads with that layer's own step.
     """
 
     method: str = "lsq"
@@ -132,8 +133,6 @@ class QuantConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise LowbitError(f"unknown quantization config keys {unknown}; known keys: {sorted(known)}")
-        if d.get("residual_bits") is not None and "share_residual_steps" not in d:
-            d = {**d, "share_residual_steps": False}  # saved before the option: every reader had a step of its own
         return cls(**d)
 
 

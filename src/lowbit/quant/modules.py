@@ -72,6 +72,13 @@ class _QuantLayer:
         self._modules.pop("input_quantizer", None)
         object.__setattr__(self, "input_quantizer", act.input_quantizer)  # not a child: nn.Module would register it
 
+    def own_input_quantizer_(self) -> None:
+        """Undo :meth:`share_input_quantizer_`: a fresh, uninitialised input quantizer of this layer's own at the
+        same bits and signedness (e.g. to load a checkpoint whose layer had a step of its own)."""
+        shared = self.__dict__.pop("input_quantizer")
+        q = make_quantizer(self.quant_config, shared.bits, "activation", signed=shared.signed)
+        self.register_module("input_quantizer", q.to(device=self.weight.device, dtype=self.weight.dtype))
+
     @property
     def method(self) -> str:
         return self.quant_config.method

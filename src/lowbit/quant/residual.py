@@ -407,10 +407,12 @@ def _share_steps(gm: fx.GraphModule, graph: fx.Graph, modules: dict[str, nn.Modu
                     and type(layer.input_quantizer) is type(act.input_quantizer)
                     and layer.input_quantizer.signed == act.input_quantizer.signed):
                 continue
-            parent, _, child = u.target.rpartition(".")
-            layer = modules[u.target] = _shallow_copy(layer)
-            gm.get_submodule(parent)._modules[child] = layer
-            layer.share_input_quantizer_(act)
+            copy = modules[u.target] = _shallow_copy(layer)
+            for parent in gm.modules():  # every name of the layer (a module may be registered twice)
+                for child, m in parent._modules.items():
+                    if m is layer:
+                        parent._modules[child] = copy
+            copy.share_input_quantizer_(act)
 
 
 __all__ = ["RESIDUAL_NAME", "SHORTCUT_NAME", "ResidualTracer", "quantize_residuals"]

@@ -342,7 +342,7 @@ def conv_add_u8(x: torch.Tensor, r: torch.Tensor, key: str) -> torch.Tensor:
     output_zp)``, ``alpha`` unused; no clip post-op (only ``sum`` and ``sum_relu``): a code range narrower than uint8's
     is one in-place clamp after the kernel (inside the op, so the compiled graph neither copies nor re-reads it)."""
     out = r.contiguous(memory_format=torch.channels_last).clone(memory_format=torch.channels_last)
-    conv_add_u8_(x, out, key)
+    _conv_add_into(x, out, key)
     return out
 
 
@@ -356,6 +356,11 @@ def conv_add_u8_(x: torch.Tensor, r: torch.Tensor, key: str) -> None:
     """:func:`conv_add_u8` writing into ``r`` itself (channels-last uint8), for an add that is its residual's last
     reader: no copy. Under torch.compile the mutation is functionalized, and Inductor writes in place where nothing
     reads ``r`` later (else it copies, as :func:`conv_add_u8` does)."""
+    _conv_add_into(x, r, key)
+
+
+def _conv_add_into(x: torch.Tensor, r: torch.Tensor, key: str) -> None:
+    """The kernel of both fused-add ops: the sum post-op into ``r``, then the narrow range's clamp."""
     e = _PACKED[key]
     torch.ops.onednn.qconv2d_pointwise.binary(
         x.contiguous(memory_format=torch.channels_last), 1.0, e["zp"], e["packed"], e["scales"], e["wzp"], r,
@@ -559,6 +564,8 @@ class FastModel:
             part = x[i:i + c]
             if len(part) < c:  # the compiled chunk shape: zero input (valid codes or pixels) fills it
                 part = torch.cat([part, part.new_zeros((c - len(part), *part.shape[1:]))])
+                if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):  # the full chunks' strides
+                    part = part.contiguous(memory_format=torch.channels_last)
             outs.append(run_logits(self, tuple(part.shape), part)[: n - i])
         return torch.cat(outs)
 

@@ -172,7 +172,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
     t_prep = time.perf_counter()
     if run.resume and ckpt_file.exists():
         ck = load_checkpoint(ckpt_file, kind="quantized")
-        if ck["plan"] != plan.to_dict() or ck["quant_config"] != qcfg.to_dict():
+        if ck["plan"] != plan.to_dict() or QuantConfig.from_dict(ck["quant_config"]) != qcfg:
             raise LowbitError(f"{ckpt_file}: the checkpoint's plan or quantizer differ from this command; "
                               f"resume with the same options")
         model = build_quantized(build_model(src), plan, qcfg, ck["state_dict"])
