@@ -157,16 +157,23 @@ def test_compiled_graph_is_bit_exact(exports):
 
 def test_large_batches_run_in_equal_chunks_bit_exactly(exports, monkeypatch):
     """``chunk`` 3: 4 images run as two chunks of 2 (not 3 + 1 padded to 3), 7 as three of 3 (the last padded
-    with zero input), 8 as three of 3 too; every image's integers equal the reference's."""
-    ref = IntegerModel.load(exports["resnet8 w4a4"])
+    with zero input), 8 as three of 3 too; every image's integers equal the reference's. Every chunk, the padded
+    one included, has the channels-last strides the prologue gives pixels (a compiled graph guards on strides)."""
+    ref = IntegerModel.load(exports["resnet18-shaped w4a4"])  # 3 channels: NCHW and channels-last differ
     fast = FastModel(ref, compile=False, chunk=3, capability="vnni")
-    shapes = []
+    shapes, strides = [], set()
     real = fastpath.run_logits
-    monkeypatch.setattr(fastpath, "run_logits", lambda fm, shape, x: shapes.append(shape[0]) or real(fm, shape, x))
+
+    def spy(fm, shape, x):
+        shapes.append(shape[0])
+        strides.add(x.is_contiguous(memory_format=torch.channels_last))
+        return real(fm, shape, x)
+
+    monkeypatch.setattr(fastpath, "run_logits", spy)
     for n in (2, 4, 7, 8):
         x = _pixels(ref.input_spec["shape"], n=n, seed=n)
         assert torch.equal(fast.run_int(x), ref.run_int(x)), n
-    assert shapes == [2, 2, 2, 3, 3, 3, 3, 3, 3]
+    assert shapes == [2, 2, 2, 3, 3, 3, 3, 3, 3] and strides == {True}
     with pytest.raises(LowbitError, match="chunk must be at least 1"):
         FastModel(ref, compile=False, chunk=0)
 
