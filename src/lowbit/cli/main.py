@@ -297,8 +297,8 @@ def _quantize():
                             "fastest); QAT recovers the accuracy. Needs a forward torch.fx can trace")
         p.add_argument("--share-residual-steps", action=argparse.BooleanOptionalAction, default=True,
                        help="with --residual-bits, a layer reading the stream at the stream's bits takes the stream's "
-                            "step instead of rounding its codes again, so they feed the next int8 kernel as they are "
-                            "(default: on; --no-share-residual-steps gives every layer a step of its own)")
+                            "step instead of rounding its codes again, so they feed the next int8 kernel as they are; "
+                            "--no-share-residual-steps gives every layer a step of its own")
         p.add_argument("--first-last-bits", type=_bits_or_float, default=8,
                        help="bits of the first and last layers in presets ('float' keeps them fp32)")
         add_fit(p, epochs=None, lr=None, wd=None, schedule=None)
