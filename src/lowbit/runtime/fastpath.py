@@ -311,7 +311,7 @@ def _register_fused(op: str, w: torch.Tensor, a: dict[str, Any], zp_in: int, p: 
     _PACKED[key] = {"op": op, "packed": packed, "scales": scales, "beta": beta,
                     "wzp": torch.zeros(c, dtype=torch.int64), "zp": zp_in, "zp_out": zp_out,
                     "clip": [float(lo), float(hi)], "out": c, "zp_r": zp_r, "sum_scale": sum_scale,
-                    "narrow": (lo + zp_out, hi + zp_out) if (lo + zp_out, hi + zp_out) != (0, 255) else None,
+                    "narrow": None if (lo + zp_out, hi + zp_out) == (0, 255) else (lo + zp_out, hi + zp_out),
                     "kernel": list(w8.shape[2:]), **{g: a.get(g) for g in ("stride", "padding", "dilation", "groups")}}
     return key
 
@@ -564,8 +564,8 @@ class FastModel:
             part = x[i:i + c]
             if len(part) < c:  # the compiled chunk shape: zero input (valid codes or pixels) fills it
                 part = torch.cat([part, part.new_zeros((c - len(part), *part.shape[1:]))])
-                if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):  # the full chunks' strides
-                    part = part.contiguous(memory_format=torch.channels_last)
+                if x.is_contiguous(memory_format=torch.channels_last):  # the full chunks' strides
+                    part = _cl(part)
             outs.append(run_logits(self, tuple(part.shape), part)[: n - i])
         return torch.cat(outs)
 
@@ -577,7 +577,7 @@ class FastModel:
         multiplication by the reciprocal and round differently). uint8 pixels go in as they are, channels-last."""
         node = self.model.nodes[0]
         if self.model.pixel_input:  # channels-last before the lookup: ATen transposes bytes 4x faster than Inductor
-            return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+            return _cl(x)
         a = node.attrs
         return (x.to(torch.float32) / torch.tensor(a["scale"], dtype=torch.float32)).clamp(a["lo"], a["hi"]).round()
 
