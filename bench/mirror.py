@@ -26,7 +26,7 @@ MAX_FILE_BYTES = 8 << 20
 
 def _kept(rel: Path, size: int) -> bool:
     """Records and base checkpoints, not per-point models, plots or anything large."""
-    if size > MAX_FILE_BYTES or rel.suffix in (".png", ".lowbit", ".onnx") or "__pycache__" in rel.parts:
+    if size > MAX_FILE_BYTES or rel.suffix in (".png", ".lowbit", ".onnx", ".lock") or "__pycache__" in rel.parts:
         return False
     return not (rel.suffix == ".pt" and "points" in rel.parts)
 

@@ -4,6 +4,9 @@ Every quantized run starts from the same fp32 checkpoint (``--fp32``) and is a n
 directory under ``--runs`` (finished runs are reused, so the benchmark resumes). Seeds vary the fine-tuning
 (data order, augmentation). Writes docs/results/quantization.{json,md}.
 
+Each run is locked while it trains, so the same command started twice (e.g. with OMP_NUM_THREADS=1 on a 2-core
+machine) splits the runs between the two processes; each writes the table once every run is finished.
+
 Usage: python bench/quantization.py --fp32 runs/bench-baseline/resnet8 --seeds 0,1,2 --epochs 2
        python bench/quantization.py --fp32-weights bench/state/resnet20-fp32 --model resnet20 --seeds 0,1,2 \
            --epochs 5 --runs runs/bench-quant-r20 --state bench/state/quant-r20     # issue #12 scale
@@ -12,6 +15,7 @@ Usage: python bench/quantization.py --fp32 runs/bench-baseline/resnet8 --seeds 0
 from __future__ import annotations
 
 import argparse
+import fcntl
 import statistics
 import sys
 from pathlib import Path
@@ -27,15 +31,35 @@ from mirror import mirror  # noqa: E402
 TARGETS = {"w8a8": 0.0, "w4a4": 0.0, "w3a3": -0.3, "w2a2": -1.0}
 
 
+def _finished(out: Path) -> dict | None:
+    s = out / "summary.json"
+    return load_json(s) if s.exists() and load_json(s).get("complete") else None
+
+
 def run_one(fp32: str, out: Path, bits: str, recipe: str, seed: int, epochs: float, data, method=None,
-            device: str = "cpu"):
-    if (out / "summary.json").exists() and load_json(out / "summary.json").get("complete"):
-        return load_json(out / "summary.json")
-    resume = (out / "checkpoint.pt").exists()
-    cfg = QuantizeConfig(source=fp32, out=str(out), bits=bits, recipe=recipe.replace("+kd", ""),
-                         distill=recipe.endswith("+kd"), method=method)
-    return quantize_run(cfg, data=data, resume=resume, overwrite=not resume,
-                        fit_overrides={"epochs": epochs, "seed": seed, "device": device})
+            device: str = "cpu", wait: bool = True) -> dict | None:
+    """The run's summary, training it unless finished; None (wait=False) while another process trains it."""
+    if (done := _finished(out)) is not None:
+        return done
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:  # released when this process ends, however
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return None
+        if (done := _finished(out)) is not None:  # the other process finished it while we waited
+            return done
+        resume = (out / "checkpoint.pt").exists()
+        cfg = QuantizeConfig(source=fp32, out=str(out), bits=bits, recipe=recipe.replace("+kd", ""),
+                             distill=recipe.endswith("+kd"), method=method)
+        return quantize_run(cfg, data=data, resume=resume, overwrite=not resume,
+                            fit_overrides={"epochs": epochs, "seed": seed, "device": device})
+
+
+def run_all(jobs: dict[str, dict], data) -> dict[str, dict]:
+    """Every job's summary: first those no other process holds, then (waiting) the ones it held."""
+    done = {name: run_one(data=data, wait=False, **job) for name, job in jobs.items()}
+    return {name: s if s is not None else run_one(data=data, **jobs[name]) for name, s in done.items()}
 
 
 def main() -> None:
@@ -74,30 +98,34 @@ def main() -> None:
     rows = [{"config": "fp32", "bits": "fp32", "recipe": "-", "epochs": fp["epochs"], "seeds": 1,
              "test_acc": [fp["test_acc"]], "val_acc": [fp["val_acc"]], "seconds": [fp["train_seconds"]]}]
     runs = Path(args.runs)
-    for bits in ("w8a8", "w4a4"):  # post-training: calibration only
-        for method in ("lsq", "minmax"):
-            s = run_one(args.fp32, runs / f"ptq-{bits}-{method}", bits, "lsq", 0, 0, data, method=method,
-                        device=args.device)
-            rows.append({"config": f"post-training {bits} ({'LSQ init' if method == 'lsq' else 'min/max'})",
-                         "bits": bits, "recipe": f"ptq-{method}", "epochs": 0, "seeds": 1,
-                         "test_acc": [s["test_acc"]], "val_acc": [s["val_acc"]],
-                         "seconds": [s["calibration_seconds"]]})
-    for bits in args.bits.split(","):
-        epochs = 1 if bits == "w8a8" else args.epochs
-        for recipe in args.recipes.split(","):
-            res = [run_one(args.fp32, runs / f"{bits}-{recipe}-s{seed}", bits, recipe, seed, epochs, data,
-                           device=args.device) for seed in seeds]
-            rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": epochs,
-                         "seeds": len(seeds), "test_acc": [r["test_acc"] for r in res],
-                         "val_acc": [r["val_acc"] for r in res], "seconds": [r["train_seconds"] for r in res]})
-            print(rows[-1])
-    for spec in filter(None, args.long.split(",")):  # longer fine-tunes of a few configurations, one seed
-        bits, recipe, ep = spec.split(":")
-        r = run_one(args.fp32, runs / f"{bits}-{recipe}-e{float(ep):g}-s0", bits, recipe, 0, float(ep), data,
-                    device=args.device)
-        rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": float(ep), "seeds": 1,
+    ptq = {f"ptq-{bits}-{method}": (bits, method) for bits in ("w8a8", "w4a4") for method in ("lsq", "minmax")}
+    tuned = [(bits, recipe, 1 if bits == "w8a8" else args.epochs)
+             for bits in args.bits.split(",") for recipe in args.recipes.split(",")]
+    specs = (spec.split(":") for spec in filter(None, args.long.split(",")))
+    longer = [(bits, recipe, float(ep)) for bits, recipe, ep in specs]
+    common = {"fp32": args.fp32, "device": args.device}
+    jobs = {name: dict(out=runs / name, bits=bits, recipe="lsq", seed=0, epochs=0, method=method, **common)
+            for name, (bits, method) in ptq.items()}
+    jobs |= {f"{bits}-{recipe}-s{seed}": dict(out=runs / f"{bits}-{recipe}-s{seed}", bits=bits, recipe=recipe,
+                                              seed=seed, epochs=ep, **common)
+             for bits, recipe, ep in tuned for seed in seeds}
+    jobs |= {f"{bits}-{recipe}-e{ep:g}-s0": dict(out=runs / f"{bits}-{recipe}-e{ep:g}-s0", bits=bits, recipe=recipe,
+                                                 seed=0, epochs=ep, **common) for bits, recipe, ep in longer}
+    res = run_all(jobs, data)
+    for name, (bits, method) in ptq.items():  # post-training: calibration only
+        s = res[name]
+        rows.append({"config": f"post-training {bits} ({'LSQ init' if method == 'lsq' else 'min/max'})",
+                     "bits": bits, "recipe": f"ptq-{method}", "epochs": 0, "seeds": 1,
+                     "test_acc": [s["test_acc"]], "val_acc": [s["val_acc"]], "seconds": [s["calibration_seconds"]]})
+    for bits, recipe, ep in tuned:
+        rs = [res[f"{bits}-{recipe}-s{seed}"] for seed in seeds]
+        rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": ep, "seeds": len(seeds),
+                     "test_acc": [r["test_acc"] for r in rs], "val_acc": [r["val_acc"] for r in rs],
+                     "seconds": [r["train_seconds"] for r in rs]})
+    for bits, recipe, ep in longer:  # longer fine-tunes of a few configurations, one seed
+        r = res[f"{bits}-{recipe}-e{ep:g}-s0"]
+        rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": ep, "seeds": 1,
                      "test_acc": [r["test_acc"]], "val_acc": [r["val_acc"]], "seconds": [r["train_seconds"]]})
-        print(rows[-1])
     fp_acc = 100 * fp["test_acc"]
     m = machine()
     md = [f"# Quantization results (Fashion-MNIST, {fp.get('model', args.model)})", "",
@@ -120,10 +148,14 @@ def main() -> None:
         met = "-" if target is None else ("yes" if r["met"] else "no")
         md.append(f"| {r['config']} | {r['epochs']:g} | {r['seeds']} | {mean:.2f} ± {sd:.2f} | {delta:+.2f} | "
                   f"{tgt} | {met} | {statistics.mean(r['seconds']):.0f} |")
+    total_h = sum(r["train_seconds"] for r in res.values() if "train_seconds" in r) / 3600
+    short = ("(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
+             "assume the full recipe; rows marked 'no' are what this budget reached. ") if args.epochs < 5 else \
+        "(the full recipe). "
     md += ["", f"Scale of this table: {len(seeds)} seed(s) and {args.epochs:g} fine-tuning epoch(s) below 8 bits "
-           "(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
-           "assume the full recipe; rows marked 'no' are what this budget reached. Rows with more epochs and one "
-           "seed (`--long`) show what the full 5-epoch recipe reaches.", "",
+           + short + ("Rows with more epochs and one seed (`--long`) show what a longer fine-tune reaches. "
+                      if longer else "") + f"Total fine-tuning compute: {total_h:.1f} h of wall clock "
+           "(sum over runs, processes side by side counted separately).", "",
            f"Reproduce: `python bench/quantization.py {' '.join(sys.argv[1:])}` "
            "(resumable; e.g. `--seeds 0,1,2 --epochs 5` for the full table).", ""]
     write_results("quantization", {"machine": m, "args": vars(args), "fp32": fp, "rows": rows}, "\n".join(md))
