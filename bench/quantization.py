@@ -9,7 +9,7 @@ machine) splits the runs between the two processes; each writes the table once e
 
 Usage: python bench/quantization.py --fp32 runs/bench-baseline/resnet8 --seeds 0,1,2 --epochs 2
        python bench/quantization.py --fp32-weights bench/state/resnet20-fp32 --model resnet20 --seeds 0,1,2 \
-           --epochs 5 --runs runs/bench-quant-r20 --state bench/state/quant-r20     # issue #12 scale
+           --epochs 5 --recipes lsq+kd,lsq,faq --runs runs/bench-quant-r20 --state bench/state/quant-r20  # #12
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs at 4/3/2 bits (8 bits: 1)")
     ap.add_argument("--bits", default="w8a8,w4a4,w3a3,w2a2")
-    ap.add_argument("--recipes", default="lsq,lsq+kd,faq")
+    ap.add_argument("--recipes", default="lsq,lsq+kd,faq",
+                    help="recipes; below 8 bits they train in this order, every bit width of one before the next")
     ap.add_argument("--long", default="", help="extra longer rows, e.g. w4a4:lsq+kd:5 (bits:recipe:epochs, "
                                                "comma-separated; seed 0 only)")
     ap.add_argument("--fp32-weights", default=None,
@@ -104,11 +105,13 @@ def main() -> None:
     specs = (spec.split(":") for spec in filter(None, args.long.split(",")))
     longer = [(bits, recipe, float(ep)) for bits, recipe, ep in specs]
     common = {"fp32": args.fp32, "device": args.device}
+    recipes = args.recipes.split(",")
+    order = lambda t: (t[0] != "w8a8", recipes.index(t[1]))  # noqa: E731  8 bits first, then recipe by recipe
     jobs = {name: dict(out=runs / name, bits=bits, recipe="lsq", seed=0, epochs=0, method=method, **common)
             for name, (bits, method) in ptq.items()}
     jobs |= {f"{bits}-{recipe}-s{seed}": dict(out=runs / f"{bits}-{recipe}-s{seed}", bits=bits, recipe=recipe,
                                               seed=seed, epochs=ep, **common)
-             for bits, recipe, ep in tuned for seed in seeds}
+             for bits, recipe, ep in sorted(tuned, key=order) for seed in seeds}
     jobs |= {f"{bits}-{recipe}-e{ep:g}-s0": dict(out=runs / f"{bits}-{recipe}-e{ep:g}-s0", bits=bits, recipe=recipe,
                                                  seed=0, epochs=ep, **common) for bits, recipe, ep in longer}
     res = run_all(jobs, data)
