@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import atexit
 import filecmp
+import json
 import os
 import shutil
 import signal
 import sys
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
 MAX_FILE_BYTES = 8 << 20
@@ -42,17 +44,29 @@ def _copy(src: Path, dst: Path) -> bool:
     return True
 
 
-def sync(runs: Path, state: Path) -> int:
+def _finished(ckpt: Path) -> bool:
+    summary = ckpt.with_name("summary.json")
+    try:
+        return summary.exists() and bool(json.loads(summary.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def sync(runs: Path, state: Path, sources: Collection[str] | None = None) -> int:
     """Mirror ``runs`` into ``state`` (files only added or updated: a stage never goes back); returns #written.
 
     A run's metrics are copied before its checkpoint, so a copy taken mid-epoch never holds a checkpoint
-    newer than its metrics.
+    newer than its metrics. With ``sources`` (the top-level runs that others start from), a finished run
+    outside them keeps only its records: resuming needs its summary, not its weights.
     """
     files = sorted((p for p in runs.rglob("*") if p.is_file() and not p.name.endswith(".tmp")),
                    key=lambda p: p.name == "checkpoint.pt")
     n = 0
     for p in files:
         rel = p.relative_to(runs)
+        if sources is not None and p.name == "checkpoint.pt" and rel.parts[0] not in sources and _finished(p):
+            (state / rel).unlink(missing_ok=True)
+            continue
         try:
             if _kept(rel, p.stat().st_size):
                 n += _copy(p, state / rel)
@@ -72,7 +86,7 @@ def restore(state: Path, runs: Path) -> int:
     return n
 
 
-def mirror(runs: Path, state: Path, every: float = 300.0) -> None:
+def mirror(runs: Path, state: Path, every: float = 300.0, sources: Collection[str] | None = None) -> None:
     """Restore now, then sync every ``every`` seconds from a daemon thread and once more at exit (SIGTERM too)."""
     restored = restore(state, runs)
     if restored:
@@ -81,13 +95,13 @@ def mirror(runs: Path, state: Path, every: float = 300.0) -> None:
 
     def loop() -> None:
         while not stop.wait(every):
-            sync(runs, state)
+            sync(runs, state, sources)
 
     threading.Thread(target=loop, daemon=True, name="bench-state-mirror").start()
 
     def final() -> None:
         stop.set()
-        sync(runs, state)
+        sync(runs, state, sources)
 
     atexit.register(final)
     # a stopped benchmark (kill, end of a session) still leaves its last finished stage in the mirror

@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     data = get_data("fashion-mnist")
     if args.state:
-        mirror(Path(args.runs), Path(args.state))
+        mirror(Path(args.runs), Path(args.state), sources={"fp32"})
     if args.fp32_weights:
         args.fp32 = str(Path(args.runs) / "fp32")
         if not (Path(args.fp32) / "summary.json").exists():

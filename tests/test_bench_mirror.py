@@ -61,3 +61,18 @@ def test_a_terminated_benchmark_leaves_its_last_stage_in_the_mirror(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert (state / "points" / "a.json").read_text() == "{}"
+
+
+def test_finished_runs_outside_the_sources_keep_only_their_records(tmp_path):
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    _write(runs / "fp32" / "checkpoint.pt", "source")
+    _write(runs / "fp32" / "summary.json", '{"complete": true}')
+    _write(runs / "w4a4-s0" / "checkpoint.pt", "epoch 2")
+    _write(runs / "w4a4-s0" / "summary.json", '{"complete": false}')
+    sync(runs, state, sources={"fp32"})
+    assert (state / "w4a4-s0" / "checkpoint.pt").exists()  # unfinished: resumes from it
+    _write(runs / "w4a4-s0" / "summary.json", '{"complete": true}')
+    sync(runs, state, sources={"fp32"})
+    assert not (state / "w4a4-s0" / "checkpoint.pt").exists()  # finished: the summary is enough
+    assert (state / "w4a4-s0" / "summary.json").read_text() == '{"complete": true}'
+    assert (state / "fp32" / "checkpoint.pt").exists()  # other runs start from it
