@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--model", default="resnet8", help="registry model of --fp32-weights")
     ap.add_argument("--state", default=None, help="committed mirror of the resumable state (bench/mirror.py)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: write the table from the finished runs and list the pending ones")
     args = ap.parse_args()
     data = get_data("fashion-mnist")
     if args.state:
@@ -114,19 +116,24 @@ def main() -> None:
              for bits, recipe, ep in sorted(tuned, key=order) for seed in seeds}
     jobs |= {f"{bits}-{recipe}-e{ep:g}-s0": dict(out=runs / f"{bits}-{recipe}-e{ep:g}-s0", bits=bits, recipe=recipe,
                                                  seed=0, epochs=ep, **common) for bits, recipe, ep in longer}
-    res = run_all(jobs, data)
+    res = {n: _finished(j["out"]) for n, j in jobs.items()} if args.report else run_all(jobs, data)
+    pending = [n for n, r in res.items() if r is None]
     for name, (bits, method) in ptq.items():  # post-training: calibration only
-        s = res[name]
+        if (s := res[name]) is None:
+            continue
         rows.append({"config": f"post-training {bits} ({'LSQ init' if method == 'lsq' else 'min/max'})",
                      "bits": bits, "recipe": f"ptq-{method}", "epochs": 0, "seeds": 1,
                      "test_acc": [s["test_acc"]], "val_acc": [s["val_acc"]], "seconds": [s["calibration_seconds"]]})
     for bits, recipe, ep in tuned:
         rs = [res[f"{bits}-{recipe}-s{seed}"] for seed in seeds]
+        if None in rs:
+            continue
         rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": ep, "seeds": len(seeds),
                      "test_acc": [r["test_acc"] for r in rs], "val_acc": [r["val_acc"] for r in rs],
                      "seconds": [r["train_seconds"] for r in rs]})
     for bits, recipe, ep in longer:  # longer fine-tunes of a few configurations, one seed
-        r = res[f"{bits}-{recipe}-e{ep:g}-s0"]
+        if (r := res[f"{bits}-{recipe}-e{ep:g}-s0"]) is None:
+            continue
         rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": ep, "seeds": 1,
                      "test_acc": [r["test_acc"]], "val_acc": [r["val_acc"]], "seconds": [r["train_seconds"]]})
     fp_acc = 100 * fp["test_acc"]
@@ -137,8 +144,9 @@ def main() -> None:
           "the README; mean ± std over the listed seeds (fine-tuning seeds: data order and augmentation). "
           "Test accuracy is reported only; nothing is selected on it.", "",
           f"Machine: {machine_line(m)}. Times are wall-clock training seconds on this shared 2-core machine.", "",
-          "| configuration | epochs | seeds | test acc (%) | Δ vs fp32 (pt) | target | met | train s / run |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| configuration | epochs | seeds | test acc (%) | Δ vs fp32 (pt) | target | met | val acc (%) | "
+          "train s / run |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         accs = [100 * a for a in r["test_acc"]]
         mean = statistics.mean(accs)
@@ -150,8 +158,9 @@ def main() -> None:
         tgt = "-" if target is None else f"≥ {target:+.1f}"
         met = "-" if target is None else ("yes" if r["met"] else "no")
         md.append(f"| {r['config']} | {r['epochs']:g} | {r['seeds']} | {mean:.2f} ± {sd:.2f} | {delta:+.2f} | "
-                  f"{tgt} | {met} | {statistics.mean(r['seconds']):.0f} |")
-    total_h = sum(r["train_seconds"] for r in res.values() if "train_seconds" in r) / 3600
+                  f"{tgt} | {met} | {100 * statistics.mean(r['val_acc']):.2f} | "
+                  f"{statistics.mean(r['seconds']):.0f} |")
+    total_h = sum(r["train_seconds"] for r in res.values() if r and "train_seconds" in r) / 3600
     short = ("(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
              "assume the full recipe; rows marked 'no' are what this budget reached. ") if args.epochs < 5 else \
         "(the full recipe). "
@@ -159,9 +168,13 @@ def main() -> None:
            + short + ("Rows with more epochs and one seed (`--long`) show what a longer fine-tune reaches. "
                       if longer else "") + f"Total fine-tuning compute: {total_h:.1f} h of wall clock "
            "(sum over runs, processes side by side counted separately).", "",
-           f"Reproduce: `python bench/quantization.py {' '.join(sys.argv[1:])}` "
-           "(resumable; e.g. `--seeds 0,1,2 --epochs 5` for the full table).", ""]
-    write_results("quantization", {"machine": m, "args": vars(args), "fp32": fp, "rows": rows}, "\n".join(md))
+           *([f"Pending (not trained yet; the command below trains them and rewrites this file): "
+              f"{', '.join(pending)}.", ""] if pending else []),
+           f"Reproduce: `python bench/quantization.py {' '.join(a for a in sys.argv[1:] if a != '--report')}` "
+           + ("(resumable)." if args.epochs >= 5 else "(resumable; `--seeds 0,1,2 --epochs 5` for the full table)."),
+           ""]
+    write_results("quantization", {"machine": m, "args": vars(args), "fp32": fp, "rows": rows,
+                                   "pending": pending}, "\n".join(md))
 
 
 if __name__ == "__main__":
