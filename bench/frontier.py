@@ -200,13 +200,16 @@ def render(payload: dict[str, Any]) -> str:
         lines += ["", "## Paired differences over seeds (test accuracy, points)", "",
                   "Same W4A4 start, recipe and data order per seed: the difference is paired by seed; 95% "
                   "Student-t interval over the seeds. Plan overlap = Jaccard index of the layers dropped to 2 bits "
-                  "(1 = the same plan).", "",
-                  "| budget | method − baseline | seeds | mean (pt) | 95% interval (pt) | excludes 0 | plan overlap |",
-                  "|---|---|---|---|---|---|---|"]
+                  "(1 = the same plan). Seeds for 80% power: how many seeds a 5% test would need to detect the "
+                  "observed mean difference, were it and the observed spread the true ones.", "",
+                  "| budget | method − baseline | seeds | mean (pt) | 95% interval (pt) | excludes 0 | plan overlap | "
+                  "seeds for 80% power |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in payload["paired"]:
             ci = "n/a" if r["n"] < 2 else f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}]"
             lines.append(f"| {r['budget']:g} | {r['method']} − {r['baseline']} | {r['n']} | {100 * r['mean']:+.2f} | "
-                         f"{ci} | {'yes' if r['excludes_zero'] else 'no'} | {r['plan_overlap']:.2f} |")
+                         f"{ci} | {'yes' if r['excludes_zero'] else 'no'} | {r['plan_overlap']:.2f} | "
+                         f"{r.get('seeds_for_power') or '-'} |")
     if payload.get("hessian_convergence"):
         lines += ["", "## Hessian trace: Hutchinson convergence per seed", "",
                   "Run until every candidate layer's trace estimate has a relative standard error below the bound.",

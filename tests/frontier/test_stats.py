@@ -15,6 +15,14 @@ def test_paired_difference_matches_a_hand_computed_t_interval():
     half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2}
     assert r["mean"] == pytest.approx(mean) and r["low"] == pytest.approx(mean - half)
     assert r["high"] == pytest.approx(mean + half) and r["excludes_zero"]
+    assert r["sd"] == pytest.approx(sd)
+    # (z_0.975 + z_0.8)^2 * sd^2 / mean^2 = (1.959964 + 0.841621)^2 * (sd / mean)^2, rounded up, at least 2
+    assert r["seeds_for_power"] == max(2, math.ceil((2.801585 * sd / mean) ** 2))
+    noisy = paired_difference([0.92, 0.90, 0.93, 0.89], [0.91, 0.91, 0.91, 0.90])
+    nd = [0.01, -0.01, 0.02, -0.01]
+    nm, ns = sum(nd) / 4, math.sqrt(sum((d - sum(nd) / 4) ** 2 for d in nd) / 3)
+    assert noisy["seeds_for_power"] == math.ceil((2.801585 * ns / nm) ** 2) > 4
+    assert paired_difference([0.5, 0.6], [0.4, 0.7])["seeds_for_power"] is None  # mean 0
     one = paired_difference([0.5], [0.4])
     assert math.isnan(one["low"]) and not one["excludes_zero"]
     with pytest.raises(ValueError):

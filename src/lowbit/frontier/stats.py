@@ -13,10 +13,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
+                      power: float = 0.8) -> dict[str, Any]:
     """Mean of ``a[i] - b[i]`` with a two-sided ``confidence`` interval (t distribution, n - 1 dof).
 
     With one pair the interval is unbounded (NaN ends): one seed says nothing about the spread.
+    ``seeds_for_power``: how many pairs a test at this confidence needs to detect the observed mean with
+    probability ``power``, were the observed mean and spread the true ones (normal approximation,
+    n = ((z_{1-α/2} + z_power) · sd / mean)²; None for a zero mean); it says whether more seeds could settle
+    a small difference.
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"need equally many paired values, got {len(a)} and {len(b)}")
@@ -24,12 +29,17 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     n = len(diffs)
     mean = statistics.fmean(diffs)
     if n < 2:
-        return {"n": n, "mean": mean, "low": math.nan, "high": math.nan, "excludes_zero": False}
-    from scipy.stats import t
+        return {"n": n, "mean": mean, "sd": math.nan, "low": math.nan, "high": math.nan, "excludes_zero": False,
+                "seeds_for_power": None}
+    from scipy.stats import norm, t
 
-    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    sd = statistics.stdev(diffs)
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     low, high = mean - half, mean + half
-    return {"n": n, "mean": mean, "low": low, "high": high, "excludes_zero": bool(low > 0 or high < 0)}
+    z = float(norm.ppf(0.5 + confidence / 2) + norm.ppf(power))
+    needed = None if mean == 0 else max(2, math.ceil((z * sd / abs(mean)) ** 2))
+    return {"n": n, "mean": mean, "sd": sd, "low": low, "high": high, "excludes_zero": bool(low > 0 or high < 0),
+            "seeds_for_power": needed}
 
 
 def jaccard(a: Iterable[str], b: Iterable[str]) -> float:
