@@ -62,6 +62,93 @@ def run_all(jobs: dict[str, dict], data) -> dict[str, dict]:
     return {name: s if s is not None else run_one(data=data, **jobs[name]) for name, s in done.items()}
 
 
+def _row(config: str, bits: str, recipe: str, epochs: float, summaries: list[dict], seconds: str) -> dict:
+    return {"config": config, "bits": bits, "recipe": recipe, "epochs": epochs, "seeds": len(summaries),
+            "test_acc": [r["test_acc"] for r in summaries], "val_acc": [r["val_acc"] for r in summaries],
+            "seconds": [r[seconds] for r in summaries]}
+
+
+def plan_jobs(args, seeds: list[int]):
+    """Post-training runs, fine-tuned (bits, recipe, epochs) rows, --long rows, and every run as a job, in the
+    order they train: 8 bits first, then recipe by recipe in --recipes order."""
+    runs = Path(args.runs)
+    ptq = {f"ptq-{bits}-{method}": (bits, method) for bits in ("w8a8", "w4a4") for method in ("lsq", "minmax")}
+    recipes = args.recipes.split(",")
+    tuned = [(bits, recipe, 1 if bits == "w8a8" else args.epochs)
+             for bits in args.bits.split(",") for recipe in recipes]
+    longer = [(bits, recipe, float(ep)) for bits, recipe, ep in
+              (spec.split(":") for spec in filter(None, args.long.split(",")))]
+    common = {"fp32": args.fp32, "device": args.device}
+    jobs = {name: dict(out=runs / name, bits=bits, recipe="lsq", seed=0, epochs=0, method=method, **common)
+            for name, (bits, method) in ptq.items()}
+    for bits, recipe, ep in sorted(tuned, key=lambda t: (t[0] != "w8a8", recipes.index(t[1]))):
+        jobs |= {f"{bits}-{recipe}-s{seed}": dict(out=runs / f"{bits}-{recipe}-s{seed}", bits=bits, recipe=recipe,
+                                                  seed=seed, epochs=ep, **common) for seed in seeds}
+    for bits, recipe, ep in longer:
+        jobs[f"{bits}-{recipe}-e{ep:g}-s0"] = dict(out=runs / f"{bits}-{recipe}-e{ep:g}-s0", bits=bits, recipe=recipe,
+                                                   seed=0, epochs=ep, **common)
+    return ptq, tuned, longer, jobs
+
+
+def table_rows(fp: dict, res: dict, ptq: dict, tuned: list, longer: list, seeds: list[int]) -> list[dict]:
+    """fp32, then every row whose runs have all finished."""
+    rows = [_row("fp32", "fp32", "-", fp["epochs"], [fp], "train_seconds")]
+    for name, (bits, method) in ptq.items():  # post-training: calibration only
+        if res[name] is not None:
+            rows.append(_row(f"post-training {bits} ({'LSQ init' if method == 'lsq' else 'min/max'})", bits,
+                             f"ptq-{method}", 0, [res[name]], "calibration_seconds"))
+    for bits, recipe, ep in tuned:
+        rs = [res[f"{bits}-{recipe}-s{seed}"] for seed in seeds]
+        if None not in rs:
+            rows.append(_row(f"{bits} {recipe}", bits, recipe, ep, rs, "train_seconds"))
+    for bits, recipe, ep in longer:  # longer fine-tunes of a few configurations, one seed
+        if (r := res[f"{bits}-{recipe}-e{ep:g}-s0"]) is not None:
+            rows.append(_row(f"{bits} {recipe}", bits, recipe, ep, [r], "train_seconds"))
+    return rows
+
+
+def render(args, m: dict, fp: dict, rows: list[dict], res: dict, pending: list[str], longer: bool,
+           n_seeds: int) -> str:
+    """The Markdown table; fills each row's mean, std, delta and target."""
+    fp_acc = 100 * fp["test_acc"]
+    md = [f"# Quantization results (Fashion-MNIST, {fp.get('model', args.model)})", "",
+          f"All runs start from one fp32 checkpoint (`{args.fp32}`, test {fp_acc:.2f}%). First and last layers at "
+          f"8 bits. Fine-tuned rows: W8A8 for 1 epoch, lower precisions for {args.epochs:g} epochs, recipes as in "
+          "the README; mean ± std over the listed seeds (fine-tuning seeds: data order and augmentation). "
+          "Test accuracy is reported only; nothing is selected on it.", "",
+          f"Machine: {machine_line(m)}. Times are wall-clock training seconds on this shared 2-core machine.", "",
+          "| configuration | epochs | seeds | test acc (%) | Δ vs fp32 (pt) | target | met | val acc (%) | "
+          "train s / run |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        accs = [100 * a for a in r["test_acc"]]
+        mean = statistics.mean(accs)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        target = TARGETS.get(r["bits"]) if r["recipe"] in ("lsq", "lsq+kd", "faq") else None
+        delta = mean - fp_acc
+        r.update(mean=mean, std=sd, delta=delta, target=target,
+                 met=None if target is None else bool(delta >= target - 1e-9))
+        tgt = "-" if target is None else f"≥ {target:+.1f}"
+        met = "-" if target is None else ("yes" if r["met"] else "no")
+        md.append(f"| {r['config']} | {r['epochs']:g} | {r['seeds']} | {mean:.2f} ± {sd:.2f} | {delta:+.2f} | "
+                  f"{tgt} | {met} | {100 * statistics.mean(r['val_acc']):.2f} | "
+                  f"{statistics.mean(r['seconds']):.0f} |")
+    total_h = sum(r["train_seconds"] for r in res.values() if r and "train_seconds" in r) / 3600
+    short = ("(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
+             "assume the full recipe; rows marked 'no' are what this budget reached. ") if args.epochs < 5 else \
+        "(the full recipe). "
+    md += ["", f"Scale of this table: {n_seeds} seed(s) and {args.epochs:g} fine-tuning epoch(s) below 8 bits "
+           + short + ("Rows with more epochs and one seed (`--long`) show what a longer fine-tune reaches. "
+                      if longer else "") + f"Total fine-tuning compute: {total_h:.1f} h of wall clock "
+           "(sum over runs, processes side by side counted separately).", "",
+           *([f"Pending (not trained yet; the command below trains them and rewrites this file): "
+              f"{', '.join(pending)}.", ""] if pending else []),
+           f"Reproduce: `python bench/quantization.py {' '.join(a for a in sys.argv[1:] if a != '--report')}` "
+           + ("(resumable)." if args.epochs >= 5 else "(resumable; `--seeds 0,1,2 --epochs 5` for the full table)."),
+           ""]
+    return "\n".join(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp32", default="runs/bench-baseline/resnet8")
@@ -98,83 +185,14 @@ def main() -> None:
     if trained.exists():  # the run that trained the weights: its epochs and training time
         fp = {**fp, **{k: load_json(trained)[k] for k in ("epochs", "train_seconds")}}
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = [{"config": "fp32", "bits": "fp32", "recipe": "-", "epochs": fp["epochs"], "seeds": 1,
-             "test_acc": [fp["test_acc"]], "val_acc": [fp["val_acc"]], "seconds": [fp["train_seconds"]]}]
-    runs = Path(args.runs)
-    ptq = {f"ptq-{bits}-{method}": (bits, method) for bits in ("w8a8", "w4a4") for method in ("lsq", "minmax")}
-    tuned = [(bits, recipe, 1 if bits == "w8a8" else args.epochs)
-             for bits in args.bits.split(",") for recipe in args.recipes.split(",")]
-    specs = (spec.split(":") for spec in filter(None, args.long.split(",")))
-    longer = [(bits, recipe, float(ep)) for bits, recipe, ep in specs]
-    common = {"fp32": args.fp32, "device": args.device}
-    recipes = args.recipes.split(",")
-    order = lambda t: (t[0] != "w8a8", recipes.index(t[1]))  # noqa: E731  8 bits first, then recipe by recipe
-    jobs = {name: dict(out=runs / name, bits=bits, recipe="lsq", seed=0, epochs=0, method=method, **common)
-            for name, (bits, method) in ptq.items()}
-    jobs |= {f"{bits}-{recipe}-s{seed}": dict(out=runs / f"{bits}-{recipe}-s{seed}", bits=bits, recipe=recipe,
-                                              seed=seed, epochs=ep, **common)
-             for bits, recipe, ep in sorted(tuned, key=order) for seed in seeds}
-    jobs |= {f"{bits}-{recipe}-e{ep:g}-s0": dict(out=runs / f"{bits}-{recipe}-e{ep:g}-s0", bits=bits, recipe=recipe,
-                                                 seed=0, epochs=ep, **common) for bits, recipe, ep in longer}
+    ptq, tuned, longer, jobs = plan_jobs(args, seeds)
     res = {n: _finished(j["out"]) for n, j in jobs.items()} if args.report else run_all(jobs, data)
     pending = [n for n, r in res.items() if r is None]
-    for name, (bits, method) in ptq.items():  # post-training: calibration only
-        if (s := res[name]) is None:
-            continue
-        rows.append({"config": f"post-training {bits} ({'LSQ init' if method == 'lsq' else 'min/max'})",
-                     "bits": bits, "recipe": f"ptq-{method}", "epochs": 0, "seeds": 1,
-                     "test_acc": [s["test_acc"]], "val_acc": [s["val_acc"]], "seconds": [s["calibration_seconds"]]})
-    for bits, recipe, ep in tuned:
-        rs = [res[f"{bits}-{recipe}-s{seed}"] for seed in seeds]
-        if None in rs:
-            continue
-        rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": ep, "seeds": len(seeds),
-                     "test_acc": [r["test_acc"] for r in rs], "val_acc": [r["val_acc"] for r in rs],
-                     "seconds": [r["train_seconds"] for r in rs]})
-    for bits, recipe, ep in longer:  # longer fine-tunes of a few configurations, one seed
-        if (r := res[f"{bits}-{recipe}-e{ep:g}-s0"]) is None:
-            continue
-        rows.append({"config": f"{bits} {recipe}", "bits": bits, "recipe": recipe, "epochs": ep, "seeds": 1,
-                     "test_acc": [r["test_acc"]], "val_acc": [r["val_acc"]], "seconds": [r["train_seconds"]]})
-    fp_acc = 100 * fp["test_acc"]
+    rows = table_rows(fp, res, ptq, tuned, longer, seeds)
     m = machine()
-    md = [f"# Quantization results (Fashion-MNIST, {fp.get('model', args.model)})", "",
-          f"All runs start from one fp32 checkpoint (`{args.fp32}`, test {fp_acc:.2f}%). First and last layers at "
-          f"8 bits. Fine-tuned rows: W8A8 for 1 epoch, lower precisions for {args.epochs:g} epochs, recipes as in "
-          "the README; mean ± std over the listed seeds (fine-tuning seeds: data order and augmentation). "
-          "Test accuracy is reported only; nothing is selected on it.", "",
-          f"Machine: {machine_line(m)}. Times are wall-clock training seconds on this shared 2-core machine.", "",
-          "| configuration | epochs | seeds | test acc (%) | Δ vs fp32 (pt) | target | met | val acc (%) | "
-          "train s / run |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        accs = [100 * a for a in r["test_acc"]]
-        mean = statistics.mean(accs)
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        target = TARGETS.get(r["bits"]) if r["recipe"] in ("lsq", "lsq+kd", "faq") else None
-        delta = mean - fp_acc
-        r.update(mean=mean, std=sd, delta=delta, target=target,
-                 met=None if target is None else bool(delta >= target - 1e-9))
-        tgt = "-" if target is None else f"≥ {target:+.1f}"
-        met = "-" if target is None else ("yes" if r["met"] else "no")
-        md.append(f"| {r['config']} | {r['epochs']:g} | {r['seeds']} | {mean:.2f} ± {sd:.2f} | {delta:+.2f} | "
-                  f"{tgt} | {met} | {100 * statistics.mean(r['val_acc']):.2f} | "
-                  f"{statistics.mean(r['seconds']):.0f} |")
-    total_h = sum(r["train_seconds"] for r in res.values() if r and "train_seconds" in r) / 3600
-    short = ("(the recipes' default is 5 epochs; a short budget was all the shared machine allowed). The targets "
-             "assume the full recipe; rows marked 'no' are what this budget reached. ") if args.epochs < 5 else \
-        "(the full recipe). "
-    md += ["", f"Scale of this table: {len(seeds)} seed(s) and {args.epochs:g} fine-tuning epoch(s) below 8 bits "
-           + short + ("Rows with more epochs and one seed (`--long`) show what a longer fine-tune reaches. "
-                      if longer else "") + f"Total fine-tuning compute: {total_h:.1f} h of wall clock "
-           "(sum over runs, processes side by side counted separately).", "",
-           *([f"Pending (not trained yet; the command below trains them and rewrites this file): "
-              f"{', '.join(pending)}.", ""] if pending else []),
-           f"Reproduce: `python bench/quantization.py {' '.join(a for a in sys.argv[1:] if a != '--report')}` "
-           + ("(resumable)." if args.epochs >= 5 else "(resumable; `--seeds 0,1,2 --epochs 5` for the full table)."),
-           ""]
+    md = render(args, m, fp, rows, res, pending, bool(longer), len(seeds))
     write_results("quantization", {"machine": m, "args": vars(args), "fp32": fp, "rows": rows,
-                                   "pending": pending}, "\n".join(md))
+                                   "pending": pending}, md)
 
 
 if __name__ == "__main__":
