@@ -11,6 +11,7 @@ from lowbit.train import (
     evaluate,
     load_quantized_run,
     quantize_run,
+    recipe_activation_init,
     recipe_fit_config,
     train,
 )
@@ -40,6 +41,21 @@ def test_recipes_follow_the_papers_ratios():
     assert recipe_fit_config("faq", 8).lr == 1e-4
     with pytest.raises(LowbitError):
         recipe_fit_config("sgd", 4)
+
+
+def test_the_8_bit_lsq_recipe_starts_input_steps_from_the_mse_step(fp32_run, tmp_path):
+    assert [recipe_activation_init(r, b) for r, b in (("lsq", 8), ("lsq", 4), ("faq", 8))] == ["mse", "mean", "mean"]
+    src, data = fp32_run
+    inits = {}
+    runs = {"w8": {"bits": "w8a8"}, "w4": {}, "w8-mean": {"bits": "w8a8", "activation_init": "mean"},
+            "w8-minmax": {"bits": "w8a8", "method": "minmax"}}
+    for name, kw in runs.items():
+        quantize_run(_q(src, tmp_path / name, **kw), data=data, fit_overrides={"epochs": 0, "quiet": True})
+        model, ckpt = load_quantized_run(tmp_path / name)
+        q = model.layer1[0].conv1.input_quantizer
+        inits[name] = (ckpt["quant_config"].get("activation_init", "mean"), getattr(q, "init", q.method))
+    assert inits == {"w8": ("mse", "mse"), "w4": ("mean", "mean"), "w8-mean": ("mean", "mean"),
+                     "w8-minmax": ("mean", "minmax")}  # a config that records nothing it does not use
 
 
 def test_quantize_run_writes_a_rebuildable_run(fp32_run, tmp_path):

@@ -288,8 +288,9 @@ def _quantize():
         p.add_argument("--per-channel", action="store_true", help="one weight step per output channel")
         p.add_argument("--quantize-matmuls", action="store_true",
                        help="also quantize the two attention matmuls (Q·Kᵀ, softmax·V) of Hugging Face encoders")
-        p.add_argument("--activation-init", default="mean", choices=["mean", "mse", "percentile"],
-                       help="LSQ input steps: the paper's 2·mean|x|/sqrt(Q_P), or outlier-robust MSE / percentile")
+        p.add_argument("--activation-init", default=None, choices=["mean", "mse", "percentile"],
+                       help="LSQ input steps: the paper's 2·mean|x|/sqrt(Q_P), or outlier-robust MSE / percentile "
+                            "(default: the recipe's, MSE when every layer is at 8 bits, else the paper's)")
         p.add_argument("--residual-bits", type=int, default=None, choices=[8, 4, 3, 2],
                        help="also quantize the residual stream: after each add (after its ReLU) and on the shortcut "
                             "into an add of a conv branch, so that integer backends keep it as narrow codes and run "

@@ -13,8 +13,9 @@ from lowbit.train.quantize import (  # noqa: E402
     load_quantized_run,
     prepare_quantized,
     quantize_run,
+    recipe_activation_init,
     recipe_fit_config,
 )
 
 __all__ += ["QuantizeConfig", "calibration_batches", "load_quantized_run", "prepare_quantized", "quantize_run",
-            "recipe_fit_config"]
+            "recipe_activation_init", "recipe_fit_config"]
