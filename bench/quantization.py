@@ -95,7 +95,7 @@ def table_rows(fp: dict, res: dict, ptq: dict, tuned: list, longer: list, seeds:
     rows = [_row("fp32", "fp32", "-", fp["epochs"], [fp], "train_seconds")]
     for name, (bits, method) in ptq.items():  # post-training: calibration only
         if res[name] is not None:
-            rows.append(_row(f"post-training {bits} ({'LSQ init' if method == 'lsq' else 'min/max'})", bits,
+            rows.append(_row(f"post-training {bits} ({'LSQ recipe init' if method == 'lsq' else 'min/max'})", bits,
                              f"ptq-{method}", 0, [res[name]], "calibration_seconds"))
     for bits, recipe, ep in tuned:
         rs = [res[f"{bits}-{recipe}-s{seed}"] for seed in seeds]
