@@ -33,7 +33,8 @@ TARGETS = {"w8a8": 0.0, "w4a4": 0.0, "w3a3": -0.3, "w2a2": -1.0}
 
 def _finished(out: Path) -> dict | None:
     s = out / "summary.json"
-    return load_json(s) if s.exists() and load_json(s).get("complete") else None
+    summary = load_json(s) if s.exists() else {}
+    return summary if summary.get("complete") else None
 
 
 def run_one(fp32: str, out: Path, bits: str, recipe: str, seed: int, epochs: float, data, method=None,
