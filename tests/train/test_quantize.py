@@ -68,14 +68,15 @@ def test_quantize_run_writes_a_rebuildable_run(fp32_run, tmp_path):
     assert acc == pytest.approx(s["test_acc"])
 
 
-def test_post_training_only_and_distillation(fp32_run, tmp_path):
+def test_post_training_only_and_distillation(fp32_run, tmp_path, capsys):
     src, data = fp32_run
     ptq = quantize_run(_q(src, tmp_path / "ptq", method="minmax"), data=data,
                        fit_overrides={"epochs": 0, "quiet": True})
     assert ptq["epochs"] == 0 and ptq["method"] == "minmax"
     kd = quantize_run(_q(src, tmp_path / "kd", bits="w2a2", recipe="faq", distill=True), data=data,
-                      fit_overrides={"epochs": 1, "quiet": True})
+                      fit_overrides={"epochs": 1})
     assert kd["recipe"] == "faq+kd"
+    assert "w2a2 faq+kd: 1/1 epoch" in capsys.readouterr().err  # the progress line names the recipe the run records
 
 
 def test_quantize_resume_matches_uninterrupted(fp32_run, tmp_path):

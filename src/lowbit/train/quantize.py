@@ -209,15 +209,16 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
                                     "source": str(cfg.source)})
         run.write_metrics(st.rows)
 
+    recipe = cfg.recipe + ("+kd" if fit_cfg.distill else "")
     t0 = time.perf_counter()
     if fit_cfg.epochs == 0:
         save(state, optimizer)
     else:
         state = fit(model, data, fit_cfg, optimizer=optimizer, start=state, on_epoch_end=save,
                     teacher=teacher if fit_cfg.distill else None, stop_after=stop_after,
-                    desc=f"{cfg.bits or 'plan'} {cfg.recipe}", loss_fn=loss_fn, metric=cfg.metric)
+                    desc=f"{cfg.bits or 'plan'} {recipe}", loss_fn=loss_fn, metric=cfg.metric)
     head = {"command": "quantize", "model": src["spec"]["model"], "bits": cfg.bits if not cfg.plan_file else "plan",
-            "recipe": cfg.recipe + ("+kd" if fit_cfg.distill else ""), "method": qcfg.method,
+            "recipe": recipe, "method": qcfg.method,
             "plan": plan.to_dict()["layers"], "calibration_seconds": prep_s}
     return finish_run(run, model, data, fit_cfg, state, head, time.perf_counter() - t0, loss_fn=loss_fn,
                       metric=cfg.metric)
