@@ -31,12 +31,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from lowbit import distributed as dist
-from lowbit.cost import plan_cost, profile_layers
+from lowbit.cost import HardwareProfile, LayerInfo, plan_cost, profile_layers
 from lowbit.data import DataSplits, num_examples, to_device
 from lowbit.errors import LowbitError
 from lowbit.frontier.select import BUDGET_KINDS, parse_budgets, resolve_profile, select_layers
@@ -194,6 +194,15 @@ def _table(method: str, cfg: FrontierConfig, model: nn.Module, data: DataSplits,
     return table
 
 
+class _Space(NamedTuple):
+    """What the plans are made of: the model's layers, its W4A4 plan, the candidates and the cost profile."""
+
+    layers: list[LayerInfo]
+    base: dict[str, tuple[int, int]]
+    names: list[str]
+    profile: HardwareProfile
+
+
 def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = None, *,
              data: DataSplits | str | None = None, data_dir: str | None = None, data_args: dict | None = None,
              tables: dict[str, SensitivityTable] | None = None, resume: bool = False,
@@ -203,7 +212,7 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     ``tables`` supplies precomputed sensitivity tables by method (e.g. from ``lowbit sensitivity``).
     Writes ``frontier.json``, ``frontier.csv``, ``frontier.png``, ``report.md`` and ``report.html``.
     """
-    from lowbit.frontier.report import spearman_vs, write_outputs
+    from lowbit.frontier.report import write_outputs
 
     cfg = config or FrontierConfig()
     tables = dict(tables or {})
@@ -211,21 +220,13 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     if stray:
         raise LowbitError(f"sensitivity table(s) for {', '.join(stray)} given, but the methods are "
                           f"{', '.join(cfg.methods)}")
-    fit = cfg.resolved_fit()
     dist.init_from_env(cfg.device)
     model, ckpt = load_w4a4_run(run)
     if cfg.loss is None and ckpt.get("spec", {}).get("loss"):  # the run's own loss unless one is given
         cfg = dataclasses.replace(cfg, loss=ckpt["spec"]["loss"])
     resolve_loss(cfg.loss)
     splits = load_data(ckpt, data, data_dir, data_args)
-    profile = resolve_profile(cfg.cost, cfg.latency_table)
-    model.to(cfg.device)
-    layers = profile_layers(model, to_device(example_input(data=splits), cfg.device))
-    base = plan_of(model).layers
-    names = candidate_layers(model, cfg.candidates, cfg.include_first_last)
-    for b in cfg.budgets:  # an unreachable budget fails now, before any scoring or fine-tuning
-        select_layers(layers, base, dict.fromkeys(names, 0.0), b, cfg.budget_kind, profile)
-
+    space = _space(cfg, model, splits)
     check_top1(model, splits, cfg.metric)  # the points measure it too
     run_dir = RunDir(out, resume=resume, overwrite=overwrite)
     if overwrite and not run_dir.resume and dist.is_main():
@@ -235,18 +236,44 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     run_dir.write_config({"command": "frontier", "source": str(run), **cfg.to_dict(), "data": splits.name})
     source_key = fingerprint(model)
 
-    # 1. sensitivity tables (the expensive part of ALPS and the Hessian), each saved as soon as it exists
-    result_tables: dict[str, SensitivityTable] = {}
+    result_tables = _sensitivity_tables(cfg, model, splits, space.names, run_dir, tables, source_key)
+    points = _plan_points(cfg, space, result_tables)
+    _finetune_points(points, cfg, model, ckpt, str(run), splits, run_dir, source_key)
+    if not dist.is_main():  # rank 0 measures the references and writes the reports; everyone returns its payload
+        return dist.broadcast_object(None)
+    payload = _payload(cfg, model, ckpt, str(run), splits, space, result_tables, points)
+    write_outputs(run_dir.path, payload)
+    return dist.broadcast_object(payload)
+
+
+def _space(cfg: FrontierConfig, model: nn.Module, splits: DataSplits) -> _Space:
+    profile = resolve_profile(cfg.cost, cfg.latency_table)
+    model.to(cfg.device)
+    layers = profile_layers(model, to_device(example_input(data=splits), cfg.device))
+    base = plan_of(model).layers
+    names = candidate_layers(model, cfg.candidates, cfg.include_first_last)
+    for b in cfg.budgets:  # an unreachable budget fails now, before any scoring or fine-tuning
+        select_layers(layers, base, dict.fromkeys(names, 0.0), b, cfg.budget_kind, profile)
+    return _Space(layers, base, names, profile)
+
+
+def _sensitivity_tables(cfg: FrontierConfig, model: nn.Module, splits: DataSplits, names: list[str], run_dir: RunDir,
+                        given: dict[str, SensitivityTable], source_key: str) -> dict[str, SensitivityTable]:
+    """Step 1, the expensive part of ALPS and the Hessian: each method's table, saved as soon as it exists."""
+    out = {}
     for method in cfg.methods:
         settings = {"method": method, "options": method_options(method, cfg.options.get(method)),
                     "seed": cfg.seed, "candidates": names, "model": source_key}
         if method == "alps" and cfg.metric != TOP1:
             settings["metric"] = cfg.metric
-        key = fingerprint(settings)
-        result_tables[method] = _table(method, cfg, model, splits, names, run_dir.file("sensitivity"),
-                                       run_dir.resume, key, tables.get(method))
+        out[method] = _table(method, cfg, model, splits, names, run_dir.file("sensitivity"), run_dir.resume,
+                             fingerprint(settings), given.get(method))
+    return out
 
-    # 2. plans: the end points, then every (method, budget) through the solver
+
+def _plan_points(cfg: FrontierConfig, space: _Space, tables: dict[str, SensitivityTable]) -> list[dict[str, Any]]:
+    """Step 2: the end points, then every (method, budget) through the solver."""
+    layers, base, names, profile = space
     points: list[dict[str, Any]] = []
 
     def add_point(method: str, budget: float | None, plan: Plan, chosen: list[str], seconds: dict[str, float],
@@ -261,7 +288,7 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
         add_point(ENDPOINTS[1], None, Plan({**base, **{n: (LOW_BITS, LOW_BITS) for n in names}}), list(names), {},
                   None)
     for method in cfg.methods:
-        table = result_tables[method]
+        table = tables[method]
         for b in cfg.budgets:
             t0 = time.perf_counter()
             plan, _, selection = select_layers(layers, base, table.scores, b, cfg.budget_kind, profile,
@@ -270,8 +297,13 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
             add_point(method, b, plan, list(selection.chosen),
                       {"sensitivity_seconds": table.wall_seconds, "solve_seconds": solve_s,
                        "time_to_plan_seconds": table.wall_seconds + solve_s}, selection.solver)
+    return points
 
-    # 3. fine-tune each distinct plan once; every point is saved as soon as its plan is done
+
+def _finetune_points(points: list[dict[str, Any]], cfg: FrontierConfig, model: nn.Module, ckpt: dict[str, Any],
+                     run: str, splits: DataSplits, run_dir: RunDir, source_key: str) -> None:
+    """Step 3: fine-tune each distinct plan once; every point is saved (in place and to disk) as soon as it is done."""
+    fit = cfg.resolved_fit()
     fit_settings = {"fit": fit.to_dict(), "model": source_key, "data": [splits.name, num_examples(splits.train)]}
     if cfg.metric != TOP1:
         fit_settings["metric"] = cfg.metric
@@ -283,18 +315,7 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     for p in points:
         p["key"] = fingerprint({"fit": fit_key, "plan": p["plan"]})
         groups.setdefault(tuple(p["low_layers"]), []).append(p)
-    results: dict[tuple[str, ...], dict[str, Any]] = {}
-    for low, members in groups.items():
-        for p in members:
-            f = folder / f"{p['label']}.json"
-            if run_dir.resume and f.exists():  # finished earlier: keep its record (and timings) as it is
-                record = load_json(f)
-                if record.get("key") != p["key"]:
-                    raise LowbitError(f"{f}: finished with other settings or another plan; resume with the same "
-                                      "options, or start over with --overwrite / another --out")
-                p.clear()
-                p.update(record)
-                results.setdefault(low, {**_trained(record), "label": record.get("reused_from") or p["label"]})
+    results = _finished_points(groups, folder) if run_dir.resume else {}
 
     def save_point(p: dict[str, Any], trained: dict[str, Any], write: bool = True) -> None:
         source = trained["label"]
@@ -309,7 +330,7 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     job = FinetuneJob(model.cpu() if cfg.workers > 1 else model, splits, fit, LOW_BITS, test=True, metric=cfg.metric,
                       loss=cfg.loss, teacher=teacher)
     header = {"spec": ckpt["spec"], "quant_config": ckpt["quant_config"], "source": ckpt.get("source"),
-              "w4a4_run": str(run)}
+              "w4a4_run": run}
     files = {low: str(folder / f"{members[0]['label']}.pt") for low, members in groups.items()}
     mine = {}
     for low, result in run_jobs(_point_job, (job, header, files), my_share(todo), workers=cfg.workers,
@@ -331,28 +352,50 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
             if "val_acc" not in p:
                 save_point(p, results[low], write=dist.is_main())
 
-    # 4. references, rank correlations, time to solution, files
-    if not dist.is_main():  # rank 0 measures the references and writes the reports; everyone returns its payload
-        return dist.broadcast_object(None)
+
+def _finished_points(groups: dict[tuple[str, ...], list[dict[str, Any]]], folder: Path
+                     ) -> dict[tuple[str, ...], dict[str, Any]]:
+    """Points a resumed frontier finished earlier: their records (and timings) replace the new ones as they are."""
+    results: dict[tuple[str, ...], dict[str, Any]] = {}
+    for low, members in groups.items():
+        for p in members:
+            f = folder / f"{p['label']}.json"
+            if not f.exists():
+                continue
+            record = load_json(f)
+            if record.get("key") != p["key"]:
+                raise LowbitError(f"{f}: finished with other settings or another plan; resume with the same "
+                                  "options, or start over with --overwrite / another --out")
+            p.clear()
+            p.update(record)
+            results.setdefault(low, {**_trained(record), "label": record.get("reused_from") or p["label"]})
+    return results
+
+
+def _payload(cfg: FrontierConfig, model: nn.Module, ckpt: dict[str, Any], run: str, splits: DataSplits,
+             space: _Space, tables: dict[str, SensitivityTable], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Step 4 (rank 0): references, rank correlations, time to solution: frontier.json's dict."""
+    from lowbit.frontier.report import spearman_vs
+
+    fit = cfg.resolved_fit()
     model.to(fit.device)
     references = {"fp32": _fp32_reference(ckpt, splits, fit, cfg.metric, cfg.loss),
                   "w4a4_checkpoint": _reference_accuracy(model, splits, fit, cfg.metric, cfg.loss)}
-    infos = {li.name: li for li in layers}
+    infos = {li.name: li for li in space.layers}
+    names = space.names
     total_macs = sum(infos[n].macs for n in names) or 1
-    payload = {
-        "version": FRONTIER_VERSION, "source": str(run), "data": splits.name, "metric": cfg.metric,
+    return {
+        "version": FRONTIER_VERSION, "source": run, "data": splits.name, "metric": cfg.metric,
         "config": cfg.to_dict(),
-        "profile": profile.name, "candidates": names,
+        "profile": space.profile.name, "candidates": names,
         "layers": [{"layer": n, "macs": infos[n].macs, "params": infos[n].params,
                     "mac_share": infos[n].macs / total_macs} for n in names],
         "references": references,
-        "methods": {m: result_tables[m].to_dict() for m in cfg.methods},
-        "spearman_vs_alps": spearman_vs(result_tables, "alps"),
-        "time_to_solution": _time_to_solution(result_tables, points),
+        "methods": {m: tables[m].to_dict() for m in cfg.methods},
+        "spearman_vs_alps": spearman_vs(tables, "alps"),
+        "time_to_solution": _time_to_solution(tables, points),
         "points": points,
     }
-    write_outputs(run_dir.path, payload)
-    return dist.broadcast_object(payload)
 
 
 def _teacher(ckpt: dict[str, Any]) -> nn.Module:
