@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from numbers import Real
+from typing import NamedTuple
 
 from lowbit.cost import (
     HardwareProfile,
@@ -37,6 +38,9 @@ from lowbit.errors import LowbitError
 from lowbit.quant.bits import SUPPORTED_BITS
 from lowbit.quant.plan import Plan
 from lowbit.search.solver import Selection, solve
+
+Cost = Callable[[LayerInfo, int | None, int | None], float]
+Budget = tuple[dict[str, Fraction], Fraction, Callable[[Fraction], str]]  # savings, required saving, infeasible message
 
 
 def _finite(value: float, name: str, low: float, high: float = math.inf) -> Fraction:
@@ -76,6 +80,20 @@ def select_plan(layers: list[LayerInfo], base_plan: Plan | Mapping, scores: Mapp
     layers = list(layers)
     base = as_plan(base_plan, layers)
     reference = base if reference_plan is None else as_plan(reference_plan, layers)
+    cand = _candidates(layers, base, scores, low_bits)
+    prof = get_profile(profile)
+    budgets = _budgets(_Drop(layers, cand, base, (low_bits, low_bits)), reference, prof, mac_fraction=mac_fraction,
+                       min_throughput=min_throughput, max_bops=max_bops, max_weight_bytes=max_weight_bytes)
+    low = (low_bits, low_bits)
+    selection = solve(scores, {b: v[0] for b, v in budgets.items()}, {b: v[1] for b, v in budgets.items()},
+                      method=method)
+    plan = Plan({**base.layers, **dict.fromkeys(selection.chosen, low)})
+    cost = plan_cost(layers, plan, prof, reference, candidates=list(scores), low_bits=low_bits)
+    return plan, cost, selection
+
+
+def _candidates(layers: list[LayerInfo], base: Plan, scores: Mapping[str, float], low_bits: int) -> list[LayerInfo]:
+    """The scored layers, each one the model has and ``low_bits`` would lower."""
     by_name = {layer.name: layer for layer in layers}
     unknown = [n for n in scores if n not in by_name]
     if unknown:
@@ -89,19 +107,30 @@ def select_plan(layers: list[LayerInfo], base_plan: Plan | Mapping, scores: Mapp
         if low_bits > min(effective_bits(w), effective_bits(a)) or (w, a) == (low_bits, low_bits):
             raise LowbitError(f"candidate {n!r} is at {w}/{a} bits in the base plan; low_bits={low_bits} "
                               "would not lower it")
-    prof = get_profile(profile)
-    low = (low_bits, low_bits)
-    cand = [by_name[n] for n in scores]
+    return [by_name[n] for n in scores]
 
-    def saved(cost: Callable[[LayerInfo, int | None, int | None], float]) -> dict[str, Fraction]:
-        return {c.name: Fraction(cost(c, *base.layers.get(c.name, (None, None)))) - Fraction(cost(c, *low))
-                for c in cand}
 
-    def total(cost: Callable[[LayerInfo, int | None, int | None], float], plan: Plan) -> Fraction:
-        return sum((Fraction(cost(x, *plan.layers.get(x.name, (None, None)))) for x in layers), Fraction(0))
+class _Drop(NamedTuple):
+    """The candidates dropping from the base plan to ``low``: exact per-layer savings and plan totals."""
 
-    # budget name -> (savings, required saving, user-facing "best possible" for an infeasible message)
-    budgets: dict[str, tuple[dict[str, Fraction], Fraction, Callable[[Fraction], str]]] = {}
+    layers: list[LayerInfo]
+    cand: list[LayerInfo]
+    base: Plan
+    low: tuple[int, int]
+
+    def saved(self, cost: Cost) -> dict[str, Fraction]:
+        return {c.name: Fraction(cost(c, *self.base.layers.get(c.name, (None, None)))) - Fraction(cost(c, *self.low))
+                for c in self.cand}
+
+    def total(self, cost: Cost, plan: Plan) -> Fraction:
+        return sum((Fraction(cost(x, *plan.layers.get(x.name, (None, None)))) for x in self.layers), Fraction(0))
+
+
+def _budgets(drop: _Drop, reference: Plan, prof: HardwareProfile, *, mac_fraction: float | None,
+             min_throughput: float | None, max_bops: int | None, max_weight_bytes: int | None) -> dict[str, Budget]:
+    """Budget name -> (savings, required saving, "best possible" for an infeasible message); table in the docstring."""
+    cand, base, low_bits = drop.cand, drop.base, drop.low[0]
+    budgets: dict[str, Budget] = {}
     if mac_fraction is not None:
         f = _finite(mac_fraction, "mac_fraction", 0.0, 1.0)
         budgets["low_bit_macs"] = ({c.name: Fraction(c.macs) for c in cand}, f * sum(c.macs for c in cand),
@@ -110,8 +139,8 @@ def select_plan(layers: list[LayerInfo], base_plan: Plan | Mapping, scores: Mapp
         t = _finite(min_throughput, "min_throughput", 0.0)
         if t == 0:
             raise LowbitError("min_throughput must be > 0")
-        time_base, time_ref = total(prof.layer_time, base), total(prof.layer_time, reference)
-        d = saved(prof.layer_time)
+        time_base, time_ref = drop.total(prof.layer_time, base), drop.total(prof.layer_time, reference)
+        d = drop.saved(prof.layer_time)
         slower = [n for n, v in d.items() if v < 0]
         if slower:
             raise LowbitError(f"profile {prof.name!r}: layer {slower[0]!r} is slower at {low_bits} bits than "
@@ -121,8 +150,8 @@ def select_plan(layers: list[LayerInfo], base_plan: Plan | Mapping, scores: Mapp
             f"{float(time_ref / (time_base - best)) if time_base > best else math.inf:.6g}"))
     if max_bops is not None:
         limit = _finite(max_bops, "max_bops", 0.0)
-        base_bops = total(layer_bops, base)
-        budgets["bops_saved"] = (saved(layer_bops), base_bops - limit, lambda best: (
+        base_bops = drop.total(layer_bops, base)
+        budgets["bops_saved"] = (drop.saved(layer_bops), base_bops - limit, lambda best: (
             f"max_bops={max_bops} is out of reach: the fewest BOPs are {float(base_bops - best):.6g}"))
     if max_weight_bytes is not None:
         limit = _finite(max_weight_bytes, "max_weight_bytes", 0.0)
@@ -130,8 +159,8 @@ def select_plan(layers: list[LayerInfo], base_plan: Plan | Mapping, scores: Mapp
         def wbytes(x: LayerInfo, w: int | None, a: int | None) -> int:
             return layer_weight_bytes(x, w)
 
-        base_bytes = total(wbytes, base)
-        budgets["bytes_saved"] = (saved(wbytes), base_bytes - limit, lambda best: (
+        base_bytes = drop.total(wbytes, base)
+        budgets["bytes_saved"] = (drop.saved(wbytes), base_bytes - limit, lambda best: (
             f"max_weight_bytes={max_weight_bytes} is out of reach: the smallest is "
             f"{float(base_bytes - best):.6g} bytes"))
     if not budgets:
@@ -143,9 +172,4 @@ def select_plan(layers: list[LayerInfo], base_plan: Plan | Mapping, scores: Mapp
             budgets[key] = (savings, best, explain)  # a float budget at the exact maximum, rounded up by float
         elif best < need:
             raise LowbitError(f"{explain(best)} (all {len(cand)} candidates at {low_bits} bits)")
-
-    selection = solve(scores, {b: v[0] for b, v in budgets.items()}, {b: v[1] for b, v in budgets.items()},
-                      method=method)
-    plan = Plan({**base.layers, **dict.fromkeys(selection.chosen, low)})
-    cost = plan_cost(layers, plan, prof, reference, candidates=list(scores), low_bits=low_bits)
-    return plan, cost, selection
+    return budgets
