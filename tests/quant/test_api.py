@@ -224,6 +224,25 @@ def test_reset_layer_faq_rescales_linearly():
     torch.testing.assert_close(model[0].input_quantizer.scale, old * 255 / 15)
 
 
+@pytest.mark.parametrize("init", ["percentile", "mse"])
+def test_reset_layer_rescales_range_inits_linearly(init):
+    """percentile and mse divide a range into Q_P steps: a step rescaled without batches lands near the one
+    calibration at the new bits gives (sqrt scaling put it 4.6-8x too small at 8 -> 2 bits)."""
+    torch.manual_seed(0)
+    batches = [torch.relu(torch.randn(64, 16)) for _ in range(5)]
+    config = QuantConfig(activation_init=init)
+    steps = {}
+    for bits in (8, 2):
+        model = quantize_(nn.Sequential(nn.Linear(16, 4)), {"0": (bits, bits)}, config)
+        calibrate_(model, batches)
+        steps[bits] = model[0].input_quantizer.scale
+    model = quantize_(nn.Sequential(nn.Linear(16, 4)), {"0": (8, 8)}, config)
+    calibrate_(model, batches)
+    reset_layer_(model[0], 2, 2)
+    torch.testing.assert_close(model[0].input_quantizer.scale, steps[8] * 255 / 3)
+    assert 0.4 < float(steps[2] / model[0].input_quantizer.scale) < 2.5
+
+
 def test_build_quantized_round_trip(tmp_path):
     torch.manual_seed(1)
     model = tiny_resnet()

@@ -236,8 +236,8 @@ class _Quantizer(nn.Module):
         """Initialise from a step learned at another precision, as the init rule would scale it.
 
         Same data, new Q_P: LSQ's ``2·mean|v|/sqrt(Q_P)`` scales by ``sqrt(old_Q_P / Q_P)``; a fixed range
-        divided into ``Q_P`` steps (MinMax) by ``old_Q_P / Q_P``, into ``Q_P + 1`` (FAQ's 2^b levels) by
-        ``(old_Q_P + 1) / (Q_P + 1)``.
+        divided into ``Q_P`` steps (MinMax, LSQ's percentile and mse inits) by ``old_Q_P / Q_P``, into
+        ``Q_P + 1`` (FAQ's 2^b levels) by ``(old_Q_P + 1) / (Q_P + 1)``.
         """
         if self.signed is None:
             raise RuntimeError("init_from_step_ needs a quantizer with known signedness")
@@ -312,7 +312,6 @@ class LsqQuantizer(_Quantizer):
     """
 
     method = "lsq"
-    _step_exponent = 0.5
 
     def __init__(self, bits: int, signed: bool | None, per_channel: bool = False, channel_axis: int = 0,
                  *, role: str = "weight", init: str = "mean"):
@@ -343,6 +342,11 @@ class LsqQuantizer(_Quantizer):
         if self.init == "percentile":
             return self._stats["sum"] / self._n_observed / self.q_p
         return 2 * self._stats["mean_abs"] / math.sqrt(self.q_p)
+
+    def _step_ratio(self, old_q_p: int) -> float:
+        # mean: 2·mean|v|/sqrt(Q_P). percentile and mse divide a range into Q_P steps (mse's optimum also narrows
+        # the range as bits fall, so its rescale is approximate: calibrate with batches for its exact init).
+        return (old_q_p / self.q_p) ** (0.5 if self.init == "mean" else 1.0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", init={self.init}" if self.init != "mean" else "")
