@@ -148,6 +148,13 @@ def test_distillation_losses(kind):
     assert s.grad.abs().sum() > 0
 
 
+def test_kl_distillation_of_dense_logits_is_a_mean_over_positions():
+    """Per-pixel logits: the same value as the flattened (N·H·W, C) rows, not H·W times it (1:1 with the CE)."""
+    s, t = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
+    rows = (x.permute(0, 2, 3, 1).reshape(-1, 5) for x in (s, t))
+    assert distill_loss(s, t, "kl", 2.0).item() == pytest.approx(distill_loss(*rows, "kl", 2.0).item(), rel=1e-5)
+
+
 def test_quantized_fine_tune_with_feature_distillation():
     teacher = Regressor()
     data = DataSplits(Rows(128, 0), Rows(32, 1))

@@ -591,9 +591,11 @@ def distill_loss(student: Any, teacher: Any, kind: str = "kl", temperature: floa
     """Distillation from the frozen teacher's outputs: KL on softened logits (classification, Hinton et al.
     2015, scaled by T²) or, for embeddings and regression, MSE / (1 - cosine similarity) on the outputs."""
     s, t = logits_of(student), logits_of(teacher).detach()
-    if kind == "kl":
+    if kind == "kl":  # summed over classes, averaged over examples and, for dense (N, C, H, W) logits such as
+        # segmentation, over positions: the scale of the cross-entropy it is added to (1:1)
+        positions = s[0, 0].numel() if s.dim() > 2 else 1
         return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
-                        reduction="batchmean", log_target=True) * temperature**2
+                        reduction="batchmean", log_target=True) * temperature**2 / positions
     if kind == "mse":
         return F.mse_loss(s.float(), t.float())
     return (1 - F.cosine_similarity(s.flatten(1).float(), t.flatten(1).float(), dim=1)).mean()
