@@ -54,6 +54,26 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_optimizer_state_follows_the_parameters_to_the_device():
+    """A resumed optimizer loads its momentum beside the CPU-built model; fit moves the model (to CUDA), so the
+    state must follow. A CPU run gets the same mismatch to repair from state in another dtype."""
+    model = create_model("resnet8", width=0.25)
+    cfg = FitConfig(epochs=1, batch_size=32, lr=0.05, quiet=True, examples_per_epoch=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fit(model, synthetic(n_train=64), cfg, optimizer=optimizer)
+    for state in optimizer.state.values():
+        state["momentum_buffer"] = state["momentum_buffer"].double()
+    fit(model, synthetic(n_train=64), cfg, optimizer=optimizer)
+    assert {s["momentum_buffer"].dtype for s in optimizer.state.values()} == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resume_on_cuda(tmp_path):
+    data = synthetic()
+    train(_cfg(tmp_path / "part", device="cuda"), data=data, stop_after=1)
+    assert train(_cfg(tmp_path / "part", device="cuda"), data=data, resume=True)["complete"]
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     train(_cfg(tmp_path / "r", epochs=1), data=synthetic())
     with pytest.raises(LowbitError, match="--resume"):

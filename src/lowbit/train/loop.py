@@ -415,6 +415,7 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = optimizer or make_optimizer(model, cfg)
+    _state_follows_params(optimizer)  # a resumed optimizer loaded its state beside the model's CPU parameters
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
@@ -514,6 +515,18 @@ def fit(model: nn.Module, data: DataSplits, cfg: FitConfig, *,
     if taps is not None:
         taps.remove()
     return state
+
+
+def _state_follows_params(optimizer: torch.optim.Optimizer) -> None:
+    """Per-parameter state (momentum, Adam moments) to its parameter's device and float dtype, as
+    ``Optimizer.load_state_dict`` casts it: ``model.to`` moved the parameters in place, so the optimizer still
+    holds them but not their state (a resume on CUDA would mix devices). Adam's ``step`` stays put."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if k != "step" and isinstance(v, torch.Tensor):
+                    state[k] = v.to(p.device, p.dtype if v.is_floating_point() else v.dtype)
 
 
 def _epoch_limit(cfg: FitConfig, epoch: int, per_epoch: int, n_train: int, world: int) -> int:
