@@ -54,6 +54,15 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_resume_refuses_other_fit_settings(tmp_path):
+    data = synthetic(n_train=128)
+    train(_cfg(tmp_path / "run", epochs=2), data=data, stop_after=1)
+    with pytest.raises(LowbitError, match=r"trained with other settings \(lr 0.05 -> 0.1\)"):
+        train(_cfg(tmp_path / "run", epochs=2, lr=0.1), data=data, resume=True)
+    resumed = train(_cfg(tmp_path / "run", epochs=2, eval_batch_size=64, compile=False), data=data, resume=True)
+    assert resumed["complete"]  # settings that do not change the recipe may differ
+
+
 def test_optimizer_state_follows_the_parameters_to_the_device():
     """A resumed optimizer loads its momentum beside the CPU-built model; fit moves the model (to CUDA), so the
     state must follow. A CPU run gets the same mismatch to repair from state in another dtype."""

@@ -23,7 +23,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,23 @@ class FitConfig:
         else:
             d["distill_features"] = list(d["distill_features"])
         return d
+
+
+_NOT_RECIPE = frozenset({"device", "channels_last", "compile", "quiet", "eval_batch_size"})  # free to change on resume
+
+
+def check_same_recipe(saved: dict[str, Any] | None, cfg: FitConfig, where: str | Path) -> None:
+    """Refuse to resume a checkpoint trained with other fit settings: the schedule, data order or loss would change
+    midway, and the run's config would record only the new ones. Device, compile and the like may change."""
+    if not saved:
+        return
+    names = {f.name for f in fields(FitConfig)}
+    before = FitConfig(**{k: v for k, v in saved.items() if k in names})
+    changed = [f"{n} {getattr(before, n)!r} -> {getattr(cfg, n)!r}" for n in sorted(names - _NOT_RECIPE)
+               if getattr(before, n) != getattr(cfg, n)]
+    if changed:
+        raise LowbitError(f"{where}: trained with other settings ({', '.join(changed[:3])}); resume with the same "
+                          "options, or start over with --overwrite / another --out")
 
 
 def lr_at(cfg: FitConfig, step: int, steps_per_epoch: int) -> float:

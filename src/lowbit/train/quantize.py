@@ -37,7 +37,7 @@ from lowbit.io import load_checkpoint, save_checkpoint
 from lowbit.quant import Plan, QuantConfig, build_quantized, calibrate_, quantize_
 from lowbit.runs import RunDir
 from lowbit.train.checkpoint import CHECKPOINT_NAME, build_model, checkpoint_path, loss_name, resolve_loss, run_data
-from lowbit.train.loop import FitConfig, FitState, fit, make_optimizer
+from lowbit.train.loop import FitConfig, FitState, check_same_recipe, fit, make_optimizer
 from lowbit.train.train import finish_run
 
 RECIPES = ("lsq", "faq")
@@ -189,6 +189,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
         if ck["plan"] != plan.to_dict() or QuantConfig.from_dict(ck["quant_config"]) != qcfg:
             raise LowbitError(f"{ckpt_file}: the checkpoint's plan or quantizer differ from this command; "
                               f"resume with the same options")
+        check_same_recipe(ck.get("fit"), fit_cfg, ckpt_file)
         model = build_quantized(build_model(src), plan, qcfg, ck["state_dict"])
         optimizer = make_optimizer(model, fit_cfg)
         optimizer.load_state_dict(ck["optimizer"])

@@ -22,7 +22,7 @@ from lowbit.models import create_model, load_weights_
 from lowbit.plugins import is_import_path
 from lowbit.runs import RunDir, plot_curves
 from lowbit.train.checkpoint import CHECKPOINT_NAME, loss_name, model_spec, resolve_loss
-from lowbit.train.loop import FitConfig, FitState, evaluate, fit, make_optimizer
+from lowbit.train.loop import FitConfig, FitState, check_same_recipe, evaluate, fit, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if ckpt["spec"] != spec:
             raise LowbitError(f"{ckpt_file}: the checkpoint is for {ckpt['spec']['model']!r}, not this "
                               f"configuration; resume with the same options")
+        check_same_recipe(ckpt.get("fit"), cfg.fit, ckpt_file)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = FitState(ckpt["epoch"], run.read_metrics()[: ckpt["epoch"]])
