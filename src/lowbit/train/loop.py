@@ -118,17 +118,18 @@ class FitConfig:
         return d
 
 
-_NOT_RECIPE = frozenset({"device", "channels_last", "compile", "quiet", "eval_batch_size"})  # free to change on resume
+# free to change on resume: how it runs, not what it learns; and ``epochs``, so that a finished run can be extended
+_FREE_ON_RESUME = frozenset({"device", "channels_last", "compile", "quiet", "eval_batch_size", "epochs"})
 
 
 def check_same_recipe(saved: dict[str, Any] | None, cfg: FitConfig, where: str | Path) -> None:
-    """Refuse to resume a checkpoint trained with other fit settings: the schedule, data order or loss would change
-    midway, and the run's config would record only the new ones. Device, compile and the like may change."""
+    """Refuse to resume a checkpoint trained with other fit settings: the lr, data order or loss would change
+    midway, and the run's config would record only the new ones."""
     if not saved:
         return
     names = {f.name for f in fields(FitConfig)}
     before = FitConfig(**{k: v for k, v in saved.items() if k in names})
-    changed = [f"{n} {getattr(before, n)!r} -> {getattr(cfg, n)!r}" for n in sorted(names - _NOT_RECIPE)
+    changed = [f"{n} {getattr(before, n)!r} -> {getattr(cfg, n)!r}" for n in sorted(names - _FREE_ON_RESUME)
                if getattr(before, n) != getattr(cfg, n)]
     if changed:
         raise LowbitError(f"{where}: trained with other settings ({', '.join(changed[:3])}); resume with the same "
