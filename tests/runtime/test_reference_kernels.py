@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowbit.ir.dyadic import to_dyadic, to_dyadic_common
+from lowbit.ir.dyadic import INT32_MAX, INT32_MIN, to_dyadic, to_dyadic_common
 from lowbit.runtime.reference import (
     adaptive_avgpool_int,
     add_requant,
@@ -150,6 +150,16 @@ def test_add_requant_rejects_overflow():
     big = torch.tensor([2**31])
     with pytest.raises(ValueError, match="overflow"):
         add_requant(big, big, 2**31 - 1, 2**31 - 1, 62, bias=2**32, lo=0, hi=1)
+
+
+def test_add_requant_leaves_room_for_the_rounding():
+    """round_shift adds up to 2^61: a sum below 2^63 but not below 2^63 - 2^61 is refused, not wrapped."""
+    a = torch.tensor([2**31 - 1])
+    with pytest.raises(ValueError, match="overflow"):  # 2 * (2^31 - 1)^2 ~ 2^63 - 2^33: the old bound let it wrap
+        add_requant(a, a, 2**31 - 1, 2**31 - 1, 62, lo=INT32_MIN, hi=INT32_MAX)
+    m = 3 * 2**29 - 1  # 2 * (2^31 - 1) * m just below 2^63 - 2^61: exact
+    got = add_requant(torch.tensor([2**31 - 1, -(2**31) + 1]), a, m, m, 62, lo=INT32_MIN, hi=INT32_MAX)
+    assert got.tolist() == [round_half_even(Fraction(2 * (2**31 - 1) * m, 2**62)), 0]
 
 
 def test_clamp_and_nearest_upsampling_move_codes_only():

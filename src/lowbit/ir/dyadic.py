@@ -35,6 +35,7 @@ MAX_SHIFT = 62
 PRODUCT_LIMIT = 2**62  # |acc| * |m| < PRODUCT_LIMIT
 MULTIPLIER_LIMIT = 2**31  # |m| < MULTIPLIER_LIMIT (int32 multipliers)
 BIAS_LIMIT = 2**61  # |b| <= BIAS_LIMIT
+SUM_LIMIT = 2**63 - 2**61  # |sum of terms| < SUM_LIMIT: room for round_shift's offset (< 2^61) in int64
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 ScaleLike = float | Sequence[float] | np.ndarray | torch.Tensor
@@ -191,7 +192,7 @@ def requantize_sum(acc: torch.Tensor, multiplier: IntLike, shift: IntLike, bias:
     if not lo <= hi or lo < -(2**31) or hi >= 2**31:
         raise ValueError(f"need -2^31 <= lo <= hi < 2^31, got lo={lo}, hi={hi}")
     bound = _max(acc) * int(m.abs().max()) + int(b.abs().max()) + _max(r) * int(mr.abs().max())
-    if bound >= 2**63 - 2**61:
+    if bound >= SUM_LIMIT:
         raise ValueError(f"|acc*m + b + r*m_r| may reach 2^{math.log2(bound):.1f}: int64 could overflow")
     return round_shift((acc * m).add_(b).add_(r * mr), k).clamp_(lo, hi).to(torch.int32)
 

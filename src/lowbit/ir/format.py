@@ -104,8 +104,8 @@ def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch
         raise LowbitError(f"{path}: not a .lowbit file (safetensors without a {MANIFEST_KEY!r} manifest)")
     try:
         manifest = json.loads(metadata[MANIFEST_KEY])
-    except json.JSONDecodeError as e:
-        raise LowbitError(f"{path}: manifest is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # also nesting too deep, an integer of too many digits
+        raise LowbitError(f"{path}: manifest is not valid JSON ({_one_line(e)})") from None
     try:
         validate_manifest(manifest)
         _check_tensors(manifest, tensors)
@@ -126,6 +126,7 @@ def validate_manifest(manifest: Any) -> None:
                                        f"upgrade lowbit")
     for key, kind in (("inputs", list), ("outputs", list), ("graph", list), ("tensors", dict)):
         _require(isinstance(manifest.get(key), kind), f"manifest needs {key!r} as a JSON {kind.__name__}")
+    _require(isinstance(manifest.get("input", {}), dict), "manifest 'input' must be a JSON object")
     for name, entry in manifest["tensors"].items():
         _check_tensor_entry(name, entry)
     defined = set(_str_list(manifest["inputs"], "manifest 'inputs'", nonempty=True))
@@ -138,7 +139,7 @@ def validate_manifest(manifest: Any) -> None:
         where = f"graph node {i} ({name!r})"
         _require(name not in names, f"{where}: duplicate node name")
         names.add(name)
-        _require(op in OPS, f"{where}: unknown op {op!r} (known: {', '.join(OPS)})")
+        _require(isinstance(op, str) and op in OPS, f"{where}: unknown op {op!r} (known: {', '.join(OPS)})")
         spec = OPS[op]
         inputs = _str_list(node.get("inputs"), f"{where} 'inputs'")
         _require(len(inputs) >= spec.arity if spec.variadic else len(inputs) == spec.arity,
@@ -188,7 +189,7 @@ def load_codes(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], name:
 def _check_tensor_entry(name: Any, entry: Any) -> None:
     where = f"tensor {name!r}"
     _require(isinstance(entry, dict), f"{where}: entry must be a JSON object")
-    _require(entry.get("dtype") in DTYPES,
+    _require(isinstance(entry.get("dtype"), str) and entry["dtype"] in DTYPES,
              f"{where}: dtype {entry.get('dtype')!r} is not one of {list(DTYPES)}")
     shape = entry.get("shape")
     _require(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),

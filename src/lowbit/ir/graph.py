@@ -59,7 +59,8 @@ class Graph:
     """A validated integer model: nodes in execution order, their decoded tensors and every value's shape.
 
     ``manifest`` keeps the file's other keys (input normalisation, layer table, plan, provenance);
-    ``shapes`` maps each value to its shape without the batch dimension.
+    ``shapes`` maps each value to its shape without the batch dimension, ``ranges`` each value to its declared
+    ``[lo, hi]`` (as :meth:`value_ranges`, filled at load: the add and concat checks bound their inputs by it).
     """
 
     nodes: list[Node]
@@ -72,6 +73,7 @@ class Graph:
     source: str = "model"
     shapes: dict[str, list[int]] = field(default_factory=dict)
     domains: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Graph:
@@ -120,14 +122,7 @@ class Graph:
         """``[lo, hi]`` of every integer value, from the producing node (ReLU raises ``lo`` to 0)."""
         ranges: dict[str, tuple[int, int]] = {}
         for node in self.nodes:
-            a = node.attrs
-            if "lo" in a:
-                r = (a["lo"], a["hi"])
-            else:
-                r = ranges.get(node.inputs[0], (INT32_MIN, INT32_MAX)) if node.inputs else (INT32_MIN, INT32_MAX)
-                if node.op == "relu":
-                    r = (max(0, r[0]), max(0, r[1]))
-            ranges[node.output] = r
+            ranges[node.output] = _declared_range(node, ranges)
         return ranges
 
     @property
@@ -168,6 +163,9 @@ class Graph:
                 raise LowbitError("the graph needs exactly one quantize_input and one dequantize_output")
             if len(self.inputs) != 1:
                 raise LowbitError(f"an image graph takes one input, found {len(self.inputs)}")
+        if self.outputs != ["logits"] or nodes[-1].outputs != ["logits"]:
+            raise LowbitError(f"the graph's output must be 'logits', written by its dequantize_output (found outputs "
+                              f"{self.outputs}, dequantize_output writing {nodes[-1].outputs})")
         shape = self.input_spec.get("shape")
         if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
             raise LowbitError(f"manifest 'input' needs a positive integer 'shape', got {shape!r}")
@@ -175,6 +173,7 @@ class Graph:
         meta = {i: torch.empty((1, *shape), dtype=dtype, device="meta") for i in self.inputs}
         self.domains = {i: "int" for i in self.inputs}
         self.shapes.update({i: list(shape) for i in self.inputs})
+        self.ranges.update({i: (INT32_MIN, INT32_MAX) for i in self.inputs})  # as value_ranges assumes
         for node in nodes:
             spec = op_spec(node.op)
             where = f"node {node.name!r} ({node.op})"
@@ -198,10 +197,20 @@ class Graph:
                 out = spec.shape(node, self.params[node.name], [meta[i] for i in node.inputs])
                 meta[node.output] = out
                 self.shapes[node.output] = list(out.shape[1:])
+                self.ranges[node.output] = _declared_range(node, self.ranges)
             except LowbitError as e:
                 raise LowbitError(f"{where}: {e}") from None
-            except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+            except (RuntimeError, ValueError, TypeError, KeyError, IndexError, ArithmeticError) as e:
                 raise LowbitError(f"{where}: does not fit its input: {str(e).splitlines()[0][:200]}") from None
+
+
+def _declared_range(node: Node, ranges: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """``[lo, hi]`` of ``node``'s output: its own (validated) range if its op has one, else its first input's
+    (graph inputs: int32); ReLU raises ``lo`` to 0."""
+    if "lo" in op_spec(node.op).attrs:
+        return node.attrs["lo"], node.attrs["hi"]
+    r = ranges.get(node.inputs[0], (INT32_MIN, INT32_MAX)) if node.inputs else (INT32_MIN, INT32_MAX)
+    return (max(0, r[0]), max(0, r[1])) if node.op == "relu" else r
 
 
 def load_graph(path: str | os.PathLike) -> Graph:

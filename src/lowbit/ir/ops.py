@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.ir.dyadic import INT32_MAX, INT32_MIN, MAX_SHIFT
+from lowbit.ir.dyadic import BIAS_LIMIT, INT32_MAX, INT32_MIN, MAX_SHIFT, SUM_LIMIT
 
 if TYPE_CHECKING:
     from lowbit.ir.graph import Graph, Node
@@ -102,6 +102,7 @@ class OpSpec:
 
 
 OPS: dict[str, OpSpec] = {}
+FLOAT32_EXACT = 2**24  # float32 holds every integer of at most this magnitude
 
 
 def register_op(name: str, spec: OpSpec) -> None:
@@ -154,6 +155,8 @@ def _check_requant_tensors(p: Params, channels: int) -> None:
         raise LowbitError(f"shift must be in [0, {MAX_SHIFT}]")
     if int(p["multiplier"].min()) == INT32_MIN:
         raise LowbitError("multiplier -2^31 is out of range")
+    if int(p["bias"].min()) < -BIAS_LIMIT or int(p["bias"].max()) > BIAS_LIMIT:
+        raise LowbitError("bias must be in [-2^61, 2^61] (fixed-point units; beyond, int64 could overflow)")
 
 
 def _check_requant_attrs(node: Node, p: Params, graph: Graph) -> None:
@@ -162,6 +165,15 @@ def _check_requant_attrs(node: Node, p: Params, graph: Graph) -> None:
     int_attr(a, "multiplier", INT32_MIN + 1, INT32_MAX)
     int_attr(a, "shift", 0, MAX_SHIFT)
     int_attr(a, "bias", -(2**61), 2**61)
+
+
+def _check_float_range(a: dict[str, Any]) -> None:
+    """A quantizer of float values clamps in float32 (as the model's): ``lo``, ``hi`` must be exact there, else
+    ``hi = 2^31 - 1`` rounds to ``2^31`` and wraps in int32."""
+    _check_range(a)
+    if not -FLOAT32_EXACT <= a["lo"] <= a["hi"] <= FLOAT32_EXACT:
+        raise LowbitError(f"a float quantizer's range [{a['lo']}, {a['hi']}] must lie within [-2^24, 2^24] "
+                          f"(it is clamped in float32)")
 
 
 def _check_quantize_input(node: Node, p: Params, graph: Graph) -> None:
@@ -174,12 +186,27 @@ def _check_quantize_input(node: Node, p: Params, graph: Graph) -> None:
         if int(lut.min()) < a["lo"] or int(lut.max()) > a["hi"]:
             raise LowbitError("lookup table codes fall outside [lo, hi]")
     else:
+        if "lut" in p:  # backends would disagree on whether to index it with float values or quantize them
+            raise LowbitError("a lookup table 'lut' maps uint8 pixels; this model's input is not uint8")
         _check_scale(a, "input")
+        _check_float_range(a)
+
+
+def _check_pair(a: dict[str, Any], key: str, least: int) -> None:
+    """``a[key]``: an integer or a list of two, each in ``[least, 2^31 - 1]``."""
+    v = a[key]
+    vs = [v, v] if type(v) is int else v
+    if not (isinstance(vs, list) and len(vs) == 2 and all(type(x) is int and least <= x <= INT32_MAX for x in vs)):
+        raise LowbitError(f"attribute {key!r} must be an integer or two integers >= {least}, got {v!r}")
 
 
 def _check_layer(node: Node, p: Params, graph: Graph) -> None:
     a = node.attrs
     _check_range(a)
+    if node.op != "linear":  # torch's shape rule accepts padding < 0 and dilation 0, which then fail in the run
+        for key, least in (("stride", 1), ("padding", 0), ("dilation", 1)):
+            _check_pair(a, key, least)
+        int_attr(a, "groups", 1, INT32_MAX)
     w, bits = p["weight"], a["w_bits"]
     entry = graph.entries[node.params["weight"]]
     if entry.get("bits") != bits or entry.get("signed") is not True:
@@ -205,18 +232,40 @@ def _check_conv_add(node: Node, p: Params, graph: Graph) -> None:
 
 
 def _check_add(node: Node, p: Params, graph: Graph) -> None:
+    """Also bounds ``|a*m_a + b*m_b + bias|`` over the inputs' declared ranges below ``2^63 - 2^61``, so the sum
+    and its rounding never wrap int64 in any backend."""
     a = node.attrs
     _check_range(a)
     for key in ("multiplier_a", "multiplier_b"):
         int_attr(a, key, INT32_MIN + 1, INT32_MAX)
     int_attr(a, "shift", 0, MAX_SHIFT)
     int_attr(a, "bias", -(2**61), 2**61)
+    (lo_a, hi_a), (lo_b, hi_b) = (graph.ranges[v] for v in node.inputs)
+    bound = (max(-lo_a, hi_a) * abs(a["multiplier_a"]) + max(-lo_b, hi_b) * abs(a["multiplier_b"])
+             + abs(a["bias"]))
+    if bound >= SUM_LIMIT:
+        raise LowbitError(f"|a*m_a + b*m_b + bias| may reach 2^{math.log2(bound):.2f} over the inputs' ranges "
+                          f"[{lo_a}, {hi_a}] and [{lo_b}, {hi_b}]: int64 could overflow (limit 2^63 - 2^61)")
 
 
 def _check_concat(node: Node, p: Params, graph: Graph) -> None:
+    """Also requires ``[lo, hi]`` to cover every input's range: concat moves values unchanged, and backends store
+    its output in the form its declared range allows."""
     _check_range(node.attrs)
     if node.attrs["axis"] != 1:
         raise LowbitError(f"concat runs along axis 1 (channels), got axis {node.attrs['axis']!r}")
+    lo, hi = node.attrs["lo"], node.attrs["hi"]
+    for v in node.inputs:
+        r = graph.ranges[v]
+        if not lo <= r[0] <= r[1] <= hi:
+            raise LowbitError(f"range [{lo}, {hi}] does not cover input {v!r}'s range [{r[0]}, {r[1]}]")
+
+
+def _check_adaptive(node: Node, p: Params, graph: Graph) -> None:
+    _check_requant_attrs(node, p, graph)
+    s = node.attrs["output_size"]
+    if not (isinstance(s, list) and len(s) == 2 and all(type(v) is int and v >= 1 for v in s)):
+        raise LowbitError(f"output_size must be two positive integers, got {s!r}")
 
 
 def _check_upsample(node: Node, p: Params, graph: Graph) -> None:
@@ -300,7 +349,7 @@ for _name, _spec in {
                         shape=_maxpool_shape, moves_values=True),
     "avgpool2d": OpSpec(1, attrs=("kernel_size", "stride", "padding", *_REQUANT), check=_check_requant_attrs,
                         shape=_avgpool_shape),
-    "adaptive_avgpool": OpSpec(1, attrs=("output_size", *_REQUANT), check=_check_requant_attrs,
+    "adaptive_avgpool": OpSpec(1, attrs=("output_size", *_REQUANT), check=_check_adaptive,
                                shape=_adaptive_shape),
     "flatten": OpSpec(1, attrs=("start_dim",), shape=lambda n, p, xs: torch.flatten(xs[0], n.attrs["start_dim"]),
                       moves_values=True),
@@ -332,7 +381,7 @@ def _float_tensor(p: Params, role: str, dims: int | None = None) -> torch.Tensor
 
 
 def _check_quantize(node: Node, p: Params, graph: Graph) -> None:
-    _check_range(node.attrs)
+    _check_float_range(node.attrs)
     _check_scale(node.attrs, "quantize")
 
 

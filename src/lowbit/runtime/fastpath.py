@@ -900,7 +900,7 @@ def _fast_requantize(fm: FastModel, node: Node, p):
 def _fast_add(fm: FastModel, node: Node, p):
     """``clamp(round_half_even((a*m_a + b*m_b + bias) * 2^-shift), lo, hi)`` after dividing out shared powers of
     two, with ``bound = max|a|*|m_a| + max|b|*|m_b| + |bias|``: the reference's shift-and-round in int32 when
-    ``bound + 2^(shift-1) < 2^31``, else in int64 (as the reference)."""
+    ``bound + 2^(shift-1) < 2^31``, else in int64 (as the reference), refused where even int64 could wrap."""
     a = node.attrs
     (sa, sb), zp = node.inputs, fm._zp[node.output]
     ma, s, mb, bias = (int(v) for v in _drop_common_twos(*(torch.tensor([a[key]]) for key in (
@@ -909,6 +909,9 @@ def _fast_add(fm: FastModel, node: Node, p):
     bound = _max_abs(fm.bounds[sa]) * abs(ma) + _max_abs(fm.bounds[sb]) * abs(mb) + abs(bias)
     lo, hi = a["lo"], a["hi"]
     half = (1 << (s - 1)) if s > 0 else 0
+    if bound + half >= 2**63:  # refused at load (lowbit.ir.ops); this guards a graph edited after loading
+        raise LowbitError(f"fast path: add {node.name!r}: |a*m_a + b*m_b + bias| may reach 2^{math.log2(bound):.1f}, "
+                          f"beyond int64")
     dt = torch.int32 if bound + half < INT32_LIMIT else torch.int64
     fm.requant[node.name] = "int32" if dt == torch.int32 else "int64"
     c, pos = max(half - 1, 0), int(s > 0)

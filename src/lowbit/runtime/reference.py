@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.ir.dyadic import IntLike, requantize, round_shift, to_dyadic
+from lowbit.ir.dyadic import SUM_LIMIT, IntLike, requantize, round_shift, to_dyadic
 
 EXACT_LIMIT = 2**53  # float64 represents every integer of smaller magnitude exactly
 FLOAT32_EXACT_LIMIT = 2**24  # float32 likewise
@@ -140,7 +140,8 @@ def add_requant(a: torch.Tensor, b: torch.Tensor, m_a: int, m_b: int, shift: int
 
     Both terms are added in full precision and rounded once (no intermediate rounding per branch), so the
     only error is that of the two multipliers. ``lo = 0`` fuses a following ReLU. Exact in int64; the
-    overflow bound ``max|a|*|m_a| + max|b|*|m_b| + |bias| < 2^63`` is checked.
+    overflow bound ``max|a|*|m_a| + max|b|*|m_b| + |bias| < 2^63 - 2^61`` is checked (the rounding adds up to
+    ``2^61`` more).
     """
     _require_int(a, "add_requant")
     _require_int(b, "add_requant")
@@ -151,8 +152,8 @@ def add_requant(a: torch.Tensor, b: torch.Tensor, m_a: int, m_b: int, shift: int
         raise ValueError(f"need -2^31 <= lo <= hi < 2^31, got lo={lo}, hi={hi}")
     a, b = a.to(torch.int64), b.to(torch.int64)
     bound = _max_abs(a) * abs(m_a) + _max_abs(b) * abs(m_b) + abs(bias)
-    if bound >= 2**63:
-        raise ValueError(f"add_requant would overflow int64 (bound {bound} >= 2^63)")
+    if bound >= SUM_LIMIT:
+        raise ValueError(f"add_requant would overflow int64 (bound {bound} >= 2^63 - 2^61)")
     return round_shift(a * m_a + b * m_b + bias, shift).clamp_(lo, hi).to(torch.int32)
 
 
