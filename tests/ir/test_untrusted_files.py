@@ -179,6 +179,44 @@ def test_files_that_would_fail_mid_run_are_refused_at_load(tmp_path, edit, match
     _refused(manifest, tensors, match, tmp_path)
 
 
+def _widened(m, t):
+    """A requantize that widens the codes to int32 before the conv: |x| up to 2^31."""
+    m["graph"].insert(1, {"op": "requantize", "name": "wide", "inputs": ["xq"], "outputs": ["w"],
+                          "attrs": {"multiplier": 2**24, "shift": 0, "bias": 0, "lo": INT32_MIN, "hi": INT32_MAX}})
+    m["graph"][2]["inputs"] = ["w"]
+
+
+def _then_conv_add(m, t):
+    """A second conv over the first's output, adding that output back (conv2d_add); the first conv's declared
+    range is widened to int32."""
+    m["graph"][1]["attrs"].update(lo=INT32_MIN, hi=INT32_MAX)
+    w, entry = pack_tensor(torch.ones(4, 4, 3, 3, dtype=torch.int32), 3, True)
+    t.update({"c2.weight": w, "c2.multiplier": torch.full((4,), 2**30, dtype=torch.int32),
+              "c2.shift": torch.full((4,), 40, dtype=torch.int8), "c2.bias": torch.zeros(4, dtype=torch.int64),
+              "c2.residual_multiplier": torch.ones(4, dtype=torch.int32)})
+    m["tensors"].update({"c2.weight": entry, **{f"c2.{k}": {"dtype": d, "shape": [4]} for k, d in (
+        ("multiplier", "int32"), ("shift", "int8"), ("bias", "int64"), ("residual_multiplier", "int32"))}})
+    m["graph"].insert(2, {"op": "conv2d_add", "name": "c2", "inputs": ["c", "c"], "outputs": ["c2"],
+                          "attrs": {"stride": 1, "padding": 1, "dilation": 1, "groups": 1, "w_bits": 3, "lo": 0,
+                                    "hi": 15},
+                          "params": {k: f"c2.{k}" for k in ("weight", "multiplier", "shift", "bias",
+                                                            "residual_multiplier")}})
+    m["graph"][3]["inputs"] = ["c2"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m, t: (_widened(m, t), m["graph"][2].update(op="avgpool2d", params={}, attrs={
+        "kernel_size": 3, "stride": 1, "padding": 1, "multiplier": 2**31 - 1, "shift": 40, "bias": 0, "lo": 0,
+        "hi": 15})), r"\|acc\|·\|multiplier\| may reach 2\^65"),  # a 3x3 window of int32 values
+    (_widened, r"\|acc\|·\|multiplier\| may reach 2\^6"),  # sum |w| * 2^31 * 2^30
+    (_then_conv_add, r"\|acc\*m \+ b \+ r\*m_r\| may reach"),
+], ids=["avgpool2d", "conv2d", "conv2d_add"])
+def test_accumulators_that_could_wrap_int64_are_refused_at_load(tmp_path, edit, match):
+    manifest, tensors = copy.deepcopy(_conv_graph())
+    edit(manifest, tensors)
+    _refused(manifest, tensors, match, tmp_path)
+
+
 def test_the_conv_graph_itself_loads_and_runs():
     """The base of the edits above is valid: each refusal is the edit's."""
     for edit in (lambda m, t: None, _pool({"output_size": [2, 1]})):

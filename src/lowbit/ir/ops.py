@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.ir.dyadic import BIAS_LIMIT, INT32_MAX, INT32_MIN, MAX_SHIFT, SUM_LIMIT
+from lowbit.ir.dyadic import BIAS_LIMIT, INT32_MAX, INT32_MIN, MAX_SHIFT, PRODUCT_LIMIT, SUM_LIMIT
 
 if TYPE_CHECKING:
     from lowbit.ir.graph import Graph, Node
@@ -165,6 +165,41 @@ def _check_requant_attrs(node: Node, p: Params, graph: Graph) -> None:
     int_attr(a, "multiplier", INT32_MIN + 1, INT32_MAX)
     int_attr(a, "shift", 0, MAX_SHIFT)
     int_attr(a, "bias", -(2**61), 2**61)
+    _check_product(_terms(node, graph) * _bound(graph, node.inputs[0]), abs(a["multiplier"]))
+
+
+def _bound(graph: Graph, value: str) -> int:
+    """The largest ``|v|`` the declared range of ``value`` allows."""
+    lo, hi = graph.ranges[value]
+    return max(-lo, hi)
+
+
+def _terms(node: Node, graph: Graph) -> int:
+    """How many input values (times the second input's bound, for matmul) one accumulator of a scalar-requantized
+    op sums: 1 for requantize, the window for the pools, the shared dimension for matmul."""
+    a, shape = node.attrs, graph.shapes[node.inputs[0]]
+    if node.op == "avgpool2d":
+        k = a["kernel_size"]
+        return math.prod([k, k] if type(k) is int else k)
+    if node.op == "adaptive_avgpool":
+        return math.prod(-(-n // o) for n, o in zip(shape[-2:], a["output_size"], strict=True))
+    if node.op == "matmul":
+        return shape[-1] * _bound(graph, node.inputs[1])
+    return 1
+
+
+def _check_product(acc: int, multiplier: int) -> None:
+    """``|acc|·|m| < 2^62`` for every accumulator the inputs' declared ranges allow, as the runtimes require of the
+    values they meet: refused at load rather than mid-run."""
+    if acc * multiplier >= PRODUCT_LIMIT:
+        raise LowbitError(f"|acc|·|multiplier| may reach 2^{math.log2(acc * multiplier):.2f} over the inputs' "
+                          "declared ranges: int64 could overflow (limit 2^62)")
+
+
+def _layer_acc(node: Node, p: Params, graph: Graph) -> int:
+    """The largest ``|acc|`` of a conv or linear layer: its output channel's ``sum |w|`` times the input's bound."""
+    w = p["weight"]
+    return int(w.to(torch.int64).abs().flatten(1).sum(1).max()) * _bound(graph, node.inputs[0]) if w.numel() else 0
 
 
 def _check_float_range(a: dict[str, Any]) -> None:
@@ -219,6 +254,8 @@ def _check_layer(node: Node, p: Params, graph: Graph) -> None:
     if w.numel() and (int(w.min()) < lo_w or int(w.max()) > hi_w):
         raise LowbitError(f"weight codes exceed the {bits}-bit range")
     _check_requant_tensors(p, w.shape[0])
+    if node.op != "conv2d_add":  # its residual sum is bounded as a whole (_check_conv_add)
+        _check_product(_layer_acc(node, p, graph), int(p["multiplier"].abs().max()) if w.shape[0] else 0)
 
 
 def _check_conv_add(node: Node, p: Params, graph: Graph) -> None:
@@ -229,6 +266,12 @@ def _check_conv_add(node: Node, p: Params, graph: Graph) -> None:
         raise LowbitError(f"residual_multiplier must be int32 of shape [{c}], got {dtype} {list(t.shape)}")
     if c and int(t.min()) == INT32_MIN:
         raise LowbitError("residual multiplier -2^31 is out of range")
+    if c:  # |acc*m + b + r*m_r| below 2^63 - 2^61, as requantize_sum requires (room for the rounding)
+        bound = (_layer_acc(node, p, graph) * int(p["multiplier"].abs().max()) + int(p["bias"].abs().max())
+                 + _bound(graph, node.inputs[1]) * int(t.abs().max()))
+        if bound >= SUM_LIMIT:
+            raise LowbitError(f"|acc*m + b + r*m_r| may reach 2^{math.log2(bound):.2f} over the inputs' declared "
+                              "ranges: int64 could overflow (limit 2^63 - 2^61)")
 
 
 def _check_add(node: Node, p: Params, graph: Graph) -> None:
@@ -262,10 +305,10 @@ def _check_concat(node: Node, p: Params, graph: Graph) -> None:
 
 
 def _check_adaptive(node: Node, p: Params, graph: Graph) -> None:
-    _check_requant_attrs(node, p, graph)
     s = node.attrs["output_size"]
     if not (isinstance(s, list) and len(s) == 2 and all(type(v) is int and v >= 1 for v in s)):
         raise LowbitError(f"output_size must be two positive integers, got {s!r}")
+    _check_requant_attrs(node, p, graph)
 
 
 def _check_upsample(node: Node, p: Params, graph: Graph) -> None:
