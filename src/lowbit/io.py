@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ CHECKPOINT_VERSION = 1
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise LowbitError(f"cannot write {path}: it is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,8 +40,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     return path
 
@@ -83,8 +88,8 @@ def load_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LowbitError(f"{path}: file not found") from None
+    except OSError as e:
+        raise LowbitError(f"{path}: {_unreadable(e)}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path}: not valid JSON ({e})") from None
 
@@ -93,11 +98,19 @@ def load_yaml(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
         return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise LowbitError(f"{path}: file not found") from None
+    except OSError as e:
+        raise LowbitError(f"{path}: {_unreadable(e)}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LowbitError(f"{path}: not valid YAML ({first})") from None
+
+
+def _unreadable(e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, IsADirectoryError):
+        return "is a folder, expected a file"
+    return f"cannot read ({e.strerror or e})"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -115,7 +128,10 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign / pickled-code files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its hints
+        msg = text.splitlines()[0] if text else type(e).__name__
+        if "Weights only load failed" in text:
+            msg = "it holds pickled Python objects, which lowbit never loads"
         raise LowbitError(f"{path}: not a readable lowbit checkpoint ({msg[:160]})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise LowbitError(f"{path}: not a lowbit checkpoint (missing format header)")

@@ -85,7 +85,9 @@ def parse_args_option(text: str | dict | None, flag: str) -> dict[str, Any]:
     if text is None or isinstance(text, dict):
         return dict(text or {})
     source = text
-    if text.endswith((".yaml", ".yml", ".json")) and Path(text).is_file():
+    if text.endswith((".yaml", ".yml", ".json")):
+        if not Path(text).is_file():
+            raise LowbitError(f"{flag}: {text}: file not found")
         source = Path(text).read_text()
     try:
         value = yaml.safe_load(source)

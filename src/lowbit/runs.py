@@ -9,20 +9,30 @@ work), ``summary.json`` (the final numbers), ``checkpoint.pt`` (atomic, every ep
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lowbit.distributed import is_main
 from lowbit.errors import LowbitError
-from lowbit.io import atomic_write_text, save_json, save_yaml
+from lowbit.io import atomic_write_text, load_yaml, save_json, save_yaml
 
 
 class RunDir:
+    """``command`` (what ``config.yaml`` records) must match on ``resume``, so one command never continues or
+    overwrites another's run; ``same`` adds the settings a resumed run must share (e.g. its source run)."""
+
     def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 marker: str = "config.yaml"):
+                 marker: str = "config.yaml", command: str | None = None, same: dict[str, Any] | None = None):
         self.path = Path(path)
         exists = (self.path / marker).exists()
         self.resume = resume and exists
+        self._created = not self.path.exists()
+        if self.resume and command is not None:
+            self._check_same(marker, {"command": command, **(same or {})})
         if not is_main():  # rank 0 checks, creates and clears the folder; the others only read it
             return
         if resume and not exists:
@@ -34,6 +44,25 @@ class RunDir:
         if exists and overwrite and not resume:
             for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
                 (self.path / name).unlink(missing_ok=True)
+
+    def _check_same(self, marker: str, values: dict[str, Any]) -> None:
+        saved = load_yaml(self.path / marker)
+        saved = saved if isinstance(saved, dict) else {}
+        for key, want in values.items():
+            if _norm(saved.get(key)) != _norm(want):
+                raise LowbitError(f"{self.path}: --resume continues the run this folder holds, but its {key} is "
+                                  f"{saved.get(key)!r}, not {want!r}; choose another --out")
+
+    @contextmanager
+    def removed_on_error(self) -> Iterator[RunDir]:
+        """A command that fails before writing anything but its config leaves no folder behind, so the same
+        command, corrected, is not refused as "already holds a run"."""
+        try:
+            yield self
+        except Exception:
+            if self._created and is_main() and self.path.is_dir() and set(os.listdir(self.path)) <= {"config.yaml"}:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -62,10 +91,12 @@ class RunDir:
             atomic_write_text(self.file(name), markdown)
 
 
+def _norm(value: Any) -> Any:
+    return os.path.normpath(value) if isinstance(value, str) and value else value  # runs/a/ is runs/a
+
+
 def _check_writable(path: Path) -> None:
     """Fail now, with one line, if ``path`` could not be created or written later."""
-    import os
-
     probe = path
     while not probe.exists():
         if probe.parent == probe:

@@ -26,6 +26,15 @@ def _run(args, capsys):
     (["train", "--data", "synthetic", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
     (["train", "--data", "imagefolder"], "needs --data-dir"),
     (["train", "--amp", "fp16"], "invalid choice"),
+    (["train", "--batch-size", "0"], "--batch-size: must be > 0, got 0"),
+    (["train", "--workers", "-3"], "--workers: must be >= 0, got -3"),
+    (["eval", "--from", "x", "--batch-size", "-5"], "must be > 0, got -5"),
+    (["infer", "m.lowbit", "--limit", "0"], "--limit: must be > 0"),
+    (["bench", "m.lowbit", "--warmup", "-1"], "--warmup: must be >= 0"),
+    (["bench", "m.lowbit", "--table-batch", "0"], "--table-batch: must be > 0"),
+    (["frontier", "--from", "x", "--examples", "-5"], "--examples: must be > 0"),
+    (["sensitivity", "--from", "x", "--method", "hessian", "--max-iter", "0"], "--max-iter: must be > 0"),
+    (["sensitivity", "--from", "x", "--method", "hessian", "--tol", "-1"], "--tol: must be > 0.0"),
 ])
 def test_user_errors_are_one_line_exit_2(args, needle, capsys, tmp_path):
     if args[0] in ("train", "quantize"):
@@ -122,3 +131,38 @@ def test_weights_then_quantize_from_the_zero_epoch_run(tmp_path, capsys):
     rc, _, err = _run(["train", "--model", "resnet8", "--weights", str(tmp_path / "mlp.safetensors"), "--epochs", "0",
                        "--data", "synthetic", "--quiet", "--out", str(tmp_path / "bad")], capsys)
     assert rc == 2 and "do not fit" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "synthetic", "--epochs", "1"],
+    ["quantize", "--from", "x", "--bits", "w4a4"],
+    ["eval", "--from", "x"],
+    ["sensitivity", "--from", "x", "--method", "hessian"],
+])
+def test_cuda_without_a_gpu_is_one_line_and_no_folder(argv, monkeypatch, tmp_path, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine that has one
+    rc, _, err = _run([*argv, "--device", "cuda", "--out", str(tmp_path / "r")] if argv[0] != "eval"
+                      else [*argv, "--device", "cuda"], capsys)
+    assert rc == 2 and "no CUDA GPU is available" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("config,needle", [
+    ("device: 3\n", "--device must be one of cpu, cuda, got 3"),
+    ("amp: fp16\n", "--amp must be one of"),
+    ("batch_size: 0\n", "--batch-size: must be > 0, got 0"),
+    ("epochs: many\n", "--epochs: could not convert string to float"),
+])
+def test_yaml_config_values_are_checked_like_flags(config, needle, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(config)
+    rc, _, err = _run(["train", "--config", str(tmp_path / "c.yaml"), "--data", "synthetic", "--out",
+                       str(tmp_path / "r")], capsys)
+    assert rc == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_where_a_file_belongs_is_one_line(tmp_path, capsys):
+    rc, _, err = _run(["train", "--config", str(tmp_path), "--data", "synthetic"], capsys)
+    assert rc == 2 and "is a folder, expected a file" in err and err.count("\n") == 1

@@ -174,3 +174,38 @@ def test_other_user_errors(run_dir, lowbit_file, tmp_path, capsys):
                           capsys)
         assert rc == 2 and "epilogue_error must be in (0, 0.5]" in err and err.count("\n") == 1
         assert not (tmp_path / "e.lowbit").exists()
+
+
+def test_inputs_that_were_silently_wrong(lowbit_file, tmp_path, capsys):
+    np.save(tmp_path / "y.npy", np.zeros(3, np.int64))
+    rc, _, err = _run(["infer", lowbit_file, "--data", "synthetic", "--labels", tmp_path / "y.npy"], capsys)
+    assert rc == 2 and "--labels goes with --images" in err and err.count("\n") == 1
+    np.save(tmp_path / "empty.npy", np.zeros((0, 28, 28), np.uint8))
+    rc, _, err = _run(["infer", lowbit_file, "--images", tmp_path / "empty.npy"], capsys)
+    assert rc == 2 and "no examples to predict" in err and err.count("\n") == 1
+    (tmp_path / "code.py").write_text("x = 1\n")
+    rc, _, err = _run(["infer", lowbit_file, "--images", tmp_path / "code.py"], capsys)
+    assert rc == 2 and "give a .npy array or an IDX file" in err and "Debian" not in err
+    (tmp_path / "folder.json").mkdir()
+    rc, _, err = _run(["infer", lowbit_file, "--data", "synthetic", "--limit", 4, "--out", tmp_path / "folder.json"],
+                      capsys)
+    assert rc == 2 and "it is a folder" in err and err.count("\n") == 1
+
+
+def test_fast_backend_forwards_only_lowbits_own_warnings(monkeypatch, capsys):
+    import warnings
+
+    from lowbit.cli import deploy
+    from lowbit.runtime import fast_encoder
+
+    def fast_model(model):
+        warnings.warn_explicit("`torch.jit.script_method` is deprecated", DeprecationWarning,
+                               "/site-packages/torch/jit/_script.py", 1)
+        warnings.warn_explicit("node(s) conv1 run on the reference kernel", UserWarning,
+                               "/site-packages/lowbit/runtime/fastpath.py", 485)
+        return "fast"
+
+    monkeypatch.setattr(fast_encoder, "fast_model", fast_model)
+    assert deploy._fast(None) == "fast"
+    err = capsys.readouterr().err
+    assert err == "warning: node(s) conv1 run on the reference kernel\n"

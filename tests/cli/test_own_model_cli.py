@@ -51,6 +51,39 @@ USER_CODE = textwrap.dedent('''
         return 42
 
 
+    def make_flat(n=96):
+        g = torch.Generator().manual_seed(0)
+        return {"train": torch.utils.data.TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,)))}
+
+
+    class Named(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.x, self.y = torch.randn(n, 1, 16, 16), torch.randint(0, 3, (n,))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "klass": self.y[i]}
+
+
+    def make_named(n=96):
+        return {"train": Named(n)}
+
+
+    def make_bad_labels(n=96):
+        x, y = torch.randn(n, 1, 16, 16), torch.full((n,), 7)
+        return {"train": torch.utils.data.TensorDataset(x, y)}
+
+
+    def loss_raises(outputs, batch):
+        return {}["nope"]
+
+
+    def loss_per_example(outputs, batch):
+        return F.cross_entropy(outputs, batch[1], reduction="none")
+
+
     def broken():
         raise ValueError("no GPU here")
 ''')
@@ -145,6 +178,13 @@ def test_select_and_frontier(w4a4_run, tmp_path, capsys):
     (["--data", "{code}:not_a_model"], "expected DataSplits"),
     (["--loss", "{code}:nope"], "loss function"),
     (["--metric", "missing.py:f"], "file missing.py not found"),
+    (["--data", "{code}:make_flat"], "cannot run a batch of"),
+    (["--data", "{code}:make_named"], "target under one of labels"),
+    (["--data", "{code}:make_bad_labels"], "Target 7 is out of bounds"),
+    (["--loss", "{code}:loss_raises"], "the loss (loss_raises) fails"),
+    (["--loss", "{code}:loss_per_example"], "must return a scalar tensor"),
+    (["--model", "resnet999"], "unknown model 'resnet999'"),
+    (["--data-args", "missing.yaml"], "missing.yaml: file not found"),
 ])
 def test_bad_user_code_is_one_line_and_leaves_no_folder(user, args, needle, tmp_path, capsys):
     code = str(user / "mycode.py")
@@ -154,3 +194,35 @@ def test_bad_user_code_is_one_line_and_leaves_no_folder(user, args, needle, tmp_
     _, err = capsys.readouterr()
     assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval", "sensitivity", "frontier"])
+def test_later_stages_check_the_data_against_the_model(w4a4_run, user, command, tmp_path, capsys):
+    """A run's model given other data fails on one batch with one line, before a folder is made."""
+    source = w4a4_run / ("fp32" if command in ("quantize", "eval") else "w4a4")
+    argv = [command, "--from", source, "--data", f"{user / 'mycode.py'}:make_named", "--quiet"]
+    argv += {"quantize": ["--bits", "w4a4", "--out", tmp_path / "q"], "eval": [],
+             "sensitivity": ["--method", "hessian", "--out", tmp_path / "q"],
+             "frontier": ["--methods", "random", "--budgets", "0.5", "--out", tmp_path / "q"]}[command]
+    rc = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "target under one of labels" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q").exists()
+
+
+def test_resume_continues_only_the_same_command_on_the_same_source(w4a4_run, tmp_path, capsys):
+    _cli(["sensitivity", "--from", w4a4_run / "w4a4", "--method", "eagl", "--quiet", "--out", tmp_path / "s"],
+         capsys)
+    config = (tmp_path / "s" / "config.yaml").read_text()
+    for argv, needle in [
+        (["sensitivity", "--from", w4a4_run / "w4a4", "--method", "random"], "its method is 'eagl'"),
+        (["quantize", "--from", w4a4_run / "fp32", "--bits", "w4a4", "--epochs", "0"], "its command is"),
+        (["frontier", "--from", w4a4_run / "w4a4", "--methods", "random", "--budgets", "0.5"], "its command is"),
+    ]:
+        rc = main([str(a) for a in [*argv, "--quiet", "--resume", "--out", tmp_path / "s"]])
+        _, err = capsys.readouterr()
+        assert rc == 2 and needle in err and err.count("\n") == 1, err
+    assert (tmp_path / "s" / "config.yaml").read_text() == config  # untouched
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.yaml", "report.md", "sensitivity.json"]
+    _cli(["sensitivity", "--from", f"{w4a4_run / 'w4a4'}/", "--method", "eagl", "--quiet", "--resume", "--out",
+          tmp_path / "s"], capsys)  # the same source, spelled with a trailing slash

@@ -72,6 +72,8 @@ def test_size_throughput():
 def test_measured_throughput(measured):
     assert math.isclose(relative_throughput(LAYERS, PLAN, measured), 6e-3 / 4.8e-3, rel_tol=1e-12)
     assert get_profile("measured", latency_table=TABLE).table == measured.table
+    with pytest.raises(LowbitError, match="add --cost measured"):  # a table the chosen model would ignore
+        get_profile("bops", latency_table=TABLE)
 
 
 @pytest.mark.parametrize("profile", ["bits-proportional", "bops", "size", "measured"])

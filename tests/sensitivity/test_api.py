@@ -67,3 +67,14 @@ def test_alps_amp_is_optional_and_absent_from_defaults():
     assert method_options("alps", {"amp": "bf16"})["amp"] == "bf16"
     with pytest.raises(LowbitError, match="amp"):
         method_options("hessian", {"amp": "bf16"})
+
+
+@pytest.mark.parametrize("method,options", [
+    ("hessian", {"batch_size": 0}), ("hessian", {"tol": -1.0}), ("hessian", {"max_iter": 0}),
+    ("hessian", {"rse": "0.1"}), ("alps", {"epochs": 0}), ("alps", {"examples_per_epoch": -5}),
+])
+def test_sizes_and_tolerances_must_be_positive(method, options):
+    from lowbit.sensitivity.api import method_options
+
+    with pytest.raises(LowbitError, match=f"option {next(iter(options))} must be a number > 0"):
+        method_options(method, options)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lowbit.cli.main import _set_threads, add_common
+from lowbit.cli.main import _set_threads, add_common, count, nonneg_float, positive_int
 from lowbit.errors import LowbitError
 
 
@@ -38,9 +38,9 @@ def _export():
         p.add_argument("--verify", action="store_true",
                        help="check the export on the run's test set: runtime vs simulation (bit-exact), vs the "
                             "fake-quant model, fast path (and ONNX with --format onnx)")
-        p.add_argument("--limit", type=int, default=None, help="verify on the first N test images only")
+        p.add_argument("--limit", type=positive_int, default=None, help="verify on the first N test images only")
         p.add_argument("--report", default=None, help="save the verification numbers as JSON here")
-        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--batch-size", type=positive_int, default=256)
         add_common(p)
 
     def run(a):
@@ -108,8 +108,8 @@ def _infer():
                        help="predict these images instead of the test set: .npy or IDX (.gz) of uint8 images, "
                             "N x 28 x 28 (or N x C x H x W)")
         p.add_argument("--labels", default=None, help="labels of --images (.npy or IDX) to report accuracy")
-        p.add_argument("--limit", type=int, default=None, help="first N images only")
-        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--limit", type=positive_int, default=None, help="first N images only")
+        p.add_argument("--batch-size", type=positive_int, default=256)
         p.add_argument("--out", default=None, help="save predictions (and accuracy) as JSON here")
         add_common(p)
 
@@ -120,6 +120,8 @@ def _infer():
         from lowbit.runtime.engine import IntegerModel
 
         _set_threads(a)
+        if a.labels and not a.images:
+            raise LowbitError("--labels goes with --images; the test set brings its own labels")
         model = IntegerModel.load(a.model)
         backend = _backend(model, a.backend)
         if a.images:
@@ -133,6 +135,8 @@ def _infer():
         if a.limit is not None:
             images, labels = _head(images, a.limit), None if labels is None else labels[:a.limit]
         n = _count(images)
+        if n == 0:
+            raise LowbitError(f"{a.images or 'the test set'}: no examples to predict")
         preds = torch.cat([backend(_head(images, i + a.batch_size, i)).argmax(1) for i in range(0, n, a.batch_size)])
         result = {"model": a.model, "backend": a.backend, "images": n}
         if a.images and not a.quiet:
@@ -153,16 +157,16 @@ def _bench():
     def add(p):
         p.add_argument("file", metavar="model", help=".lowbit file (from `lowbit export`)")
         p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
-        p.add_argument("--runs", type=int, default=30, help="timed runs per variant (median reported)")
-        p.add_argument("--warmup", type=int, default=3)
-        p.add_argument("--budget", type=float, default=120.0,
+        p.add_argument("--runs", type=positive_int, default=30, help="timed runs per variant (median reported)")
+        p.add_argument("--warmup", type=count, default=3)
+        p.add_argument("--budget", type=nonneg_float, default=120.0,
                        help="seconds one variant may take per batch size; slower ones get fewer runs (recorded)")
         p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime variant")
         p.add_argument("--out", default=None, help="save the results as JSON here")
         p.add_argument("--latency-table", default=None,
                        help="also measure each layer at every bit width and save the table (JSON for "
                             "--cost measured) here")
-        p.add_argument("--table-batch", type=int, default=8, help="batch size of the per-layer measurements")
+        p.add_argument("--table-batch", type=positive_int, default=8, help="batch size of the per-layer measurements")
         p.add_argument("--model", default=None,
                        help="float architecture of the fp32/bf16 rows: a registry name or package.module:factory "
                             "(default: the one the export recorded)")
@@ -255,8 +259,9 @@ def _fast(model):
         except LowbitError as e:
             print(f"warning: {e}; running the reference runtime", file=sys.stderr)
             return None
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    for w in caught:  # lowbit's own (a node on the reference kernel), not torch's deprecation notices
+        if not issubclass(w.category, DeprecationWarning) and "lowbit" in Path(w.filename).parts:
+            print(f"warning: {w.message}", file=sys.stderr)
     return fast
 
 
@@ -309,7 +314,7 @@ def _read_array(path: str):
             return np.load(p, allow_pickle=False)
         except (ValueError, OSError) as e:
             raise LowbitError(f"{p}: not a readable .npy array ({str(e).splitlines()[0]})") from None
-    return read_idx(p)
+    return read_idx(p, fix="give a .npy array or an IDX file (.gz or not) of uint8 values")
 
 
 def _read_images(path: str, model):

@@ -32,7 +32,7 @@ def add_common(p: argparse.ArgumentParser, out: str | None = None, data: bool = 
         g.add_argument("--out", default=out, help="run directory to write")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute")
     g.add_argument("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
-    g.add_argument("--workers", type=int, default=0,
+    g.add_argument("--workers", type=count, default=0,
                    help="CPU threads for torch (0 = torch's default) or worker processes where a command "
                         "runs several jobs; also the DataLoader's worker processes for imagefolder data")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -73,8 +73,8 @@ def add_loss(p: argparse.ArgumentParser, metric: bool = True) -> None:
 
 def add_fit(p: argparse.ArgumentParser, *, epochs, lr, wd, schedule="cosine", batch=128) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, default=epochs, help="epochs (fractions allowed)")
-    g.add_argument("--batch-size", type=int, default=batch)
+    g.add_argument("--epochs", type=nonneg_float, default=epochs, help="epochs (fractions allowed)")
+    g.add_argument("--batch-size", type=positive_int, default=batch)
     g.add_argument("--lr", type=float, default=lr, help="initial learning rate")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=wd, help="on weights only (not BN, biases, steps)")
@@ -195,7 +195,7 @@ def result_line(s: dict) -> str:
 def _eval():
     def add(p):
         p.add_argument("--from", dest="source", required=True, help="run directory (or checkpoint file)")
-        p.add_argument("--batch-size", type=int, default=512)
+        p.add_argument("--batch-size", type=positive_int, default=512)
         add_loss(p)
         add_common(p, folder=True)
 
@@ -203,6 +203,7 @@ def _eval():
         from lowbit.data import num_examples
         from lowbit.train import evaluate, load_run_model
         from lowbit.train.checkpoint import resolve_loss
+        from lowbit.train.loop import check_batch
 
         _set_threads(a)
         model, ckpt = load_run_model(a.source)
@@ -210,6 +211,7 @@ def _eval():
         _check_shape(ckpt, data)
         loss_fn = resolve_loss(a.loss or ckpt.get("spec", {}).get("loss"))
         model.to(a.device)
+        check_batch(model, data, loss_fn, what=f"the model of {a.source}")
         for split in ("val", "test"):
             ds = getattr(data, split)
             if ds is None:
@@ -338,6 +340,27 @@ def _quantize():
     return add, run
 
 
+def _number(kind: type, low: float, strict: bool):
+    """An argparse type for numbers ``> low`` (``strict``) or ``>= low``: a bad size is the usage line and exit
+    code 2 before any work, not a ZeroDivisionError or a silently empty result later."""
+    word = f"> {kind(low)}" if strict else f">= {kind(low)}"
+
+    def parse(v: str):
+        x = kind(v)  # a ValueError reads "invalid int value: 'abc'"
+        if x < low or (strict and x == low) or x != x:
+            raise argparse.ArgumentTypeError(f"must be {word}, got {v}")
+        return x
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 0, True)
+count = _number(int, 0, False)
+positive_float = _number(float, 0.0, True)
+nonneg_float = _number(float, 0.0, False)
+
+
 def _bits_or_float(v: str):
     if v.lower() in ("float", "none", "fp32"):
         return None
@@ -412,12 +435,36 @@ def _apply_yaml_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     sp = subparsers.choices.get(known.command)
     if sp is None:
         return
-    dests = {a.dest for a in sp._actions}
+    actions = {a.dest: a for a in sp._actions}
     cfg = {str(k).replace("-", "_"): v for k, v in cfg.items() if k not in ("command",)}
-    unknown = sorted(set(cfg) - dests)
+    unknown = sorted(set(cfg) - set(actions))
     if unknown:
         raise LowbitError(f"{known.config}: unknown option(s) for `lowbit {known.command}`: {', '.join(unknown)}")
-    sp.set_defaults(**cfg)
+    sp.set_defaults(**{k: _config_value(actions[k], v, known.config) for k, v in cfg.items()})
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    """A value from a YAML config checked as its flag would be: argparse checks neither the type of a
+    non-string default nor the choices of any default."""
+    flag = action.option_strings[-1] if action.option_strings else action.dest
+    if value is not None and action.type is not None and not isinstance(value, (list, dict, bool)):
+        try:
+            value = action.type(str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise LowbitError(f"{where}: {flag}: {e}") from None
+    if value is not None and action.choices is not None and value not in action.choices:
+        raise LowbitError(f"{where}: {flag} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Before any command writes its folder: CUDA asked for on a machine without it is one line, not a
+    traceback from deep inside the first tensor move."""
+    if getattr(args, "device", None) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LowbitError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -429,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
+        _check_device(args)
         code = int(args._run(args) or 0)
         finish()
         return code

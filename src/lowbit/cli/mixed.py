@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from lowbit.cli.main import add_common, add_data, add_fit
+from lowbit.cli.main import add_common, add_data, add_fit, positive_float, positive_int
 from lowbit.distributed import is_main
 
 
@@ -47,23 +47,23 @@ def _method_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument("--variant", default=None, choices=["h4", "h4-h2", "h4-weighted"],
                    help="entropy score: H of the 4-bit codes (h4, default), H4-H2, or N_W·H4")
     g = p.add_argument_group("ALPS")
-    g.add_argument(f"--{prefix}epochs", dest="alps_epochs", type=float, default=None,
+    g.add_argument(f"--{prefix}epochs", dest="alps_epochs", type=positive_float, default=None,
                    help="fine-tune epochs per candidate (default 1; fractions allowed)")
-    g.add_argument(f"--{prefix}examples", dest="alps_examples", type=int, default=None,
+    g.add_argument(f"--{prefix}examples", dest="alps_examples", type=positive_int, default=None,
                    help="training examples per ALPS epoch (default: the whole training split)")
-    g.add_argument(f"--{prefix}lr", dest="alps_lr", type=float, default=None,
+    g.add_argument(f"--{prefix}lr", dest="alps_lr", type=positive_float, default=None,
                    help="ALPS fine-tune learning rate (default: the LSQ 2-bit recipe's)")
     g.add_argument("--reference", default=None, choices=["finetuned", "checkpoint"],
                    help="accuracy the drops are measured from: the W4A4 net fine-tuned with the same budget "
                         "(finetuned, default, one extra job) or the checkpoint as is")
     g = p.add_argument_group("Hessian trace")
-    g.add_argument("--tol", type=float, default=None,
+    g.add_argument("--tol", type=positive_float, default=None,
                    help="stop when the total trace estimate changes by less than this, relatively (default 0.01)")
-    g.add_argument("--max-iter", type=int, default=None, help="most Hutchinson iterations (default 100)")
-    g.add_argument("--rse", type=float, default=None,
+    g.add_argument("--max-iter", type=positive_int, default=None, help="most Hutchinson iterations (default 100)")
+    g.add_argument("--rse", type=positive_float, default=None,
                    help="stop when every layer's trace has a relative standard error below this (e.g. 0.1) "
                         "instead of on --tol; the table reports each layer's error")
-    g.add_argument("--hessian-examples", type=int, default=None,
+    g.add_argument("--hessian-examples", type=positive_int, default=None,
                    help="validation examples for the Hessian (default 1024)")
 
 
@@ -101,7 +101,7 @@ def _sensitivity():
     def add(p):
         p.add_argument("--from", dest="source", required=True, help="W4A4 run directory (from `lowbit quantize`)")
         p.add_argument("--method", required=True, choices=["eagl", "alps", "hessian", "random"])
-        p.add_argument("--batch-size", type=int, default=None, help="batch size of ALPS and the Hessian (128)")
+        p.add_argument("--batch-size", type=positive_int, default=None, help="batch size of ALPS and the Hessian (128)")
         _metric_args(p)
         _amp_arg(p)
         _method_args(p)
@@ -174,7 +174,7 @@ def _frontier():
                        help="reuse tables from `lowbit sensitivity` runs instead of scoring again")
         p.add_argument("--no-endpoints", dest="endpoints", action="store_false",
                        help="skip the uniform W4A4 and W2A2 points")
-        p.add_argument("--examples", type=int, default=None,
+        p.add_argument("--examples", type=positive_int, default=None,
                        help="training examples per fine-tune epoch of each point (default: the whole split)")
         p.add_argument("--distill", action="store_true",
                        help="fine-tune every point with distillation from the fp32 run the W4A4 run came from "

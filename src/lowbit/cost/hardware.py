@@ -179,4 +179,7 @@ def get_profile(profile: str | HardwareProfile,
         if isinstance(latency_table, Mapping):
             return MeasuredProfile.from_dict(dict(latency_table))
         return MeasuredProfile.from_json(latency_table)
+    if latency_table is not None:
+        raise LowbitError(f"a latency table is read by the 'measured' cost model only, not {profile!r}; "
+                          f"add --cost measured or drop the table")
     return _PROFILES[profile]()

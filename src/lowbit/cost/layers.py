@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.data.protocol import call_model, first_tensor
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, one_line
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,10 @@ def profile_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         model.eval()
         with torch.no_grad():
             call_model(model, example_input)
+    except LowbitError:
+        raise
+    except Exception as e:  # the user's model and data do not fit together: one line, not a traceback
+        raise LowbitError(f"the model cannot run its example input: {one_line(e)}") from None
     finally:
         for h in handles:
             h.remove()

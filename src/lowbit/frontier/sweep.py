@@ -52,6 +52,7 @@ from lowbit.sensitivity.jobs import FinetuneJob, finetune_dropped, fingerprint, 
 from lowbit.sensitivity.table import SensitivityTable
 from lowbit.train import FitConfig, evaluate, load_run_model, recipe_fit_config
 from lowbit.train.checkpoint import resolve_loss
+from lowbit.train.loop import check_batch
 
 FRONTIER_VERSION = 1
 LOW_BITS = 2
@@ -224,11 +225,12 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     model, ckpt = load_w4a4_run(run)
     if cfg.loss is None and ckpt.get("spec", {}).get("loss"):  # the run's own loss unless one is given
         cfg = dataclasses.replace(cfg, loss=ckpt["spec"]["loss"])
-    resolve_loss(cfg.loss)
+    loss_fn = resolve_loss(cfg.loss)
     splits = load_data(ckpt, data, data_dir, data_args)
+    check_batch(model, splits, loss_fn, what=f"the model of {run}")
     space = _space(cfg, model, splits)
     check_top1(model, splits, cfg.metric)  # the points measure it too
-    run_dir = RunDir(out, resume=resume, overwrite=overwrite)
+    run_dir = RunDir(out, resume=resume, overwrite=overwrite, command="frontier")
     if overwrite and not run_dir.resume and dist.is_main():
         for sub in ("points", "sensitivity"):
             shutil.rmtree(run_dir.file(sub), ignore_errors=True)
@@ -236,9 +238,10 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
     run_dir.write_config({"command": "frontier", "source": str(run), **cfg.to_dict(), "data": splits.name})
     source_key = fingerprint(model)
 
-    result_tables = _sensitivity_tables(cfg, model, splits, space.names, run_dir, tables, source_key)
-    points = _plan_points(cfg, space, result_tables)
-    _finetune_points(points, cfg, model, ckpt, str(run), splits, run_dir, source_key)
+    with run_dir.removed_on_error():
+        result_tables = _sensitivity_tables(cfg, model, splits, space.names, run_dir, tables, source_key)
+        points = _plan_points(cfg, space, result_tables)
+        _finetune_points(points, cfg, model, ckpt, str(run), splits, run_dir, source_key)
     if not dist.is_main():  # rank 0 measures the references and writes the reports; everyone returns its payload
         return dist.broadcast_object(None)
     payload = _payload(cfg, model, ckpt, str(run), splits, space, result_tables, points)

@@ -71,6 +71,14 @@ def model_help(name: str) -> str:
     return (inspect.getdoc(fn) or "").splitlines()[0]
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if it names a model at all; checked before the data-dependent options are worked out."""
+    if not (is_import_path(name) or name.startswith(("tv:", "timm:")) or name in _REGISTRY):
+        raise LowbitError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}, "
+                          f"tv:<torchvision name>, timm:<timm name> or your own package.module:factory")
+    return name
+
+
 def create_model(name: str, num_classes: int | None = 10, **kw) -> nn.Module:
     """Build a model by registry name (``resnet8``), ``tv:<name>``, ``timm:<name>`` or the user's own factory.
 
@@ -84,10 +92,7 @@ def create_model(name: str, num_classes: int | None = 10, **kw) -> nn.Module:
         return _prefers_channels_last(_torchvision_model(name[3:], num_classes, **kw))
     if name.startswith("timm:"):
         return _prefers_channels_last(_timm_model(name[5:], num_classes, **kw))
-    if name not in _REGISTRY:
-        raise LowbitError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}, "
-                          f"tv:<torchvision name>, timm:<timm name> or your own package.module:factory")
-    fn = _REGISTRY[name]
+    fn = _REGISTRY[check_model_name(name)]
     params = inspect.signature(fn).parameters
     unknown = sorted(set(kw) - set(params))
     if unknown:

@@ -32,6 +32,7 @@ from lowbit.sensitivity.hessian import hessian_scores
 from lowbit.sensitivity.table import SensitivityTable
 from lowbit.train import build_model, checkpoint_path
 from lowbit.train.checkpoint import resolve_loss, run_data
+from lowbit.train.loop import check_batch
 
 METHODS = ("eagl", "alps", "hessian", "random")
 NEEDS_DATA = ("alps", "hessian")
@@ -44,6 +45,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+POSITIVE = ("epochs", "examples_per_epoch", "lr", "batch_size", "tol", "max_iter", "examples", "rse")
 # Accepted but without a default entry, so tables and fingerprints made before they existed still match.
 OPTIONAL: dict[str, tuple[str, ...]] = {"alps": ("amp",), "hessian": ("rse",)}
 
@@ -63,6 +65,10 @@ def method_options(method: str, options: dict[str, Any] | None) -> dict[str, Any
     if unknown:
         raise LowbitError(f"{method}: unknown option(s) {', '.join(unknown)}; it takes "
                           f"{', '.join(takes) or 'none'}")
+    for key in POSITIVE:
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise LowbitError(f"{method}: option {key} must be a number > 0, got {value!r}")
     return {**known, **options}
 
 
@@ -166,25 +172,29 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
         example = example_input(data=splits)
     if method == "alps":
         check_top1(model, splits, metric)
-    run_dir = RunDir(out, resume=resume, overwrite=overwrite)
-    if overwrite and not run_dir.resume and dist.is_main():
-        shutil.rmtree(run_dir.file("alps"), ignore_errors=True)
-    dist.barrier()  # the old candidate files are gone before any rank writes new ones
-    run_dir.write_config({"command": "sensitivity", "source": str(run), "method": method, "options": opts,
-                          "candidates": candidates, "include_first_last": include_first_last, "seed": seed,
-                          "workers": workers, "device": device, "data": None if splits is None else splits.name,
-                          "metric": metric_name(metric), "ranks": dist.world_size(),
-                          **({"loss": loss} if loss else {})})
-    table = score_layers(method, model.to(device), splits, candidates=candidates,
-                         include_first_last=include_first_last, seed=seed, workers=workers, out=run_dir.path,
-                         resume=run_dir.resume, quiet=quiet, device=device, example=example, options=opts,
-                         metric=metric, loss=loss)
-    table = SensitivityTable(table.method, table.rows, table.wall_seconds, table.passes,
-                             {**table.config, "source": str(run)})
-    if dist.is_main():
-        table.save(run_dir.file("sensitivity.json"))
-    run_dir.write_report(f"# Sensitivity: {method}\n\nSource: `{run}`\n\n```\n{table.render()}\n```\n")
-    return table
+    if method in NEEDS_DATA:
+        check_batch(model, splits, resolve_loss(loss), what=f"the model of {run}")
+    run_dir = RunDir(out, resume=resume, overwrite=overwrite, command="sensitivity",
+                     same={"source": str(run), "method": method})
+    with run_dir.removed_on_error():
+        if overwrite and not run_dir.resume and dist.is_main():
+            shutil.rmtree(run_dir.file("alps"), ignore_errors=True)
+        dist.barrier()  # the old candidate files are gone before any rank writes new ones
+        run_dir.write_config({"command": "sensitivity", "source": str(run), "method": method, "options": opts,
+                              "candidates": candidates, "include_first_last": include_first_last, "seed": seed,
+                              "workers": workers, "device": device, "data": None if splits is None else splits.name,
+                              "metric": metric_name(metric), "ranks": dist.world_size(),
+                              **({"loss": loss} if loss else {})})
+        table = score_layers(method, model.to(device), splits, candidates=candidates,
+                             include_first_last=include_first_last, seed=seed, workers=workers, out=run_dir.path,
+                             resume=run_dir.resume, quiet=quiet, device=device, example=example, options=opts,
+                             metric=metric, loss=loss)
+        table = SensitivityTable(table.method, table.rows, table.wall_seconds, table.passes,
+                                 {**table.config, "source": str(run)})
+        if dist.is_main():
+            table.save(run_dir.file("sensitivity.json"))
+        run_dir.write_report(f"# Sensitivity: {method}\n\nSource: `{run}`\n\n```\n{table.render()}\n```\n")
+        return table
 
 
 __all__ = ["METHODS", "OPTIONS", "load_w4a4_run", "score_layers", "sensitivity"]

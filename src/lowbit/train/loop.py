@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,8 @@ from torch import nn
 from lowbit import distributed as dist
 from lowbit.data import DataSplits, batch_len, call_model, iterate, logits_of, num_batches, num_examples, split_batch
 from lowbit.data.datasets import AUGMENTATIONS
-from lowbit.data.protocol import can_shard, first_tensor
-from lowbit.errors import LowbitError
+from lowbit.data.protocol import TARGET_KEYS, can_shard, first_tensor
+from lowbit.errors import LowbitError, one_line
 from lowbit.progress import progress
 
 SCHEDULES = ("cosine", "onecycle", "exp", "constant")
@@ -191,6 +191,46 @@ def default_loss(outputs: Any, target: torch.Tensor | None, label_smoothing: flo
     if reduction == "sum" and target.ndim > 1:
         loss = loss / target[0].numel()
     return loss
+
+
+def check_batch(model: nn.Module, data: DataSplits, loss_fn: LossFn | None = None, *, what: str = "the model"
+                ) -> None:
+    """One validation batch through ``model`` and the loss before a command writes anything, so a model that
+    does not take the data, a batch without a target or a loss that raises is one line, not a traceback an
+    epoch in. Eval mode, no gradients, the RNG state restored: training afterwards is unchanged."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        batch = next(iter(iterate(data.val, 2, limit=2, device=device)), None)
+        if batch is None:
+            return
+        inputs, target = split_batch(batch)
+        model.eval()
+        try:
+            out = call_model(model, inputs)
+        except LowbitError:
+            raise
+        except Exception as e:
+            hint = (f"; a dict batch passes its target under one of {', '.join(TARGET_KEYS)}"
+                    if isinstance(batch, Mapping) and target is None else "")
+            raise LowbitError(f"{what} cannot run a batch of {data.name}: {one_line(e)}{hint}") from None
+        finally:
+            model.train(was_training)
+        try:
+            loss = default_loss(out, target) if loss_fn is None else loss_fn(out, batch)
+        except LowbitError:
+            raise
+        except Exception as e:
+            name = "cross-entropy" if loss_fn is None else getattr(loss_fn, "__qualname__", "the loss function")
+            raise LowbitError(f"the loss ({name}) fails on a batch of {data.name} and the outputs of {what}: "
+                              f"{one_line(e)}") from None
+        _check_scalar(loss)
+
+
+def _check_scalar(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise LowbitError(f"the loss function must return a scalar tensor, got {type(loss).__name__}"
+                          + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
 
 
 def _is_classification(logits: torch.Tensor, y: Any) -> bool:
@@ -681,9 +721,7 @@ def _train_step(model, teacher, optimizer, batch, cfg: FitConfig, channels_last:
             loss = default_loss(out, target, cfg.label_smoothing)
         else:
             loss = loss_fn(out, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise LowbitError(f"the loss function must return a scalar tensor, got {type(loss).__name__}"
-                                  + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+            _check_scalar(loss)
         if teacher is not None:  # LSQ+KD: task loss and distillation loss weighted 1:1
             with torch.no_grad():
                 t_out = call_model(teacher, inputs)

@@ -37,7 +37,7 @@ from lowbit.io import load_checkpoint, save_checkpoint
 from lowbit.quant import Plan, QuantConfig, build_quantized, calibrate_, quantize_
 from lowbit.runs import RunDir
 from lowbit.train.checkpoint import CHECKPOINT_NAME, build_model, checkpoint_path, loss_name, resolve_loss, run_data
-from lowbit.train.loop import FitConfig, FitState, check_same_recipe, fit, make_optimizer
+from lowbit.train.loop import FitConfig, FitState, check_batch, check_same_recipe, fit, make_optimizer
 from lowbit.train.train import finish_run
 
 RECIPES = ("lsq", "faq")
@@ -168,6 +168,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
         get_metric(cfg.metric)  # a bad import path fails before anything is written
     if cfg.loss:
         spec["loss"] = loss_name(cfg.loss)
+    check_batch(teacher, data, loss_fn, what=f"model {spec.get('model')}")
     plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits, data.example(1))
     method = cfg.method or cfg.recipe
     act_init = cfg.activation_init or recipe_activation_init(method, plan_min_bits(plan))
@@ -179,7 +180,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
         fit_cfg = replace(fit_cfg, distill=True)
     cfg = replace(cfg, fit=fit_cfg)
     dist.init_from_env(fit_cfg.device)
-    run = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    run = RunDir(cfg.out, resume=resume, overwrite=overwrite, command="quantize")
     ckpt_file = run.file(CHECKPOINT_NAME)
     state = FitState()
     torch.manual_seed(fit_cfg.seed)
@@ -212,12 +213,13 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
 
     recipe = cfg.recipe + ("+kd" if fit_cfg.distill else "")
     t0 = time.perf_counter()
-    if fit_cfg.epochs == 0:
-        save(state, optimizer)
-    else:
-        state = fit(model, data, fit_cfg, optimizer=optimizer, start=state, on_epoch_end=save,
-                    teacher=teacher if fit_cfg.distill else None, stop_after=stop_after,
-                    desc=f"{cfg.bits or 'plan'} {recipe}", loss_fn=loss_fn, metric=cfg.metric)
+    with run.removed_on_error():
+        if fit_cfg.epochs == 0:
+            save(state, optimizer)
+        else:
+            state = fit(model, data, fit_cfg, optimizer=optimizer, start=state, on_epoch_end=save,
+                        teacher=teacher if fit_cfg.distill else None, stop_after=stop_after,
+                        desc=f"{cfg.bits or 'plan'} {recipe}", loss_fn=loss_fn, metric=cfg.metric)
     head = {"command": "quantize", "model": src["spec"]["model"], "bits": cfg.bits if not cfg.plan_file else "plan",
             "recipe": recipe, "method": qcfg.method,
             "plan": plan.to_dict()["layers"], "calibration_seconds": prep_s}

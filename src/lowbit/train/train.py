@@ -19,10 +19,11 @@ from lowbit.errors import LowbitError
 from lowbit.io import load_checkpoint, save_checkpoint
 from lowbit.metrics import get_metric
 from lowbit.models import create_model, load_weights_
+from lowbit.models.registry import check_model_name
 from lowbit.plugins import is_import_path
 from lowbit.runs import RunDir, plot_curves
 from lowbit.train.checkpoint import CHECKPOINT_NAME, loss_name, model_spec, resolve_loss
-from lowbit.train.loop import FitConfig, FitState, check_same_recipe, evaluate, fit, make_optimizer
+from lowbit.train.loop import FitConfig, FitState, check_batch, check_same_recipe, evaluate, fit, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def seed_everything(seed: int) -> None:
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           stop_after: int | None = None, data=None) -> dict[str, Any]:
     """Train from scratch (or resume) and return the summary that is also written to ``summary.json``."""
+    if cfg.workers < 0:
+        raise LowbitError(f"workers must be >= 0 (0: torch's default threads), got {cfg.workers}")
     dist.init_from_env(cfg.fit.device)
     data = data or get_data(cfg.data, cfg.data_dir, val_fraction=cfg.val_fraction, image_size=cfg.image_size,
                             workers=cfg.workers, data_args=cfg.data_args)
@@ -74,7 +77,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model = create_model(cfg.model, data.num_classes, **kwargs)
     spec = model_spec(cfg.model, kwargs, data.num_classes, data.input_shape, data.name, cfg.val_fraction,
                       data_args=cfg.data_args, loss=loss_name(cfg.loss))
-    run = RunDir(cfg.out, resume=resume, overwrite=overwrite)  # only now: a refused command leaves no folder
+    check_batch(model, data, loss_fn, what=f"model {cfg.model}")
+    run = RunDir(cfg.out, resume=resume, overwrite=overwrite, command="train")  # a refused command leaves no folder
     optimizer = make_optimizer(model, cfg.fit)
     state = FitState()
     ckpt_file = run.file(CHECKPOINT_NAME)
@@ -102,8 +106,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         run.write_metrics(st.rows)
 
     t0 = time.perf_counter()
-    state = fit(model, data, cfg.fit, optimizer=optimizer, start=state, on_epoch_end=on_epoch_end,
-                stop_after=stop_after, desc=f"train {cfg.model}", loss_fn=loss_fn, metric=cfg.metric)
+    with run.removed_on_error():
+        state = fit(model, data, cfg.fit, optimizer=optimizer, start=state, on_epoch_end=on_epoch_end,
+                    stop_after=stop_after, desc=f"train {cfg.model}", loss_fn=loss_fn, metric=cfg.metric)
     if state.epoch == 0:  # epochs=0 runs no epoch, hence no on_epoch_end: still leave a checkpoint to quantize
         on_epoch_end(state, optimizer)
     head = {"command": "train", "model": cfg.model, **({"weights": str(cfg.weights)} if cfg.weights else {})}
@@ -115,6 +120,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 def model_kwargs(cfg: TrainConfig, data) -> dict[str, Any]:
     """A factory gets its ``model_args`` only; a registry model also its classes and input channels."""
     args = dict(cfg.model_args or {})
+    check_model_name(cfg.model)
     if is_import_path(cfg.model):
         if cfg.width is not None:
             raise LowbitError("--width applies to lowbit's ResNets; pass your factory's options with --model-args")
