@@ -166,3 +166,14 @@ def test_yaml_config_values_are_checked_like_flags(config, needle, tmp_path, cap
 def test_a_folder_where_a_file_belongs_is_one_line(tmp_path, capsys):
     rc, _, err = _run(["train", "--config", str(tmp_path), "--data", "synthetic"], capsys)
     assert rc == 2 and "is a folder, expected a file" in err and err.count("\n") == 1
+
+
+def test_quantize_names_quantizers_other_than_the_recipes(tmp_path, capsys):
+    rc, _, err = _run(["train", "--model", "mlp", "--data", "synthetic", "--epochs", "0", "--quiet", "--out",
+                       str(tmp_path / "fp32")], capsys)
+    assert rc == 0, err
+    for method, label in [("minmax", "(lsq, minmax quantizers)"), (None, "(lsq)")]:
+        rc, out, err = _run(["quantize", "--from", str(tmp_path / "fp32"), "--bits", "w4a4", "--epochs", "0",
+                             "--quiet", "--out", str(tmp_path / f"q{method}"),
+                             *(["--method", method] if method else [])], capsys)
+        assert rc == 0 and f"mlp w4a4 {label}:" in out, out + err

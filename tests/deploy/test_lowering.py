@@ -1,9 +1,12 @@
 """The independent lowering check: the real export passes; a wrong batch-norm fold, which the simulation cannot
 see (it shares the lowering's constants), fails it, naming the layer."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import lowbit
 import lowbit.export.capture as capture
 from lowbit.deploy import check_lowering, format_report, verify
 from lowbit.export.simulate import Simulation
@@ -11,6 +14,7 @@ from lowbit.runtime.engine import IntegerModel
 from tests.export.test_user_models import ResidualNet, _export, _pixels, _quantized, _randomise_bn
 
 N_BN = 5  # stem + two convs in each of the two blocks
+ASSET = Path(lowbit.__file__).parent / "assets" / "resnet8-fashion-mnist.safetensors"
 
 
 def _model():
@@ -75,3 +79,26 @@ def test_code_tolerance_widens_only_for_a_larger_epilogue_budget():
     assert code_tolerance(2.0**-7) == 16 * 2.0**-7 and code_tolerance(0.5) == 0.5  # at most half the codes
     for bad in ("x", float("nan"), float("inf"), -1.0, 0.6):  # not a budget an export writes: the default
         assert code_tolerance(bad) == 0.002
+
+
+def test_a_post_training_model_passes_layer_by_layer(tmp_path):
+    """Min/max W4A4 of the shipped resnet8, no fine-tuning: the classifier's 8-bit inputs average 49 4-bit codes
+    onto ties of their finer grid, so one code off upstream used to move many of them (WRONG on a correct
+    export). Given the runtime's own inputs, each layer differs only by its own rounding."""
+    from lowbit.data import synthetic
+    from lowbit.export.exporter import export_model
+    from lowbit.export.simulate import normalize_pixels
+    from lowbit.models import create_model, load_weights_
+    from lowbit.quant import Plan, QuantConfig, calibrate_, quantize_
+
+    model = create_model("resnet8", 10, in_channels=1)
+    load_weights_(model, ASSET)
+    quantize_(model, Plan.preset("w4a4", model), QuantConfig(method="minmax"))
+    val = synthetic(n_val=256).val
+    pixels = {"mean": [float(val.mean)], "std": [float(val.std)]}
+    calibrate_(model, [normalize_pixels(val.images[:128], pixels["mean"], pixels["std"])])
+    exported = export_model(model.eval(), tmp_path / "m.lowbit", input_shape=(1, 28, 28), pixels=pixels)
+    result = check_lowering(IntegerModel.load(exported.path), model, val.images)
+    assert result.ok, result.failures
+    assert max(c.frac_differing for c in result.layers.values()) < 1e-3
+    assert all(c.max_diff <= 1 for c in result.layers.values()) and result.logits_max_diff_relative < 1e-5

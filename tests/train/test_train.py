@@ -63,6 +63,19 @@ def test_resume_refuses_other_fit_settings(tmp_path):
     assert resumed["complete"]  # settings that do not change the recipe may differ
 
 
+def test_extending_a_run_that_ended_inside_an_epoch_is_refused(tmp_path):
+    """More epochs continue a run of whole epochs; from 0.5 epochs the loop would have nothing left to run and
+    the config would record epochs it never trained."""
+    data = synthetic(n_train=128)
+    train(_cfg(tmp_path / "run", epochs=0.5), data=data)
+    with pytest.raises(LowbitError, match="set to end inside an epoch"):
+        train(_cfg(tmp_path / "run", epochs=1), data=data, resume=True)
+    train(_cfg(tmp_path / "whole", epochs=1), data=data)
+    assert train(_cfg(tmp_path / "whole", epochs=1.5), data=data, resume=True)["complete"]
+    rows = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+
+
 def test_optimizer_state_follows_the_parameters_to_the_device():
     """A resumed optimizer loads its momentum beside the CPU-built model; fit moves the model (to CUDA), so the
     state must follow. A CPU run gets the same mismatch to repair from state in another dtype."""

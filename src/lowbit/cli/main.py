@@ -333,7 +333,8 @@ def _quantize():
                              data_dir=a.data_dir, loss=a.loss, metric=a.metric)
         s = quantize_run(cfg, resume=a.resume, overwrite=a.overwrite, fit_overrides=over, data=data)
         if is_main():
-            print(f"{s['model']} {s['bits']} ({s['recipe']}): {result_line(s)}  ({s['epochs']} epochs, "
+            method = "" if s.get("method") in (None, s["recipe"].split("+")[0]) else f", {s['method']} quantizers"
+            print(f"{s['model']} {s['bits']} ({s['recipe']}{method}): {result_line(s)}  ({s['epochs']} epochs, "
                   f"{s['train_seconds']:.0f} s)  -> {a.out}")
         return 0
 

@@ -134,6 +134,10 @@ def check_same_recipe(saved: dict[str, Any] | None, cfg: FitConfig, where: str |
     if changed:
         raise LowbitError(f"{where}: trained with other settings ({', '.join(changed[:3])}); resume with the same "
                           "options, or start over with --overwrite / another --out")
+    if cfg.epochs > before.epochs and before.epochs != int(before.epochs):
+        raise LowbitError(f"{where}: the run was set to end inside an epoch ({before.epochs:g} epochs), so it "
+                          f"cannot be extended to {cfg.epochs:g}; extend runs of whole epochs, or start over with "
+                          "--overwrite / another --out")
 
 
 def lr_at(cfg: FitConfig, step: int, steps_per_epoch: int) -> float:
