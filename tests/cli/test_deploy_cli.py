@@ -176,7 +176,7 @@ def test_other_user_errors(run_dir, lowbit_file, tmp_path, capsys):
         assert not (tmp_path / "e.lowbit").exists()
 
 
-def test_inputs_that_were_silently_wrong(lowbit_file, tmp_path, capsys):
+def test_inputs_that_were_silently_wrong(run_dir, lowbit_file, tmp_path, capsys):
     np.save(tmp_path / "y.npy", np.zeros(3, np.int64))
     rc, _, err = _run(["infer", lowbit_file, "--data", "synthetic", "--labels", tmp_path / "y.npy"], capsys)
     assert rc == 2 and "--labels goes with --images" in err and err.count("\n") == 1
@@ -190,6 +190,9 @@ def test_inputs_that_were_silently_wrong(lowbit_file, tmp_path, capsys):
     rc, _, err = _run(["infer", lowbit_file, "--data", "synthetic", "--limit", 4, "--out", tmp_path / "folder.json"],
                       capsys)
     assert rc == 2 and "it is a folder" in err and err.count("\n") == 1
+    rc, _, err = _run(["export", "--from", run_dir, "--out", tmp_path / "v.lowbit", "--verify", "--report",
+                       tmp_path / "folder.json"], capsys)
+    assert rc == 2 and "--report" in err and "it is a folder" in err and not (tmp_path / "v.lowbit").exists()
 
 
 def test_fast_backend_forwards_only_lowbits_own_warnings(monkeypatch, capsys):

@@ -49,6 +49,9 @@ def _export():
         from lowbit.runtime.engine import IntegerModel
 
         _set_threads(a)
+        for flag, path in (("--out", a.out), ("--report", a.report)):  # before the model file is written
+            if path and Path(path).is_dir():
+                raise LowbitError(f"{flag} {path}: it is a folder; give a file name")
         src = Path(a.source)
         if a.point or a.best or (src / "frontier.json").exists() or (src / "points").is_dir():
             from lowbit.frontier import point_checkpoint
