@@ -20,6 +20,8 @@ def test_resume_refuses_another_commands_folder(tmp_path):
         RunDir(tmp_path / "r", resume=True, command="sensitivity", same={"source": "runs/w4a4", "method": "alps"})
     run = RunDir(tmp_path / "r", resume=True, command="sensitivity", same={"source": "runs/w4a4/", "method": "eagl"})
     assert run.resume
+    run = RunDir(tmp_path / "r", resume=True, command="sensitivity", same={"method": "eagl", "weights": "ab12"})
+    assert run.resume  # a setting an older run did not record is not held against it
 
 
 def test_a_failure_before_any_result_leaves_no_folder(tmp_path):

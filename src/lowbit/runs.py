@@ -32,7 +32,7 @@ class RunDir:
         self.resume = resume and exists
         self._created = not self.path.exists()
         if self.resume and command is not None:
-            self._check_same(marker, {"command": command, **(same or {})})
+            self._check_same(marker, {"command": command}, same or {})
         if not is_main():  # rank 0 checks, creates and clears the folder; the others only read it
             return
         if resume and not exists:
@@ -45,10 +45,11 @@ class RunDir:
             for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
                 (self.path / name).unlink(missing_ok=True)
 
-    def _check_same(self, marker: str, values: dict[str, Any]) -> None:
+    def _check_same(self, marker: str, must: dict[str, Any], same: dict[str, Any]) -> None:
+        """``must`` has to match; ``same`` where the saved config records it (runs of older versions may not)."""
         saved = load_yaml(self.path / marker)
         saved = saved if isinstance(saved, dict) else {}
-        for key, want in values.items():
+        for key, want in {**must, **{k: v for k, v in same.items() if k in saved}}.items():
             if _norm(saved.get(key)) != _norm(want):
                 raise LowbitError(f"{self.path}: --resume continues the run this folder holds, but its {key} is "
                                   f"{saved.get(key)!r}, not {want!r}; choose another --out")

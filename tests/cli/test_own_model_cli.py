@@ -224,5 +224,6 @@ def test_resume_continues_only_the_same_command_on_the_same_source(w4a4_run, tmp
         assert rc == 2 and needle in err and err.count("\n") == 1, err
     assert (tmp_path / "s" / "config.yaml").read_text() == config  # untouched
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.yaml", "report.md", "sensitivity.json"]
-    _cli(["sensitivity", "--from", f"{w4a4_run / 'w4a4'}/", "--method", "eagl", "--quiet", "--resume", "--out",
-          tmp_path / "s"], capsys)  # the same source, spelled with a trailing slash
+    for spelled in (f"{w4a4_run / 'w4a4'}/", w4a4_run / "w4a4" / "checkpoint.pt"):  # the same source run
+        _cli(["sensitivity", "--from", spelled, "--method", "eagl", "--quiet", "--resume", "--out", tmp_path / "s"],
+             capsys)

@@ -68,12 +68,14 @@ def test_extending_a_run_that_ended_inside_an_epoch_is_refused(tmp_path):
     the config would record epochs it never trained."""
     data = synthetic(n_train=128)
     train(_cfg(tmp_path / "run", epochs=0.5), data=data)
-    with pytest.raises(LowbitError, match="set to end inside an epoch"):
+    with pytest.raises(LowbitError, match="ended inside an epoch"):
         train(_cfg(tmp_path / "run", epochs=1), data=data, resume=True)
     train(_cfg(tmp_path / "whole", epochs=1), data=data)
     assert train(_cfg(tmp_path / "whole", epochs=1.5), data=data, resume=True)["complete"]
     rows = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
+    train(_cfg(tmp_path / "killed", epochs=1.5), data=data, stop_after=1)  # the partial epoch never ran
+    assert train(_cfg(tmp_path / "killed", epochs=2), data=data, resume=True)["complete"]
 
 
 def test_optimizer_state_follows_the_parameters_to_the_device():
@@ -177,3 +179,15 @@ def test_val_fraction_travels_with_the_run(tmp_path):
     assert len(load_data(ckpt, None).val) == 3000  # later stages select on the run's own validation images
     default = train(TrainConfig(model="mlp", out=str(tmp_path / "d"), fit=FitConfig(epochs=0, quiet=True)))
     assert "val_fraction" not in load_checkpoint(tmp_path / "d" / "checkpoint.pt")["spec"] and default["complete"]
+
+
+def test_the_batch_check_leaves_mode_device_and_rng_as_they_were():
+    from lowbit.train.loop import check_batch
+
+    model = create_model("mlp").train()
+    rng = torch.random.get_rng_state()
+    check_batch(model, synthetic(n_train=64), amp="bf16")
+    assert model.training and torch.equal(torch.random.get_rng_state(), rng)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(LowbitError, match="cannot run a batch of synthetic: RuntimeError: mat1 and mat2"):
+        check_batch(create_model("mlp", image_size=14), synthetic(n_train=64), what="the model")

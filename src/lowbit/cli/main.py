@@ -211,7 +211,7 @@ def _eval():
         _check_shape(ckpt, data)
         loss_fn = resolve_loss(a.loss or ckpt.get("spec", {}).get("loss"))
         model.to(a.device)
-        check_batch(model, data, loss_fn, what=f"the model of {a.source}")
+        check_batch(model, data, loss_fn, device=a.device, what=f"the model of {a.source}")
         for split in ("val", "test"):
             ds = getattr(data, split)
             if ds is None:

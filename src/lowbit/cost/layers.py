@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.data.protocol import call_model, first_tensor
+from lowbit.data.protocol import call_model, first_tensor, target_hint
 from lowbit.errors import LowbitError, one_line
 
 
@@ -111,7 +111,8 @@ def profile_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     except LowbitError:
         raise
     except Exception as e:  # the user's model and data do not fit together: one line, not a traceback
-        raise LowbitError(f"the model cannot run its example input: {one_line(e)}") from None
+        raise LowbitError(f"the model cannot run its example input: {one_line(e)}{target_hint(example_input)}"
+                          ) from None
     finally:
         for h in handles:
             h.remove()

@@ -47,6 +47,14 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     raise LowbitError(f"a batch must be a tensor, an (inputs, target) tuple or a dict, got {type(batch).__name__}")
 
 
+def target_hint(inputs: Any) -> str:
+    """What to add to the error of a model that failed on ``inputs``: a dict whose target key lowbit did not
+    recognise passes that target to the model as an input."""
+    if isinstance(inputs, Mapping):
+        return f"; a dict batch passes its target under one of {', '.join(TARGET_KEYS)}"
+    return ""
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple, else ``model(inputs)``."""
     if isinstance(inputs, Mapping):

@@ -165,6 +165,7 @@ def check_lowering(runtime: IntegerModel | Graph, fake_quant: nn.Module, images:
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size]
             env = runtime.run_trace(x)
+            seen.clear()
             forced.clear()
             forced.update({n: env[v] for n, v in values.items()})
             spec = runtime.input_spec
@@ -304,14 +305,16 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _forced_inputs(modules: dict[str, nn.Module]) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-    """Record each module's float input (``seen``), then hand it the runtime's codes for that input instead
-    (``forced``, times the quantizer's step, which the quantizer maps back to the same codes): every layer is
-    compared given the same inputs as in the runtime, so a code one off near a tie upstream does not move
-    every later layer, and only a layer's own rounding can differ."""
+    """Record each module's float input (``seen``, cleared before each forward pass: the first call's), then hand
+    it the runtime's codes for that input instead (``forced``, times the quantizer's step, which the quantizer
+    maps back to the same codes): every layer is compared given the same inputs as in the runtime, so a code one
+    off near a tie upstream does not move every later layer, and only a layer's own rounding can differ."""
     seen: dict[str, torch.Tensor] = {}
     forced: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, name: str):
+        if name in seen:  # a module called twice: its graph node (``name``) is the first call
+            return None
         x = args[0].detach()
         seen[name] = x
         codes, step = forced.get(name), module.input_quantizer.scale.detach()

@@ -227,7 +227,8 @@ def frontier(run: str | Path, out: str | Path, config: FrontierConfig | None = N
         cfg = dataclasses.replace(cfg, loss=ckpt["spec"]["loss"])
     loss_fn = resolve_loss(cfg.loss)
     splits = load_data(ckpt, data, data_dir, data_args)
-    check_batch(model, splits, loss_fn, what=f"the model of {run}")
+    check_batch(model, splits, loss_fn, device=cfg.device, amp=cfg.resolved_fit().amp,
+                what=f"the model of {run}")
     space = _space(cfg, model, splits)
     check_top1(model, splits, cfg.metric)  # the points measure it too
     run_dir = RunDir(out, resume=resume, overwrite=overwrite, command="frontier")

@@ -29,6 +29,7 @@ from lowbit.sensitivity.candidates import Candidates, example_input
 from lowbit.sensitivity.control import random_scores
 from lowbit.sensitivity.eagl import eagl_scores
 from lowbit.sensitivity.hessian import hessian_scores
+from lowbit.sensitivity.jobs import fingerprint
 from lowbit.sensitivity.table import SensitivityTable
 from lowbit.train import build_model, checkpoint_path
 from lowbit.train.checkpoint import resolve_loss, run_data
@@ -173,14 +174,16 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
     if method == "alps":
         check_top1(model, splits, metric)
     if method in NEEDS_DATA:
-        check_batch(model, splits, resolve_loss(loss), what=f"the model of {run}")
+        check_batch(model, splits, resolve_loss(loss), device=device, amp=opts.get("amp"), what=f"the model of {run}")
+    weights = fingerprint(model)  # the source run however its path is spelled
     run_dir = RunDir(out, resume=resume, overwrite=overwrite, command="sensitivity",
-                     same={"source": str(run), "method": method})
+                     same={"method": method, "weights": weights})
     with run_dir.removed_on_error():
         if overwrite and not run_dir.resume and dist.is_main():
             shutil.rmtree(run_dir.file("alps"), ignore_errors=True)
         dist.barrier()  # the old candidate files are gone before any rank writes new ones
-        run_dir.write_config({"command": "sensitivity", "source": str(run), "method": method, "options": opts,
+        run_dir.write_config({"command": "sensitivity", "source": str(run), "weights": weights, "method": method,
+                              "options": opts,
                               "candidates": candidates, "include_first_last": include_first_last, "seed": seed,
                               "workers": workers, "device": device, "data": None if splits is None else splits.name,
                               "metric": metric_name(metric), "ranks": dist.world_size(),

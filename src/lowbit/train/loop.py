@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from torch import nn
 from lowbit import distributed as dist
 from lowbit.data import DataSplits, batch_len, call_model, iterate, logits_of, num_batches, num_examples, split_batch
 from lowbit.data.datasets import AUGMENTATIONS
-from lowbit.data.protocol import TARGET_KEYS, can_shard, first_tensor
+from lowbit.data.protocol import can_shard, first_tensor, target_hint
 from lowbit.errors import LowbitError, one_line
 from lowbit.progress import progress
 
@@ -122,9 +122,9 @@ class FitConfig:
 _FREE_ON_RESUME = frozenset({"device", "channels_last", "compile", "quiet", "eval_batch_size", "epochs"})
 
 
-def check_same_recipe(saved: dict[str, Any] | None, cfg: FitConfig, where: str | Path) -> None:
+def check_same_recipe(saved: dict[str, Any] | None, cfg: FitConfig, where: str | Path, done: int = 0) -> None:
     """Refuse to resume a checkpoint trained with other fit settings: the lr, data order or loss would change
-    midway, and the run's config would record only the new ones."""
+    midway, and the run's config would record only the new ones. ``done``: the checkpoint's finished epochs."""
     if not saved:
         return
     names = {f.name for f in fields(FitConfig)}
@@ -134,8 +134,8 @@ def check_same_recipe(saved: dict[str, Any] | None, cfg: FitConfig, where: str |
     if changed:
         raise LowbitError(f"{where}: trained with other settings ({', '.join(changed[:3])}); resume with the same "
                           "options, or start over with --overwrite / another --out")
-    if cfg.epochs > before.epochs and before.epochs != int(before.epochs):
-        raise LowbitError(f"{where}: the run was set to end inside an epoch ({before.epochs:g} epochs), so it "
+    if cfg.epochs > before.epochs and before.epochs != int(before.epochs) and done >= math.ceil(before.epochs):
+        raise LowbitError(f"{where}: the run ended inside an epoch ({before.epochs:g} epochs), so it "
                           f"cannot be extended to {cfg.epochs:g}; extend runs of whole epochs, or start over with "
                           "--overwrite / another --out")
 
@@ -197,29 +197,36 @@ def default_loss(outputs: Any, target: torch.Tensor | None, label_smoothing: flo
     return loss
 
 
-def check_batch(model: nn.Module, data: DataSplits, loss_fn: LossFn | None = None, *, what: str = "the model"
-                ) -> None:
+def check_batch(model: nn.Module, data: DataSplits, loss_fn: LossFn | None = None, *, device: str = "cpu",
+                amp: str | None = None, what: str = "the model") -> None:
     """One validation batch through ``model`` and the loss before a command writes anything, so a model that
     does not take the data, a batch without a target or a loss that raises is one line, not a traceback an
-    epoch in. Eval mode, no gradients, the RNG state restored: training afterwards is unchanged."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    epoch in. It runs on ``device`` (with bf16 autocast for ``amp="bf16"``) and returns to where it was; eval
+    mode, no gradients, torch's RNG state restored, so training afterwards is unchanged (a model that
+    initialises itself lazily does so on this batch)."""
+    device = torch.device(device)
+    home = next((p.device for p in model.parameters()), None)
     was_training = model.training
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         batch = next(iter(iterate(data.val, 2, limit=2, device=device)), None)
         if batch is None:
             return
         inputs, target = split_batch(batch)
-        model.eval()
+        model.to(device).eval()
         try:
             out = call_model(model, inputs)
         except LowbitError:
             raise
         except Exception as e:
-            hint = (f"; a dict batch passes its target under one of {', '.join(TARGET_KEYS)}"
-                    if isinstance(batch, Mapping) and target is None else "")
-            raise LowbitError(f"{what} cannot run a batch of {data.name}: {one_line(e)}{hint}") from None
+            raise LowbitError(f"{what} cannot run a batch of {data.name}: {one_line(e)}"
+                              f"{target_hint(inputs) if target is None else ''}") from None
         finally:
             model.train(was_training)
+            if home is not None:
+                model.to(home)  # the caller moves it when it needs to
         try:
             loss = default_loss(out, target) if loss_fn is None else loss_fn(out, batch)
         except LowbitError:

@@ -168,7 +168,6 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
         get_metric(cfg.metric)  # a bad import path fails before anything is written
     if cfg.loss:
         spec["loss"] = loss_name(cfg.loss)
-    check_batch(teacher, data, loss_fn, what=f"model {spec.get('model')}")
     plan = resolve_plan(teacher, cfg.bits, cfg.plan_file, cfg.first_last_bits, data.example(1))
     method = cfg.method or cfg.recipe
     act_init = cfg.activation_init or recipe_activation_init(method, plan_min_bits(plan))
@@ -180,6 +179,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
         fit_cfg = replace(fit_cfg, distill=True)
     cfg = replace(cfg, fit=fit_cfg)
     dist.init_from_env(fit_cfg.device)
+    check_batch(teacher, data, loss_fn, device=fit_cfg.device, amp=fit_cfg.amp, what=f"model {spec.get('model')}")
     run = RunDir(cfg.out, resume=resume, overwrite=overwrite, command="quantize")
     ckpt_file = run.file(CHECKPOINT_NAME)
     state = FitState()
@@ -190,7 +190,7 @@ def quantize_run(cfg: QuantizeConfig, *, resume: bool = False, overwrite: bool =
         if ck["plan"] != plan.to_dict() or QuantConfig.from_dict(ck["quant_config"]) != qcfg:
             raise LowbitError(f"{ckpt_file}: the checkpoint's plan or quantizer differ from this command; "
                               f"resume with the same options")
-        check_same_recipe(ck.get("fit"), fit_cfg, ckpt_file)
+        check_same_recipe(ck.get("fit"), fit_cfg, ckpt_file, ck["epoch"])
         model = build_quantized(build_model(src), plan, qcfg, ck["state_dict"])
         optimizer = make_optimizer(model, fit_cfg)
         optimizer.load_state_dict(ck["optimizer"])

@@ -77,7 +77,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model = create_model(cfg.model, data.num_classes, **kwargs)
     spec = model_spec(cfg.model, kwargs, data.num_classes, data.input_shape, data.name, cfg.val_fraction,
                       data_args=cfg.data_args, loss=loss_name(cfg.loss))
-    check_batch(model, data, loss_fn, what=f"model {cfg.model}")
+    check_batch(model, data, loss_fn, device=cfg.fit.device, amp=cfg.fit.amp, what=f"model {cfg.model}")
     run = RunDir(cfg.out, resume=resume, overwrite=overwrite, command="train")  # a refused command leaves no folder
     optimizer = make_optimizer(model, cfg.fit)
     state = FitState()
@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if ckpt["spec"] != spec:
             raise LowbitError(f"{ckpt_file}: the checkpoint is for {ckpt['spec']['model']!r}, not this "
                               f"configuration; resume with the same options")
-        check_same_recipe(ckpt.get("fit"), cfg.fit, ckpt_file)
+        check_same_recipe(ckpt.get("fit"), cfg.fit, ckpt_file, ckpt["epoch"])
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = FitState(ckpt["epoch"], run.read_metrics()[: ckpt["epoch"]])
