@@ -9,7 +9,12 @@ class LowbitError(Exception):
     """A problem with the user's input (data, model name, bits, budget, file) that they can fix."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), at most 300 characters."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def one_line(e: BaseException) -> str:
     """How an exception raised in the user's own code (model, loss, data) is quoted in a LowbitError."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__

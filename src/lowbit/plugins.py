@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 
 
 def is_import_path(name: Any) -> bool:
@@ -53,7 +53,7 @@ def import_object(path: str, what: str) -> Any:
         raise LowbitError(f"{what} {path!r}: cannot import {module!r} ({why}); is it on PYTHONPATH?") from None
     except Exception as e:  # the user's module raised while importing
         raise LowbitError(f"{what} {path!r}: importing {module!r} raised {type(e).__name__}: "
-                          f"{_first_line(e)}") from None
+                          f"{first_line(e)}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -77,7 +77,7 @@ def call_factory(path: str, what: str, kwargs: dict[str, Any] | None = None) -> 
     except LowbitError:
         raise
     except Exception as e:
-        raise LowbitError(f"{what} {path!r} raised {type(e).__name__}: {_first_line(e)}") from None
+        raise LowbitError(f"{what} {path!r} raised {type(e).__name__}: {first_line(e)}") from None
 
 
 def parse_args_option(text: str | dict | None, flag: str) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def parse_args_option(text: str | dict | None, flag: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(source)
     except yaml.YAMLError as e:
-        raise LowbitError(f"{flag}: not valid YAML/JSON ({_first_line(e)})") from None
+        raise LowbitError(f"{flag}: not valid YAML/JSON ({first_line(e)})") from None
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -102,11 +102,6 @@ def parse_args_option(text: str | dict | None, flag: str) -> dict[str, Any]:
     except TypeError as e:
         raise LowbitError(f"{flag}: values must be numbers, strings, lists or mappings ({e})") from None
     return value
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 __all__ = ["call_factory", "import_callable", "import_object", "is_import_path", "parse_args_option"]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 from lowbit.quant.modules import QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear
 
 # Kinds that only move or select integer values and keep the scale of their input.
@@ -93,7 +93,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many types on data-dependent control flow
         raise LowbitError(f"cannot trace {type(model).__name__} with torch.fx for export: "
-                          f"{_first_line(e)}") from None
+                          f"{first_line(e)}") from None
     return fx.GraphModule(model, graph)
 
 
@@ -121,9 +121,9 @@ class _Run(fx.Interpreter):
             raise
         except Exception as e:  # the user's forward failing on the example shape
             if not self.strict:
-                self.error = _first_line(e)
+                self.error = first_line(e)
                 raise _Stop from None
-            raise LowbitError(f"the model fails on an example input at {_describe(n)}: {_first_line(e)}"
+            raise LowbitError(f"the model fails on an example input at {_describe(n)}: {first_line(e)}"
                               f"{where(n)}") from None
         if isinstance(out, torch.Tensor):
             self.shapes[n.name] = tuple(out.shape)
@@ -238,11 +238,6 @@ def _describe(n: fx.Node) -> str:
     if n.op == "call_method":
         return f"method .{n.target}() ({n.name!r})"
     return f"operation {getattr(n.target, '__name__', str(n.target))} ({n.name!r})"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------- mapping

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 from lowbit.export.capture import where
 from lowbit.export.lower import Rep, Requant
 from lowbit.ir.dyadic import INT32_MAX, INT32_MIN, to_dyadic, to_fixed
@@ -170,7 +170,7 @@ def capture_encoder(model: nn.Module, example: Mapping[str, torch.Tensor]) -> En
                                      dynamic_shapes={k: {0: batch} for k in example})
         except Exception as e:  # torch.export raises many types; one line for the user
             raise LowbitError(f"cannot capture {type(model).__name__} with torch.export (non-strict): "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e)}") from None
         gm = ep.module()
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         rec = _Record(gm)
@@ -245,11 +245,6 @@ def lower_encoder(model: nn.Module, example: Mapping[str, torch.Tensor]) -> Lowe
 
 def _rep(q: nn.Module) -> Rep:
     return Rep(float(q.scale), -q.q_n, q.q_p, q.bits)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _describe(n: fx.Node) -> str:

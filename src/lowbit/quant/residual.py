@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 from lowbit.quant.config import QuantConfig
 from lowbit.quant.modules import QuantAct, QuantConv2d, QuantLinear, QuantMatmul
 from lowbit.quant.plan import is_transformer
@@ -83,11 +83,6 @@ class ResidualTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _shared(m: nn.Module) -> bool:
@@ -138,7 +133,7 @@ def _trace(model: nn.Module) -> tuple[nn.Module, fx.Graph]:
         except Exception as e:  # fx raises many types (TraceError, TypeError, ...) on data-dependent control flow
             raise LowbitError(
                 f"residual_bits needs a forward that torch.fx can trace; {type(model).__name__}'s "
-                f"cannot be: {_first_line(e)}"
+                f"cannot be: {first_line(e)}"
             ) from None
     (root, graph), (_, other) = graphs
     for n in [*graph.nodes, *other.nodes]:

@@ -45,7 +45,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "random": {},
 }
 
-
+# Options that must be numbers > 0 (sizes, counts, tolerances): a 0 would divide by zero or never stop.
 POSITIVE = ("epochs", "examples_per_epoch", "lr", "batch_size", "tol", "max_iter", "examples", "rse")
 # Accepted but without a default entry, so tables and fingerprints made before they existed still match.
 OPTIONAL: dict[str, tuple[str, ...]] = {"alps": ("amp",), "hessian": ("rse",)}
@@ -183,8 +183,8 @@ def sensitivity(run: str | Path, method: str, out: str | Path, *, data: DataSpli
             shutil.rmtree(run_dir.file("alps"), ignore_errors=True)
         dist.barrier()  # the old candidate files are gone before any rank writes new ones
         run_dir.write_config({"command": "sensitivity", "source": str(run), "weights": weights, "method": method,
-                              "options": opts,
-                              "candidates": candidates, "include_first_last": include_first_last, "seed": seed,
+                              "options": opts, "candidates": candidates, "include_first_last": include_first_last,
+                              "seed": seed,
                               "workers": workers, "device": device, "data": None if splits is None else splits.name,
                               "metric": metric_name(metric), "ranks": dist.world_size(),
                               **({"loss": loss} if loss else {})})
